@@ -1,0 +1,1 @@
+"""taxotrait: Prompt-CAM trait discovery at every rank of a taxonomy."""

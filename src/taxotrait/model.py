@@ -1,0 +1,281 @@
+"""Prompt-CAM on a frozen timm ViT.
+
+Score of class c: s[c] = w^T LN(z_c) + b, with z_c the last block's output at class prompt c, LN the backbone's own
+final norm, and w, b shared by all classes. Two variants share one code path:
+
+- ``reference``: the authors' released model. Every block gets C prompts prepended ([prompts, CLS, (registers),
+  patches]); the prompts of blocks 0..N-2 are class-agnostic and dropped after their block, those of the last block
+  are the class prompts, which attend jointly to each other and to the image tokens.
+- ``scalable`` with prompt depth k: a configurable number of class-agnostic prompts in blocks N-k..N-2 and the class
+  prompts only in the last block, where each attends to the image tokens alone. Classes are then independent, so they
+  can be processed in chunks, and the tokens entering block N-k can be cached (`frozen_tokens`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from .backbone import data_normalisation
+
+VARIANTS = ("reference", "scalable")
+BLUR_MODES = ("uniform_patches", "zero_logits")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """How prompts are placed: the variant, prompt depth k and number of class-agnostic prompts."""
+
+    variant: str = "scalable"
+    prompt_depth: int = 1
+    num_prompts: int = 8
+
+    def resolved(self, num_blocks: int, num_classes: int) -> "PromptConfig":
+        """The configuration with the reference variant's fixed values filled in, validated."""
+        if self.variant not in VARIANTS:
+            raise ValueError(f"model.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.variant == "reference":
+            return PromptConfig("reference", num_blocks, num_classes)
+        if not 1 <= self.prompt_depth <= num_blocks:
+            raise ValueError(f"model.prompt_depth must be in 1..{num_blocks} for this backbone, got {self.prompt_depth}")
+        if self.num_prompts < 1 and self.prompt_depth > 1:
+            raise ValueError(f"model.num_prompts must be >= 1 when prompt_depth > 1, got {self.num_prompts}")
+        return self
+
+
+class PromptCAM(nn.Module):
+    """Class prompts and a shared linear score on a frozen ViT; see the module docstring."""
+
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        class_names: list[str],
+        prompts: PromptConfig = PromptConfig(),
+        normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+        backbone_name: str | None = None,
+    ):
+        super().__init__()
+        if not all(type(block) is Block for block in backbone.blocks):
+            raise TypeError("PromptCAM needs a timm VisionTransformer made of standard pre-norm `Block`s")
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.class_names = list(class_names)
+        num_blocks, dim = len(backbone.blocks), backbone.embed_dim
+        self.prompt_config = prompts.resolved(num_blocks, len(self.class_names))
+        pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
+        self.backbone_name = backbone_name or pretrained_cfg.get("architecture", type(backbone).__name__)
+        mean, std = normalisation or data_normalisation(backbone)
+        self.normalisation = (tuple(mean), tuple(std))
+
+        # The authors' initialisation (VPT): uniform(+-sqrt(6 / (3 * patch_area + D))).
+        patch_area = math.prod(backbone.patch_embed.patch_size)
+        bound = math.sqrt(6.0 / (3 * patch_area + dim))
+        n_agnostic_blocks = self.prompt_config.prompt_depth - 1
+        self.agnostic_prompts = nn.Parameter(
+            torch.empty(n_agnostic_blocks, self.prompt_config.num_prompts if n_agnostic_blocks else 0, dim).uniform_(-bound, bound)
+        )
+        self.class_prompts = nn.Parameter(torch.empty(len(self.class_names), dim).uniform_(-bound, bound))
+        self.head = nn.Linear(dim, 1)
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_heads(self) -> int:
+        return self.backbone.blocks[-1].attn.num_heads
+
+    @property
+    def first_prompted_block(self) -> int:
+        """Index N-k of the first block that sees a trainable parameter."""
+        return len(self.backbone.blocks) - self.prompt_config.prompt_depth
+
+    @property
+    def joint_class_attention(self) -> bool:
+        """Whether class prompts attend to each other (the reference variant) or to the image tokens only."""
+        return self.prompt_config.variant == "reference"
+
+    def grid_size(self, num_tokens: int) -> tuple[int, int]:
+        """Patch grid (h, w) of a token sequence of `num_tokens` image tokens (prefix tokens included)."""
+        h, w = self.backbone.patch_embed.grid_size
+        if num_tokens - self.backbone.num_prefix_tokens != h * w:
+            raise ValueError(f"{num_tokens} image tokens do not match the {h}x{w} patch grid of the backbone")
+        return h, w
+
+    def train(self, mode: bool = True):
+        """Train mode for the prompts; the frozen backbone always stays in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def config(self) -> dict:
+        """Plain metadata describing the model (saved in checkpoints)."""
+        return {
+            "backbone": self.backbone_name,
+            "img_size": int(self.backbone.patch_embed.img_size[0]),
+            "class_names": self.class_names,
+            "normalisation": [list(self.normalisation[0]), list(self.normalisation[1])],
+            **asdict(self.prompt_config),
+        }
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters only (prompts, w, b): what a checkpoint stores."""
+        return {name: p.detach().clone() for name, p in self.named_parameters() if not name.startswith("backbone.")}
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def frozen_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens entering block N-k, [B, T, D]: they depend on no trainable parameter and can be cached."""
+        vit = self.backbone
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        for block in vit.blocks[: self.first_prompted_block]:
+            x = block(x)
+        return x
+
+    def last_block_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """From frozen tokens to the image tokens entering the last block, through the class-agnostic prompts."""
+        blocks = self.backbone.blocks[self.first_prompted_block : -1]
+        for block, prompts in zip(blocks, self.agnostic_prompts):
+            n = prompts.shape[0]
+            x = torch.cat([prompts.to(tokens.dtype).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+            tokens = block(x)[:, n:]
+        return tokens
+
+    def forward(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Class scores [B, C] (or [B, K] for `classes`) of normalised images [B, 3, H, W]."""
+        return self.forward_tokens(self.frozen_tokens(images), **kwargs)
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        classes: torch.Tensor | None = None,
+        blur: torch.Tensor | None = None,
+        blur_mode: str = "uniform_patches",
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
+        """Class scores from frozen tokens (`frozen_tokens`), for all classes or the given ones.
+
+        classes: [K] class indices shared by all images or [B, K] per image. blur: [B, K, heads] bool, heads whose
+        attention row is made uniform (see `class_scores`). chunk_size: classes per chunk (scalable variant).
+        """
+        return self.class_scores(self.last_block_input(tokens), classes, blur, blur_mode, chunk_size)[0]
+
+    def class_scores(
+        self,
+        image_tokens: torch.Tensor,
+        classes: torch.Tensor | None = None,
+        blur: torch.Tensor | None = None,
+        blur_mode: str = "uniform_patches",
+        chunk_size: int | None = None,
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores [B, K] of class prompts on the image tokens entering the last block, and their attention rows.
+
+        Blurring a head replaces its attention row by uniform weights over the patch tokens (``uniform_patches``, the
+        paper) or zeroes its pre-softmax logits, i.e. uniform over every key (``zero_logits``, the authors' code).
+        The attention returned is [B, K, heads, keys], keys = [class prompts (reference variant), CLS, registers,
+        patches].
+        """
+        if classes is None:
+            classes = torch.arange(self.num_classes, device=image_tokens.device)
+        if blur_mode not in BLUR_MODES:
+            raise ValueError(f"blur_mode must be one of {BLUR_MODES}, got {blur_mode!r}")
+        n_classes = classes.shape[-1]
+        chunk_size = chunk_size or n_classes
+        scores, attention = [], []
+        for start in range(0, n_classes, chunk_size):
+            chunk = classes[..., start : start + chunk_size]
+            chunk_blur = None if blur is None else blur[:, start : start + chunk_size]
+            s, a = self._class_block(image_tokens, chunk, chunk_blur, blur_mode, return_attention)
+            scores.append(s)
+            attention.append(a)
+        return torch.cat(scores, dim=1), (torch.cat(attention, dim=1) if return_attention else None)
+
+    def class_attention(self, images: torch.Tensor, classes: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """Last-block attention of class prompts over the patch grid, [B, K, heads, h, w].
+
+        classes: [K] or [B, K]. With raw=True, the whole rows [B, K, heads, keys] including prompts, CLS and registers.
+        """
+        image_tokens = self.last_block_input(self.frozen_tokens(images))
+        _, attention = self.class_scores(image_tokens, classes, return_attention=True)
+        if raw:
+            return attention
+        h, w = self.grid_size(image_tokens.shape[1])
+        return attention[..., -h * w :].unflatten(-1, (h, w))
+
+    # ---------------------------------------------------------- the last block
+    def _class_block(self, image_tokens, classes, blur, blur_mode, return_attention):
+        """The last block evaluated at class prompts only: queries are the prompts, keys the image tokens."""
+        queries = self.class_prompts[classes].to(image_tokens.dtype)  # [K, D] or [B, K, D]
+        if queries.dim() == 2:
+            queries = queries.unsqueeze(0)
+        q, k, v = self._queries_keys_values(image_tokens, queries)
+        q = q.expand(k.shape[0], -1, -1, -1)
+        if blur is None and not return_attention:
+            mixed = F.scaled_dot_product_attention(q, k, v)
+            attention = None
+        else:
+            attention = self.attention_weights(q, k)
+            if blur is not None:
+                attention = self.blur_attention(attention, blur, blur_mode)
+            mixed = attention @ v
+        scores = self.scores_from_head_outputs(queries, mixed)
+        return scores, (attention.transpose(1, 2) if return_attention else None)
+
+    def _queries_keys_values(self, image_tokens: torch.Tensor, queries: torch.Tensor):
+        """Per-head q [B|1, H, K, d], k and v [B, H, keys, d] of the last block for the given prompt tokens."""
+        block = self.backbone.blocks[-1]
+        attn = block.attn
+        heads, head_dim = attn.num_heads, attn.head_dim
+        w_q, w_kv = attn.qkv.weight.split([attn.attn_dim, 2 * attn.attn_dim])
+        b_q, b_kv = attn.qkv.bias.split([attn.attn_dim, 2 * attn.attn_dim]) if attn.qkv.bias is not None else (None, None)
+
+        def split_heads(x):  # [B, L, H*d] -> [B, H, L, d]
+            return x.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+
+        q = attn.q_norm(split_heads(F.linear(block.norm1(queries), w_q, b_q)))
+        kv_tokens = block.norm1(image_tokens)
+        k, v = F.linear(kv_tokens, w_kv, b_kv).chunk(2, dim=-1)
+        k, v = attn.k_norm(split_heads(k)), split_heads(v)
+        if self.joint_class_attention:  # every class prompt is also a key/value (reference variant)
+            pk, pv = F.linear(block.norm1(self.class_prompts.to(image_tokens.dtype)), w_kv, b_kv).chunk(2, dim=-1)
+            pk, pv = attn.k_norm(split_heads(pk.unsqueeze(0))), split_heads(pv.unsqueeze(0))
+            batch = image_tokens.shape[0]
+            k = torch.cat([pk.expand(batch, -1, -1, -1), k], dim=2)
+            v = torch.cat([pv.expand(batch, -1, -1, -1), v], dim=2)
+        return q, k, v
+
+    def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Softmax attention [B, H, K, keys] of queries over keys, computed explicitly."""
+        return ((q * self.backbone.blocks[-1].attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+    def blur_attention(self, attention: torch.Tensor, blur: torch.Tensor, blur_mode: str) -> torch.Tensor:
+        """Replace the rows [B, H, K, keys] of blurred heads (blur [B, K, H] bool) by `uniform_row`."""
+        return torch.where(blur.transpose(1, 2).unsqueeze(-1), self.uniform_row(attention, blur_mode), attention)
+
+    def uniform_row(self, attention: torch.Tensor, blur_mode: str) -> torch.Tensor:
+        """The attention row of a blurred head: 1/M over the M patch tokens, or 1/keys over every key."""
+        num_keys = attention.shape[-1]
+        if blur_mode == "zero_logits":
+            return attention.new_full((num_keys,), 1.0 / num_keys)
+        num_patches = self.backbone.patch_embed.num_patches
+        row = attention.new_zeros(num_keys)
+        row[-num_patches:] = 1.0 / num_patches
+        return row
+
+    def scores_from_head_outputs(self, queries: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        """Finish the last block at the prompts and score them: s = w^T LN(z) + b.
+
+        queries: prompt tokens [B|1, K, D]; mixed: attention outputs per head [B, H, K, d] -> scores [B, K].
+        """
+        block = self.backbone.blocks[-1]
+        attn = block.attn
+        x = attn.proj(attn.norm(mixed.transpose(1, 2).flatten(-2)))
+        z = queries + block.ls1(x)
+        z = z + block.ls2(block.mlp(block.norm2(z)))
+        return self.head(self.backbone.norm(z)).squeeze(-1)

@@ -1,0 +1,82 @@
+"""A slow, obviously-correct Prompt-CAM: the equations written out, one full sequence per block.
+
+Every block is evaluated on the whole sequence [prompts, CLS, (registers), patches] with explicit attention
+computed from the block's weights, and an optional key mask. It is the oracle of the tests and the baseline of the
+benchmarks; use `taxotrait.model.PromptCAM` for real work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .model import PromptCAM
+
+
+def naive_block(block: nn.Module, x: torch.Tensor, key_mask: torch.Tensor | None = None, row_override=None):
+    """One pre-norm ViT block with explicit attention.
+
+    key_mask: [L, L] bool, True where query i may attend to key j. row_override(attention [B, H, L, L]) may replace
+    attention rows before they mix the values. Returns (output tokens, attention).
+    """
+    attn = block.attn
+    batch, length, dim = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]
+    logits = (q @ k.transpose(-2, -1)) * attn.scale
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask, float("-inf"))
+    weights = logits.softmax(dim=-1)
+    if row_override is not None:
+        weights = row_override(weights)
+    mixed = (weights @ v).transpose(1, 2).reshape(batch, length, dim)
+    x = x + block.ls1(attn.proj(attn.norm(mixed)))
+    x = x + block.ls2(block.mlp(block.norm2(x)))
+    return x, weights
+
+
+def naive_forward(model: PromptCAM, images: torch.Tensor, blur: torch.Tensor | None = None, blur_mode: str = "uniform_patches"):
+    """Scores [B, C] and last-block attention [B, C, heads, keys] of `model`, computed the slow way.
+
+    blur: [B, C, heads] bool, heads of class prompts whose attention row is replaced by the uniform row.
+    """
+    vit = model.backbone
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+    num_classes = model.num_classes
+    for index, block in enumerate(vit.blocks[:-1]):
+        offset = index - model.first_prompted_block
+        if offset < 0:
+            x, _ = naive_block(block, x)
+            continue
+        prompts = model.agnostic_prompts[offset]
+        out, _ = naive_block(block, torch.cat([prompts.expand(x.shape[0], -1, -1), x], dim=1))
+        x = out[:, prompts.shape[0] :]
+    sequence = torch.cat([model.class_prompts.expand(x.shape[0], -1, -1), x], dim=1)
+    length = sequence.shape[1]
+    key_mask = None
+    if not model.joint_class_attention:  # class prompts see only image tokens; image tokens do not see prompts
+        key_mask = torch.ones(length, length, dtype=torch.bool)
+        key_mask[:, :num_classes] = False
+        key_mask[:num_classes, :num_classes] = False
+
+    def override(weights):
+        if blur is None:
+            return weights
+        weights = weights.clone()
+        num_patches = vit.patch_embed.num_patches
+        for b, c, h in blur.nonzero().tolist():
+            row = torch.zeros(length, dtype=weights.dtype)
+            if blur_mode == "zero_logits":  # every key the row could see gets the same weight
+                visible = torch.ones(length, dtype=torch.bool) if key_mask is None else key_mask[c]
+                row[visible] = 1.0 / int(visible.sum())
+            else:
+                row[-num_patches:] = 1.0 / num_patches
+            weights[b, h, c] = row
+        return weights
+
+    out, weights = naive_block(vit.blocks[-1], sequence, key_mask, override)
+    scores = model.head(vit.norm(out[:, :num_classes])).squeeze(-1)
+    attention = weights[:, :, :num_classes].transpose(1, 2)
+    if not model.joint_class_attention:
+        attention = attention[..., num_classes:]
+    return scores, attention
