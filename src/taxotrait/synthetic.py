@@ -1,0 +1,690 @@
+"""Seeded synthetic taxonomy of stylised fish with planted traits per rank and ground-truth masks.
+
+The demo dataset of the workflow: a small tree of taxa (orders > families > genera > species)
+where every rank has one planted visual trait, drawn so that a frozen self-supervised ViT
+(DINOv2 ViT-S/14 at 224 px) can see it, together with a pixel mask of where it is.
+
+Planted traits (the value of a taxon is chosen by its index among its siblings, so e.g. the
+first family of every order has a forked purple tail):
+
+=========  =========================  ====================================  ============
+rank       trait                      variants (sibling 1, 2, ...)           mask key
+=========  =========================  ====================================  ============
+order      body shape                 elongated, deep, boxy, rhomboid        ``order``
+family     tail shape and colour      forked purple, rounded green, ...      ``family``
+genus      flank pattern              3 vertical stripes, 2 horizontal, ...  ``genus``
+species    mark colour                yellow, cyan, magenta, white, ...      ``species``
+(none)     red mark, on every fish    not informative (a distractor)         ``distractor``
+=========  =========================  ====================================  ============
+
+Every fish also has an eye, an operculum line, a mouth and dorsal/anal fins (common to all, in
+no mask) on a cluttered, low-contrast background, at a random position and scale, rotated by up
+to +-15 degrees and flipped horizontally at random. Shapes are drawn with PIL at 2x and
+box-downsampled; masks come from the same 2x label raster (a pixel is in a mask when at least
+half of its 2x2 sub-pixels are), so every transform is applied identically to image and masks.
+
+Masks (``masks/<image_id>.npz``, one compressed ``.npz`` per image, readable with
+:func:`load_masks` or ``np.load``; keys :data:`MASK_KEYS`, bool arrays of shape (H, W)):
+
+- ``order``: the body silhouette (it contains the genus region, both marks, the eye);
+- ``family``: the visible tail (behind the body, so disjoint from ``order``);
+- ``genus``: the flank region that carries the pattern (stripes *and* the gaps between them,
+  clipped to the body): the pattern is a texture, so the region, not the stripe pixels, is
+  what a patch-level attention map should point at;
+- ``species``: the round species mark behind the head (~24 px across at 224 px);
+- ``distractor``: the red mark of the same size mid-body.
+
+``species``, ``distractor`` and ``genus`` are pairwise disjoint and inside ``order``.
+
+Output layout of :func:`generate_dataset` (paths in the CSVs are relative to ``out_dir``)::
+
+    out_dir/images/<split>/<species>/<image_id>.png
+    out_dir/masks/<image_id>.npz
+    out_dir/taxonomy.csv   order,family,genus,species   (one row per species)
+    out_dir/manifest.csv   image_id,path,split,order,family,genus,species,mask_path,
+                           flipped,angle,scale          (one row per image)
+    out_dir/traits.csv     rank,taxon,trait,value,mask_key   (one row per taxon)
+
+Output is byte-identical for the same arguments whatever the number of workers: each image's
+random stream is derived from ``(seed, image index)``; PNGs and the zip members of the .npz
+files carry no timestamps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "MASK_KEYS",
+    "RANKS",
+    "SPLITS",
+    "BODY_SHAPES",
+    "TAILS",
+    "PATTERNS",
+    "MARK_COLOURS",
+    "DISTRACTOR_COLOUR",
+    "Species",
+    "build_taxonomy",
+    "trait_table",
+    "render_fish",
+    "head_direction",
+    "generate_dataset",
+    "load_masks",
+    "save_masks",
+    "contact_sheet",
+    "main",
+]
+
+RANKS = ("order", "family", "genus", "species")
+MASK_KEYS = ("order", "family", "genus", "species", "distractor")
+SPLITS = ("train", "val", "test")
+
+# Nominal geometry is in pixels of a 224 px image; everything scales with image_size / 224.
+NOMINAL = 224.0
+SUPERSAMPLE = 2
+
+
+@dataclass(frozen=True)
+class BodyShape:
+    name: str
+    a: float  # half length
+    b: float  # half height
+    n: float  # superellipse exponent (2 = ellipse)
+    k: float  # fullness towards the head (0 = symmetric)
+
+    def half_height(self, x: np.ndarray | float) -> np.ndarray:
+        u = np.clip(np.abs(np.asarray(x, dtype=float)) / self.a, 0.0, 1.0)
+        return self.b * (1.0 - u**self.n) ** (1.0 / self.n) * (1.0 + self.k * np.asarray(x) / self.a)
+
+    def outline(self, m: int = 96) -> np.ndarray:
+        t = np.linspace(0.0, 2.0 * np.pi, m, endpoint=False)
+        c, s = np.cos(t), np.sin(t)
+        x = self.a * np.sign(c) * np.abs(c) ** (2.0 / self.n)
+        y = self.b * np.sign(s) * np.abs(s) ** (2.0 / self.n) * (1.0 + self.k * x / self.a)
+        return np.stack([x, y], axis=1)
+
+
+@dataclass(frozen=True)
+class Tail:
+    shape: str
+    colour_name: str
+    colour: tuple[int, int, int]
+
+    @property
+    def value(self) -> str:
+        return f"{self.shape} {self.colour_name}"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    kind: str  # vertical | horizontal | spots | diagonal | band
+    count: int
+    value: str
+
+
+# Order: body shape. Family: tail shape and colour. Genus: flank pattern. Species: mark colour.
+BODY_SHAPES = (
+    BodyShape("elongated", a=80.0, b=25.0, n=2.0, k=0.12),
+    BodyShape("deep", a=64.0, b=50.0, n=2.0, k=0.12),
+    BodyShape("boxy", a=72.0, b=33.0, n=3.5, k=0.0),
+    BodyShape("rhomboid", a=70.0, b=46.0, n=1.35, k=0.0),
+)
+TAILS = (
+    Tail("forked", "purple", (140, 50, 200)),
+    Tail("rounded", "green", (40, 170, 60)),
+    Tail("truncate", "orange", (245, 135, 20)),
+    Tail("lanceolate", "brown", (120, 70, 30)),
+)
+PATTERNS = (
+    Pattern("vertical", 3, "3 vertical stripes"),
+    Pattern("horizontal", 2, "2 horizontal stripes"),
+    Pattern("spots", 6, "6 dark spots"),
+    Pattern("diagonal", 3, "3 diagonal stripes"),
+    Pattern("band", 1, "1 broad horizontal band"),
+)
+MARK_COLOURS = (
+    ("yellow", (255, 215, 0)),
+    ("cyan", (0, 215, 235)),
+    ("magenta", (230, 40, 210)),
+    ("white", (250, 250, 250)),
+    ("lime", (150, 245, 40)),
+    ("blue", (30, 70, 240)),
+)
+DISTRACTOR_COLOUR = (215, 20, 20)
+STRIPE_COLOUR = (30, 30, 40)
+
+TRAIT_NAMES = {
+    "order": "body shape",
+    "family": "tail shape and colour",
+    "genus": "flank pattern",
+    "species": "mark colour",
+}
+
+# Canonical geometry (nominal px): body centred at the origin, head towards +x, y down.
+MARK_RADIUS = 12.0  # species mark and distractor: 24 px across at 224 px
+TAIL_LENGTH = 34.0
+TAIL_HALF_HEIGHT = 28.0
+EYE_FROM_SNOUT = 13.0
+OPERCULUM_FROM_SNOUT = 22.0
+MARK_FROM_SNOUT = 35.0  # species mark centre, just behind the operculum
+MARK_SPACING = 29.0  # species mark centre to distractor centre (5 px gap between the marks)
+PATTERN_GAP = 5.0  # between the pattern region and the distractor
+SCALE_RANGE = (0.8, 1.0)
+MAX_ROTATION = 15.0
+
+# Labels of the 2x raster.
+BG, TAIL, FIN, BODY, OUTLINE, STRIPE, LINE, MARK, DISTRACT, EYE_WHITE, PUPIL = range(11)
+
+
+def _limits() -> dict[str, int]:
+    return {"order": len(BODY_SHAPES), "family": len(TAILS), "genus": len(PATTERNS), "species": len(MARK_COLOURS)}
+
+
+# --------------------------------------------------------------------------------------------
+# Taxonomy
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Species:
+    """One leaf of the taxonomy and the sibling indices that pick its planted traits."""
+
+    order: str
+    family: str
+    genus: str
+    species: str
+    order_idx: int
+    family_idx: int
+    genus_idx: int
+    species_idx: int
+
+
+def _letters(i: int, upper: bool) -> str:
+    s = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        s = chr((65 if upper else 97) + r) + s
+    return s
+
+
+def build_taxonomy(n_orders: int = 2, families_per_order: int = 2, genera_per_family: int = 2,
+                   species_per_genus: int = 2) -> list[Species]:
+    """The balanced tree of taxa. Names: ``Ordo_A``, ``Familia_A1``, ``Genus_A1a``, ``Species_A1a_1``."""
+    counts = {"order": n_orders, "family": families_per_order, "genus": genera_per_family,
+              "species": species_per_genus}
+    for rank, n in counts.items():
+        limit = _limits()[rank]
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"the number of taxa per parent at rank {rank} must be a positive integer, got {n!r}")
+        if n > limit:
+            raise ValueError(f"at most {limit} sibling taxa at rank {rank} (there are {limit} trait variants), got {n}")
+    out = []
+    for o in range(n_orders):
+        oc = _letters(o, upper=True)
+        for f in range(families_per_order):
+            fc = f"{oc}{f + 1}"
+            for g in range(genera_per_family):
+                gc = f"{fc}{_letters(g, upper=False)}"
+                for s in range(species_per_genus):
+                    out.append(Species(f"Ordo_{oc}", f"Familia_{fc}", f"Genus_{gc}", f"Species_{gc}_{s + 1}",
+                                       o, f, g, s))
+    return out
+
+
+def trait_table(taxonomy: list[Species]) -> pd.DataFrame:
+    """The planted trait of every taxon: columns rank, taxon, trait, value, mask_key."""
+    rows, seen = [], set()
+    for rank in RANKS:
+        for sp in taxonomy:
+            taxon = getattr(sp, rank)
+            if taxon in seen:
+                continue
+            seen.add(taxon)
+            idx = getattr(sp, f"{rank}_idx")
+            value = {
+                "order": lambda i: BODY_SHAPES[i].name,
+                "family": lambda i: TAILS[i].value,
+                "genus": lambda i: PATTERNS[i].value,
+                "species": lambda i: f"{MARK_COLOURS[i][0]} mark",
+            }[rank](idx)
+            rows.append({"rank": rank, "taxon": taxon, "trait": TRAIT_NAMES[rank], "value": value, "mask_key": rank})
+    return pd.DataFrame(rows, columns=["rank", "taxon", "trait", "value", "mask_key"])
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _circle(cx: float, cy: float, r: float, m: int = 40) -> np.ndarray:
+    t = np.linspace(0.0, 2.0 * np.pi, m, endpoint=False)
+    return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)
+
+
+def _tail_polygon(shape: str, x0: float) -> np.ndarray:
+    L, H = TAIL_LENGTH, TAIL_HALF_HEIGHT
+    if shape == "forked":
+        pts = [(x0, -5), (x0 - L, -H), (x0 - 0.45 * L, 0), (x0 - L, H), (x0, 5)]
+    elif shape == "rounded":
+        r = 0.78 * H
+        cx = x0 - L + r
+        t = np.linspace(-0.5 * np.pi, -1.5 * np.pi, 24)
+        arc = [(cx + r * math.cos(a), -r * math.sin(a)) for a in t]
+        pts = [(x0, -5)] + arc + [(x0, 5)]
+    elif shape == "truncate":
+        pts = [(x0, -5), (x0 - 0.95 * L, -0.9 * H), (x0 - 0.95 * L, 0.9 * H), (x0, 5)]
+    elif shape == "lanceolate":
+        pts = [(x0, -6), (x0 - 0.55 * L, -0.62 * H), (x0 - 1.15 * L, 0), (x0 - 0.55 * L, 0.62 * H), (x0, 6)]
+    else:  # pragma: no cover - guarded by TAILS
+        raise ValueError(shape)
+    return np.asarray(pts, dtype=float)
+
+
+def _rect(x0: float, x1: float, y0: float, y1: float) -> np.ndarray:
+    return np.asarray([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], dtype=float)
+
+
+def _pattern_polygons(pattern: Pattern, body: BodyShape, r0: float, r1: float) -> list[np.ndarray]:
+    """Dark pattern shapes in canonical coordinates (clipped later to the region and the body)."""
+    big = body.b + 20.0
+    width = r1 - r0
+    if pattern.kind == "vertical":
+        w = 7.0
+        cs = np.linspace(r0 + w / 2 + 1, r1 - w / 2 - 1, pattern.count)
+        return [_rect(c - w / 2, c + w / 2, -big, big) for c in cs]
+    if pattern.kind == "horizontal":
+        w, c = 7.0, 0.42 * body.b
+        ys = [-c, c] if pattern.count == 2 else np.linspace(-c, c, pattern.count)
+        return [_rect(r0 - 5, r1 + 5, y - w / 2, y + w / 2) for y in ys]
+    if pattern.kind == "band":
+        return [_rect(r0 - 5, r1 + 5, -7.0, 7.0)]
+    if pattern.kind == "spots":
+        cols = pattern.count // 2
+        xs = np.linspace(r0 + 7, r1 - 6, cols)
+        polys = []
+        for x in xs:
+            hh = float(body.half_height(x))
+            for y in (-0.45 * hh, 0.45 * hh):
+                polys.append(_circle(x, y, 4.0, 20))
+        return polys
+    if pattern.kind == "diagonal":
+        w = 6.0
+        cs = np.linspace(r0 + 0.15 * width, r1 - 0.15 * width, pattern.count)
+        polys = []
+        for c in cs:  # 45 degree stripes: centre line x = c + y * tan(45)
+            t = w / math.sqrt(2)
+            polys.append(np.asarray([(c - big - t, -big), (c - big + t, -big), (c + big + t, big),
+                                     (c + big - t, big)], dtype=float))
+        return polys
+    raise ValueError(pattern.kind)  # pragma: no cover
+
+
+def _background(rng: np.random.Generator, size: int) -> Image.Image:
+    """A murky, low-contrast clutter of blobs and lines, drawn at half size, returned at 2x size."""
+    base = np.array([rng.uniform(45, 105), rng.uniform(65, 120), rng.uniform(60, 125)])
+    h = max(16, size // 2)
+    f = h / NOMINAL
+    img = Image.new("RGB", (h, h), tuple(int(v) for v in base))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(14, 24))):
+        cx, cy = rng.uniform(-5, h + 5, 2)
+        rx, ry = rng.uniform(6, 40, 2) * f
+        col = tuple(int(v) for v in np.clip(base + rng.uniform(-22, 22) + rng.uniform(-7, 7, 3), 0, 255))
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=col)
+    for _ in range(int(rng.integers(5, 11))):
+        p = rng.uniform(-10, h + 10, 4)
+        col = tuple(int(v) for v in np.clip(base + rng.uniform(-26, 26) + rng.uniform(-7, 7, 3), 0, 255))
+        draw.line([tuple(p[:2]), tuple(p[2:])], fill=col, width=int(rng.integers(1, 3)))
+    return img.resize((size * SUPERSAMPLE, size * SUPERSAMPLE), Image.Resampling.BILINEAR)
+
+
+@dataclass(frozen=True)
+class _Pose:
+    flipped: bool
+    angle: float  # degrees
+    scale: float  # relative to the nominal size at this image size
+    tx: float
+    ty: float
+
+
+def _transform(pts: np.ndarray, pose: _Pose, unit: float) -> np.ndarray:
+    """Canonical nominal px -> output px: flip, scale, rotate, translate."""
+    p = np.asarray(pts, dtype=float) * unit * pose.scale
+    if pose.flipped:
+        p = p * np.array([-1.0, 1.0])
+    th = math.radians(pose.angle)
+    c, s = math.cos(th), math.sin(th)
+    p = p @ np.array([[c, s], [-s, c]])
+    return p + np.array([pose.tx, pose.ty])
+
+
+def head_direction(flipped: bool, angle: float) -> np.ndarray:
+    """Unit vector (x right, y down) from the body centre towards the head, in image pixels."""
+    th = math.radians(angle)
+    d = np.array([math.cos(th), math.sin(th)])
+    return -d if flipped else d
+
+
+def _poly(draw: ImageDraw.ImageDraw, pts: np.ndarray, fill: int, outline: int | None = None, width: int = 1) -> None:
+    draw.polygon([tuple(p) for p in (pts * SUPERSAMPLE).tolist()], fill=fill, outline=outline, width=width)
+
+
+def render_fish(order_idx: int, family_idx: int, genus_idx: int, species_idx: int, image_size: int = 224,
+                rng: np.random.Generator | int | None = 0) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+    """Draw one fish with the given trait variants.
+
+    Returns the RGB image (uint8, H x W x 3), the masks (``MASK_KEYS`` -> bool H x W) and the
+    pose (``flipped``, ``angle`` in degrees, ``scale`` relative to nominal, body centre ``cx``, ``cy``).
+    """
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    body = BODY_SHAPES[order_idx]
+    tail = TAILS[family_idx]
+    pattern = PATTERNS[genus_idx]
+    mark_colour = MARK_COLOURS[species_idx][1]
+    size = int(image_size)
+    unit = size / NOMINAL
+    S2 = size * SUPERSAMPLE
+
+    bg = _background(rng, size)
+
+    # ---- canonical geometry
+    a = body.a
+    body_pts = body.outline()
+    tail_pts = _tail_polygon(tail.shape, -a + 6.0)
+    top = lambda x: -float(body.half_height(x))  # noqa: E731
+    d0, d1 = -0.2 * a, 0.32 * a
+    dorsal = np.asarray([(d0, top(d0) + 3), (d0 + 0.25 * (d1 - d0), top(d0 + 0.25 * (d1 - d0)) - 15),
+                         (d1, top(d1) + 3)], dtype=float)
+    a0, a1 = -0.62 * a, -0.3 * a
+    anal = np.asarray([(a0, -top(a0) - 3), (a0 + 0.2 * (a1 - a0), -top(a0 + 0.2 * (a1 - a0)) + 11),
+                       (a1, -top(a1) - 3)], dtype=float)
+    xe = a - EYE_FROM_SNOUT
+    ye = 0.3 * top(xe)
+    xo = a - OPERCULUM_FROM_SNOUT
+    ho = -top(xo)
+    operc = np.asarray([(xo + 4.0 * (1 - (t / 0.75) ** 2), t * ho) for t in np.linspace(-0.75, 0.75, 13)])
+    mouth = np.asarray([(a - 1.0, 0.18 * -top(a - 8)), (a - 8.0, 0.22 * -top(a - 8))])
+    xs = a - MARK_FROM_SNOUT
+    xd = xs - MARK_SPACING
+    r0, r1 = -a + 7.0, xd - MARK_RADIUS - PATTERN_GAP
+    region = _rect(r0, r1, -body.b - 20, body.b + 20)
+    stripes = _pattern_polygons(pattern, body, r0, r1)
+
+    # ---- pose: random flip, rotation, scale; translation keeps the whole fish in frame
+    flipped = bool(rng.integers(0, 2))
+    angle = float(rng.uniform(-MAX_ROTATION, MAX_ROTATION))
+    scale = float(rng.uniform(*SCALE_RANGE))
+    outline_pts = np.concatenate([body_pts, tail_pts, dorsal, anal])
+    margin = 3.0 * unit
+    for _ in range(8):
+        ext = _transform(outline_pts, _Pose(flipped, angle, scale, 0.0, 0.0), unit)
+        lo, hi = ext.min(0), ext.max(0)
+        if np.all(hi - lo <= size - 2 * margin):
+            break
+        scale *= 0.95
+    t_lo, t_hi = margin - lo, size - margin - hi
+    t = np.where(t_hi > t_lo, t_lo + rng.uniform(0.0, 1.0, 2) * np.maximum(t_hi - t_lo, 0), (t_lo + t_hi) / 2)
+    pose = _Pose(flipped, angle, scale, float(t[0]), float(t[1]))
+    T = lambda p: _transform(p, pose, unit)  # noqa: E731
+    px = unit * scale * SUPERSAMPLE  # one nominal px in 2x raster px
+
+    # ---- label raster at 2x
+    lab = Image.new("L", (S2, S2), BG)
+    draw = ImageDraw.Draw(lab)
+    _poly(draw, T(tail_pts), TAIL)
+    _poly(draw, T(dorsal), FIN)
+    _poly(draw, T(anal), FIN)
+    _poly(draw, T(body_pts), BODY, OUTLINE, max(1, round(1.3 * px)))
+    arr = np.array(lab)
+    body_mask = (arr == BODY) | (arr == OUTLINE)
+
+    reg = Image.new("L", (S2, S2), 0)
+    rdraw = ImageDraw.Draw(reg)
+    _poly(rdraw, T(region), 1)
+    region_mask = (np.asarray(reg) > 0) & body_mask
+    pat = Image.new("L", (S2, S2), 0)
+    pdraw = ImageDraw.Draw(pat)
+    for p in stripes:
+        _poly(pdraw, T(p), 1)
+    arr[(np.asarray(pat) > 0) & region_mask & (arr == BODY)] = STRIPE
+
+    lab = Image.fromarray(arr)
+    draw = ImageDraw.Draw(lab)
+    draw.line([tuple(p) for p in (T(operc) * SUPERSAMPLE).tolist()], fill=LINE, width=max(1, round(1.6 * px)),
+              joint="curve")
+    draw.line([tuple(p) for p in (T(mouth) * SUPERSAMPLE).tolist()], fill=LINE, width=max(1, round(1.4 * px)))
+    _poly(draw, T(_circle(xs, 0.0, MARK_RADIUS)), MARK)
+    _poly(draw, T(_circle(xd, 0.0, MARK_RADIUS)), DISTRACT)
+    _poly(draw, T(_circle(xe, ye, 4.6, 24)), EYE_WHITE)
+    _poly(draw, T(_circle(xe + 0.6, ye, 2.7, 20)), PUPIL)
+    arr = np.asarray(lab)
+
+    # ---- colours (per-image jitter only for the uninformative body colour)
+    body_col = np.clip(np.array([182.0, 180.0, 170.0]) + rng.uniform(-14, 14) + rng.uniform(-6, 6, 3), 0, 255)
+    lut = np.zeros((256, 3), np.uint8)
+    lut[TAIL] = tail.colour
+    lut[FIN] = body_col * 0.78
+    lut[BODY] = body_col
+    lut[OUTLINE] = body_col * 0.5
+    lut[STRIPE] = STRIPE_COLOUR
+    lut[LINE] = body_col * 0.55
+    lut[MARK] = mark_colour
+    lut[DISTRACT] = DISTRACTOR_COLOUR
+    lut[EYE_WHITE] = (235, 235, 230)
+    lut[PUPIL] = (12, 12, 16)
+    fish = Image.frombytes("P", (S2, S2), arr.tobytes())
+    fish.putpalette(lut.tobytes())
+    canvas = bg
+    canvas.paste(fish.convert("RGB"), (0, 0), lab.point([0] + [255] * 255))
+    small = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.int16)
+    noise = np.rint(rng.standard_normal((size, size), dtype=np.float32) * 3.0).astype(np.int16)
+    img = np.clip(small + noise[..., None], 0, 255).astype(np.uint8)
+
+    def down(m: np.ndarray | Image.Image) -> np.ndarray:
+        im = m if isinstance(m, Image.Image) else Image.fromarray(m.astype(np.uint8) * 255)
+        return np.asarray(im.reduce(SUPERSAMPLE)) >= 128
+
+    def label(v: int) -> Image.Image:
+        return lab.point([255 if i == v else 0 for i in range(256)])
+
+    masks = {
+        "order": down(body_mask),
+        "family": down(label(TAIL)),
+        "genus": down(region_mask),
+        "species": down(label(MARK)),
+        "distractor": down(label(DISTRACT)),
+    }
+    masks["family"] &= ~masks["order"]  # the tail is behind the body: boundary ties go to the body
+    cx, cy = T(np.zeros((1, 2)))[0]
+    info = {"flipped": flipped, "angle": round(angle, 3), "scale": round(scale, 4), "cx": float(cx), "cy": float(cy)}
+    return img, masks, info
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def save_masks(path: str | os.PathLike, masks: dict[str, np.ndarray]) -> None:
+    """A compressed .npz of bool arrays, without timestamps (byte-identical for identical masks)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for key in masks:
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(masks[key], dtype=bool), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, buf.getvalue())
+
+
+def load_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The masks of one image: ``MASK_KEYS`` -> bool arrays of shape (H, W)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k].astype(bool, copy=False) for k in z.files}
+
+
+def _render_job(job: tuple) -> dict:
+    index, image_id, split, sp, image_size, seed, out_dir = job
+    rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(index,)))
+    img, masks, info = render_fish(sp.order_idx, sp.family_idx, sp.genus_idx, sp.species_idx, image_size, rng)
+    rel = f"images/{split}/{sp.species}/{image_id}.png"
+    mrel = f"masks/{image_id}.npz"
+    Image.fromarray(img).save(Path(out_dir) / rel, format="PNG", compress_level=1)
+    save_masks(Path(out_dir) / mrel, masks)
+    return {"image_id": image_id, "path": rel, "split": split, "order": sp.order, "family": sp.family,
+            "genus": sp.genus, "species": sp.species, "mask_path": mrel, "flipped": info["flipped"],
+            "angle": info["angle"], "scale": info["scale"]}
+
+
+def generate_dataset(out_dir: str | os.PathLike, n_orders: int = 2, families_per_order: int = 2,
+                     genera_per_family: int = 2, species_per_genus: int = 2, n_train: int = 120, n_val: int = 20,
+                     n_test: int = 20, image_size: int = 224, seed: int = 0, progress: bool = True,
+                     workers: int = 1) -> pd.DataFrame:
+    """Write the synthetic dataset under ``out_dir`` and return its manifest (see the module doc).
+
+    ``n_train``/``n_val``/``n_test`` are images per species; a split with 0 images is omitted.
+    Files already in ``out_dir`` are overwritten, never deleted.
+    """
+    if int(seed) < 0:
+        raise ValueError("seed must be non-negative")
+    if image_size < 32:
+        raise ValueError("image_size must be at least 32")
+    for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if n < 0:
+            raise ValueError(f"{name} must be >= 0")
+    out = Path(out_dir)
+    taxonomy = build_taxonomy(n_orders, families_per_order, genera_per_family, species_per_genus)
+    jobs = []
+    index = 0
+    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
+        for sp in taxonomy:
+            if n:
+                (out / "images" / split / sp.species).mkdir(parents=True, exist_ok=True)
+            for _ in range(n):
+                jobs.append((index, f"img{index:06d}", split, sp, int(image_size), int(seed), str(out)))
+                index += 1
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+
+    if workers is None or workers <= 0:
+        workers = os.cpu_count() or 1
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="synthetic images", unit="img")
+    rows = []
+    if workers == 1 or len(jobs) < 2:
+        for job in jobs:
+            rows.append(_render_job(job))
+            if bar is not None:
+                bar.update()
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context().Pool(min(workers, len(jobs))) as pool:
+            for row in pool.imap(_render_job, jobs, chunksize=16):
+                rows.append(row)
+                if bar is not None:
+                    bar.update()
+    if bar is not None:
+        bar.close()
+
+    manifest = pd.DataFrame(rows, columns=["image_id", "path", "split", "order", "family", "genus", "species",
+                                           "mask_path", "flipped", "angle", "scale"])
+    tax = pd.DataFrame([{r: getattr(sp, r) for r in RANKS} for sp in taxonomy], columns=list(RANKS))
+    tax.to_csv(out / "taxonomy.csv", index=False, lineterminator="\n")
+    trait_table(taxonomy).to_csv(out / "traits.csv", index=False, lineterminator="\n")
+    manifest.to_csv(out / "manifest.csv", index=False, lineterminator="\n")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Contact sheet
+# --------------------------------------------------------------------------------------------
+
+OUTLINE_COLOURS = {"order": (255, 255, 255), "family": (255, 120, 0), "genus": (0, 255, 120),
+                   "species": (0, 160, 255), "distractor": (255, 0, 255)}
+
+
+def _boundary(m: np.ndarray) -> np.ndarray:
+    p = np.pad(m, 1)
+    inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return m & ~inner
+
+
+def contact_sheet(out_dir: str | os.PathLike, dest: str | os.PathLike, split: str = "test", per_species: int = 1,
+                  outlines: bool = True, columns: int | None = None) -> Path:
+    """A grid PNG of ``per_species`` images of every species, with mask outlines and species names."""
+    out = Path(out_dir)
+    man = pd.read_csv(out / "manifest.csv")
+    man = man[man["split"] == split].groupby("species", sort=False).head(per_species)
+    tiles = []
+    for row in man.itertuples():
+        img = np.array(Image.open(out / row.path).convert("RGB"))
+        raw = img.copy()
+        if outlines:
+            for key, m in load_masks(out / row.mask_path).items():
+                img[_boundary(m)] = OUTLINE_COLOURS.get(key, (255, 255, 255))
+        tile = np.concatenate([raw, img], axis=1)
+        t = Image.fromarray(tile)
+        ImageDraw.Draw(t).text((3, 2), row.species, fill=(255, 255, 255))
+        tiles.append(t)
+    if not tiles:
+        raise ValueError(f"no images in split {split!r}")
+    w, h = tiles[0].size
+    cols = columns or max(1, int(math.ceil(math.sqrt(len(tiles)))))
+    rows_n = int(math.ceil(len(tiles) / cols))
+    sheet = Image.new("RGB", (cols * (w + 4), rows_n * (h + 4)), (0, 0, 0))
+    for i, t in enumerate(tiles):
+        sheet.paste(t, ((i % cols) * (w + 4), (i // cols) * (h + 4)))
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(dest)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m taxotrait.synthetic",
+                                 description="Generate the synthetic fish taxonomy with planted traits and masks.")
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-orders", type=int, default=2)
+    ap.add_argument("--families-per-order", type=int, default=2)
+    ap.add_argument("--genera-per-family", type=int, default=2)
+    ap.add_argument("--species-per-genus", type=int, default=2)
+    ap.add_argument("--n-train", type=int, default=120, help="training images per species")
+    ap.add_argument("--n-val", type=int, default=20, help="validation images per species")
+    ap.add_argument("--n-test", type=int, default=20, help="test images per species")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--workers", type=int, default=1, help="processes (0 = all cores); output does not depend on it")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--contact-sheet", metavar="PNG", help="also write a contact sheet of the test split here")
+    args = ap.parse_args(argv)
+    man = generate_dataset(args.out_dir, n_orders=args.n_orders, families_per_order=args.families_per_order,
+                           genera_per_family=args.genera_per_family, species_per_genus=args.species_per_genus,
+                           n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, image_size=args.image_size,
+                           seed=args.seed, progress=not args.no_progress, workers=args.workers)
+    if args.contact_sheet:
+        contact_sheet(args.out_dir, args.contact_sheet, split="test" if args.n_test else "train")
+    print(f"wrote {len(man)} images of {man['species'].nunique()} species to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
