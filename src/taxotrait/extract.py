@@ -1,0 +1,189 @@
+"""Streamed extraction of class-prompt attention maps to HDF5, and greedy head masking to a Parquet table.
+
+`attention.h5` (one per rank; datasets along N images, written batch by batch so memory does not grow with N):
+
+- ``image_id`` [N] str, ``label`` [N] int64, ``prediction`` [N] int64, ``logits`` [N, C] float32
+- ``classes`` [N, K] int64: the class of each map: slot 0 the true class, slot 1 the predicted class, then extra
+  classes (siblings of the true class in the taxonomy; -1 where there are fewer)
+- ``attention`` [N, K, heads, h, w] float16: last-block attention of those class prompts over the patch grid,
+  chunked one image per chunk, gzip-compressed
+- attributes: rank, class_names, grid (h, w), heads, backbone, backbone_digest, variant, prompt_depth, img_size,
+  class_slots ("true, predicted, extra...")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .masking import greedy_head_masking
+from .model import PromptCAM
+
+TokenBatch = tuple[list[str], torch.Tensor, torch.Tensor]  # image ids, frozen tokens [B, T, D], labels [B]
+
+
+def sibling_classes(parents: list[str], max_extra: int) -> list[list[int]]:
+    """For each class, up to `max_extra` other classes with the same parent (all others at the top rank)."""
+    siblings = []
+    for index, parent in enumerate(parents):
+        same = [j for j, p in enumerate(parents) if p == parent and j != index]
+        siblings.append(same[:max_extra])
+    return siblings
+
+
+def temporary_path(path: Path) -> Path:
+    """A name in the same folder for writing `path` before an atomic rename."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+@torch.no_grad()
+def extract_attention(
+    model: PromptCAM,
+    batches: Iterable[TokenBatch],
+    num_images: int,
+    out_path: str | os.PathLike,
+    rank: str,
+    extra_classes: list[list[int]] | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write `attention.h5` for the images of `batches` (see the module docstring)."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(out_path)
+    extra_classes = extra_classes or [[] for _ in range(model.num_classes)]
+    num_slots = 2 + max((len(e) for e in extra_classes), default=0)
+    heads = model.num_heads
+    grid = tuple(int(g) for g in model.backbone.patch_embed.grid_size)
+    try:
+        with h5py.File(tmp, "w") as h5:
+            config = model.config()
+            h5.attrs.update({
+                "rank": rank, "class_names": model.class_names, "grid": grid, "heads": heads,
+                "backbone": config["backbone"], "backbone_digest": model.backbone_digest,
+                "variant": config["variant"], "prompt_depth": config["prompt_depth"], "img_size": config["img_size"],
+                "class_slots": "true, predicted, extra...",
+            })
+            image_ids = h5.create_dataset("image_id", (num_images,), dtype=h5py.string_dtype())
+            label_ds = h5.create_dataset("label", (num_images,), dtype="int64")
+            prediction_ds = h5.create_dataset("prediction", (num_images,), dtype="int64")
+            logits_ds = h5.create_dataset("logits", (num_images, model.num_classes), dtype="float32",
+                                          chunks=(1, model.num_classes))
+            classes_ds = h5.create_dataset("classes", (num_images, num_slots), dtype="int64")
+            attention_ds = h5.create_dataset(
+                "attention", (num_images, num_slots, heads, *grid), dtype="float16",
+                chunks=(1, num_slots, heads, *grid), compression="gzip", compression_opts=4, shuffle=True,
+            )
+            start = 0
+            with tqdm(total=num_images, desc=f"attention {rank}", disable=not progress) as bar:
+                for ids, tokens, labels in batches:
+                    image_tokens = model.last_block_input(tokens.float())
+                    logits, _ = model.class_scores(image_tokens, chunk_size=chunk_size)
+                    predictions = logits.argmax(1)
+                    slots = torch.full((len(ids), num_slots), -1, dtype=torch.long)
+                    for row, (label, prediction) in enumerate(zip(labels.tolist(), predictions.tolist())):
+                        chosen = [label, prediction, *extra_classes[label]]
+                        slots[row, : len(chosen)] = torch.tensor(chosen)
+                    _, attention = model.class_scores(image_tokens, slots.clamp(min=0), return_attention=True)
+                    maps = attention[..., -grid[0] * grid[1]:].unflatten(-1, grid)
+                    maps[slots < 0] = 0
+                    stop = start + len(ids)
+                    image_ids[start:stop] = ids
+                    label_ds[start:stop] = labels.numpy()
+                    prediction_ds[start:stop] = predictions.numpy()
+                    logits_ds[start:stop] = logits.float().numpy()
+                    classes_ds[start:stop] = slots.numpy()
+                    attention_ds[start:stop] = maps.to(torch.float16).numpy()
+                    start = stop
+                    bar.update(len(ids))
+            if start != num_images:
+                raise ValueError(f"expected {num_images} images, got {start}")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def map_statistics(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Peak (x, y) in normalised [0, 1] image coordinates (patch centres) and spatial spread of maps [..., h, w].
+
+    Spread: the attention-weighted root-mean-square distance from the map's centroid, in the same units.
+    """
+    h, w = maps.shape[-2:]
+    flat = maps.reshape(*maps.shape[:-2], h * w).astype(np.float64)
+    peak = flat.argmax(-1)
+    peak_y, peak_x = (peak // w + 0.5) / h, (peak % w + 0.5) / w
+    weights = flat / np.clip(flat.sum(-1, keepdims=True), 1e-12, None)
+    ys, xs = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+    ys, xs = ys.ravel(), xs.ravel()
+    cy, cx = weights @ ys, weights @ xs
+    spread = np.sqrt((weights * ((ys - cy[..., None]) ** 2 + (xs - cx[..., None]) ** 2)).sum(-1))
+    return peak_x, peak_y, spread
+
+
+HEADS_COLUMNS = {
+    "image_id": "string", "rank": "string", "taxon": "string", "head": "int64", "removal_step": "int64",
+    "score_before_removal": "float64", "score_after_removal": "float64", "is_trait_head": "bool",
+    "peak_x": "float64", "peak_y": "float64", "spread": "float64",
+}
+
+
+def mask_heads(
+    model: PromptCAM,
+    batches: Iterable[TokenBatch],
+    attention_path: str | os.PathLike,
+    rank: str,
+    blur_mode: str = "uniform_patches",
+    stopping: str = "prediction",
+    top_k: int = 1,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Greedy head masking on the correctly classified images: one row per (image, head), see HEADS_COLUMNS.
+
+    Peaks and spread come from the true-class maps of `attention_path` (written by `extract_attention`).
+    """
+    with h5py.File(attention_path, "r") as h5:
+        ids = h5["image_id"].asstr()[:]
+        correct = h5["label"][:] == h5["prediction"][:]
+        row_of = {image_id: row for row, image_id in enumerate(ids)}
+        frames = []
+        for batch_ids, tokens, labels in tqdm(batches, desc=f"masking {rank}", disable=not progress):
+            rows = np.array([row_of[i] for i in batch_ids])
+            keep = correct[rows]
+            if not keep.any():
+                continue
+            result = greedy_head_masking(model, tokens[torch.from_numpy(keep)].float(), labels[torch.from_numpy(keep)],
+                                         blur_mode, stopping, top_k, chunk_size)
+            maps = np.stack([h5["attention"][row, 0] for row in rows[keep]])  # true-class maps [b, H, h, w]
+            frames.append(heads_frame([i for i, k in zip(batch_ids, keep) if k], rank, model.class_names, result, maps))
+    if not frames:
+        return pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in HEADS_COLUMNS.items()})
+    return pd.concat(frames, ignore_index=True)
+
+
+def heads_frame(image_ids, rank, class_names, result, maps) -> pd.DataFrame:
+    """Rows of heads.parquet for one batch of masking results."""
+    num_images, num_heads = result.removal_order.shape
+    before = torch.cat([result.score[:, None], result.score_after[:, :-1]], dim=1)  # s[c] before each step
+    step = result.removal_step
+    peak_x, peak_y, spread = map_statistics(maps)
+    frame = pd.DataFrame({
+        "image_id": np.repeat(image_ids, num_heads),
+        "rank": rank,
+        "taxon": np.repeat([class_names[c] for c in result.classes.tolist()], num_heads),
+        "head": np.tile(np.arange(num_heads), num_images),
+        "removal_step": step.flatten().numpy(),
+        "score_before_removal": before.gather(1, step).flatten().double().numpy(),
+        "score_after_removal": result.score_after.gather(1, step).flatten().double().numpy(),
+        "is_trait_head": result.is_trait.flatten().numpy(),
+        "peak_x": peak_x.ravel(), "peak_y": peak_y.ravel(), "spread": spread.ravel(),
+    })
+    return frame.astype(HEADS_COLUMNS)

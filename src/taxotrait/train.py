@@ -1,0 +1,234 @@
+"""Training of the prompts and the score head: one loop, resumable, bit-for-bit reproducible from a seed.
+
+Every source of randomness of an epoch (shuffling, view choice, augmentation, torch's global RNG) is derived from
+(seed, epoch), so a run resumed from its per-epoch checkpoint ends with exactly the parameters of an uninterrupted
+one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_save, checkpoint_payload, read_checkpoint
+from .data import ImageDataset, TokenDataset, derived_generator, derived_seed
+from .model import PromptCAM
+
+log = logging.getLogger(__name__)
+HISTORY_COLUMNS = ["epoch", "lr", "loss", "train_top1", "val_top1", "seconds"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. SGD uses momentum 0.9; weight_decay applies to either optimizer (1e-3: the authors')."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "sgd"  # 'sgd' | 'adamw'
+    lr: float = 0.01
+    weight_decay: float = 1e-3
+    schedule: str = "cosine"  # 'cosine' | 'onecycle' (linear decay), both to 0 after a linear warmup
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    class_chunk: int | None = None  # classes per forward chunk; None = all at once
+    prompt_init: str = "uniform"  # 'uniform': the model's init | 'cls_mean': mean CLS token entering the last block
+    init_noise: float = 0.02  # cls_mean: noise std, relative to the std of the CLS tokens' entries
+    label_smoothing: float = 0.0
+    device: str = "auto"  # 'auto': CUDA if available (with bf16 autocast), else CPU
+    num_workers: int = 0  # DataLoader workers (image decoding)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the parameters became NaN or infinite."""
+
+
+def learning_rate(config: TrainConfig, steps_per_epoch: int, step: int) -> float:
+    """lr of optimisation step `step` (0-based): linear warmup, then cosine or linear ('onecycle') decay to 0."""
+    total, warmup = config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return config.lr * (0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress)
+
+
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    """Fraction of rows whose label is among the k highest logits."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top == labels.to(top.device)[:, None]).any(1).float().mean().item()
+
+
+def _batches(data, order: torch.Tensor, batch_size: int, device: torch.device, num_workers: int = 0):
+    """(x, y) batches of `data` in `order`, on `device`."""
+    sampler = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=_batched, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _batched(batch):  # the datasets' __getitems__ return whole batches
+    return batch
+
+
+def _forward(model: PromptCAM, data):
+    """Scores from what `data` yields: frozen tokens (TokenDataset) or images."""
+    return model.forward_tokens if isinstance(data, TokenDataset) else model
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict(model: PromptCAM, data, batch_size: int = 256, classes: torch.Tensor | None = None,
+            chunk_size: int | None = None, num_workers: int = 0) -> torch.Tensor:
+    """Logits [N, C] (or [N, K] for `classes`) on CPU, float32, of view 0 / the eval transform of every item."""
+    device = next(model.parameters()).device
+    model.eval()
+    data.set_epoch(None)
+    classes = None if classes is None else classes.to(device)
+    forward, out = _forward(model, data), []
+    for x, _ in _batches(data, torch.arange(len(data)), batch_size, device, num_workers):
+        with _autocast(device):
+            out.append(forward(x, classes=classes, chunk_size=chunk_size).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, model.num_classes if classes is None else classes.shape[-1])
+
+
+@torch.no_grad()
+def init_class_prompts(model: PromptCAM, data, noise: float, seed: int, batch_size: int = 256):
+    """Set every class prompt to the mean CLS token entering the last block over `data` (view 0) plus Gaussian
+    noise of std `noise` times the std of the CLS tokens' entries."""
+    if not model.backbone.has_class_token:
+        raise ValueError("prompt_init 'cls_mean' needs a backbone with a CLS token; use 'uniform'")
+    device = next(model.parameters()).device
+    data.set_epoch(None)
+    total = squares = 0.0
+    for x, _ in _batches(data, torch.arange(len(data)), batch_size, device):
+        tokens = x if isinstance(data, TokenDataset) else model.frozen_tokens(x)
+        cls = model.last_block_input(tokens)[:, 0].double()
+        total, squares = total + cls.sum(0), squares + cls.square().sum()
+    mean = total / len(data)
+    std = (squares / (len(data) * mean.numel()) - mean.mean().square()).clamp_min(0).sqrt()
+    eps = torch.randn(model.class_prompts.shape, generator=derived_generator(seed, 0, 3), dtype=torch.float64)
+    model.class_prompts.copy_(mean + noise * std * eps.to(device))
+
+
+def _check_data(model: PromptCAM, data, name: str):
+    if not isinstance(data, (TokenDataset, ImageDataset)):
+        raise TypeError(f"{name} must be a TokenDataset or an ImageDataset, got {type(data).__name__}")
+    if isinstance(data, TokenDataset):
+        data.cache.check(model)
+    if len(data.labels) and not 0 <= int(data.labels.min()) <= int(data.labels.max()) < model.num_classes:
+        raise ValueError(f"{name} labels must lie in 0..{model.num_classes - 1}")
+
+
+def _frame(history: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(history, columns=HISTORY_COLUMNS)
+    return frame.astype({"epoch": "int64", **{c: "float64" for c in HISTORY_COLUMNS[1:]}})
+
+
+def _resume(path, model: PromptCAM, training_key: dict, optimizer) -> tuple[int, list[dict]]:
+    """Restore an interrupted run's state from `path` if it trained the same model, data size and config."""
+    if path is None or not Path(path).exists():
+        return 0, []
+    payload = read_checkpoint(path)
+    stored = payload.get("training")
+    same_model = payload["config"] == model.config() and payload["backbone_digest"] == model.backbone_digest
+    if not (stored is not None and same_model and {k: stored.get(k) for k in training_key} == training_key):
+        log.warning("%s holds another model's or configuration's training; starting afresh and overwriting it", path)
+        return 0, []
+    model.load_state_dict(payload["state_dict"], strict=False)
+    optimizer.load_state_dict(stored["optimizer"])
+    log.info("resuming %s after epoch %d", path, stored["epoch"])
+    return stored["epoch"], stored["history"]
+
+
+def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = TrainConfig(),
+          checkpoint_path: str | os.PathLike | None = None, progress: bool = True,
+          metadata: dict | None = None) -> pd.DataFrame:
+    """Train the trainable parameters of `model` in place; returns the per-epoch history.
+
+    train_data / val_data: TokenDataset (cached tokens) or ImageDataset. With `checkpoint_path`, each epoch saves a
+    resumable checkpoint (`metadata` goes into it) and an interrupted run with the same config resumes from it.
+    """
+    if config.optimizer not in ("sgd", "adamw") or config.schedule not in ("cosine", "onecycle") \
+            or config.prompt_init not in ("uniform", "cls_mean"):
+        raise ValueError(f"unknown optimizer, schedule or prompt_init in {config}")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if config.device == "auto" else config.device)
+    model.to(device)
+    for data, name in ((train_data, "train_data"), (val_data, "val_data")):
+        if data is not None:
+            _check_data(model, data, name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    n, steps = len(train_data), math.ceil(len(train_data) / config.batch_size)
+    if n == 0:
+        raise ValueError("train_data is empty")
+    key = {"config": asdict(config), "num_examples": n}
+    start, history = _resume(checkpoint_path, model, key, optimizer)
+    if start == 0 and config.prompt_init == "cls_mean":
+        init_class_prompts(model, train_data, config.init_noise, config.seed, config.batch_size)
+    forward = _forward(model, train_data)
+    with tqdm(total=config.epochs * steps, initial=start * steps, desc="train", disable=not progress) as bar:
+        for epoch in range(start + 1, config.epochs + 1):
+            t0 = time.perf_counter()
+            torch.manual_seed(derived_seed(config.seed, epoch, 3))
+            train_data.set_epoch(epoch, config.seed)
+            order = torch.randperm(n, generator=derived_generator(config.seed, epoch, 0))
+            model.train()
+            loss_sum = correct = 0.0
+            for i, (x, y) in enumerate(_batches(train_data, order, config.batch_size, device, config.num_workers)):
+                lr = learning_rate(config, steps, (epoch - 1) * steps + i)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with _autocast(device):
+                    scores = forward(x, chunk_size=config.class_chunk)
+                loss = F.cross_entropy(scores.float(), y, label_smoothing=config.label_smoothing)
+                value = loss.item()
+                if not math.isfinite(value):
+                    _diverged(f"the loss is {value} at epoch {epoch} (step {i + 1}, lr {lr:g})", history,
+                              checkpoint_path)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += value * len(y)
+                correct += (scores.argmax(1) == y).sum().item()
+                bar.update()
+                bar.set_postfix(epoch=epoch, loss=f"{value:.4f}")
+            if not all(torch.isfinite(p).all() for p in params):
+                _diverged(f"the parameters became non-finite at epoch {epoch} (lr {lr:g})", history, checkpoint_path)
+            val_top1 = float("nan")
+            if val_data is not None:
+                val_top1 = top_k_accuracy(predict(model, val_data, config.batch_size, chunk_size=config.class_chunk,
+                                                  num_workers=config.num_workers), val_data.labels)
+            history.append({"epoch": epoch, "lr": lr, "loss": loss_sum / n, "train_top1": correct / n,
+                            "val_top1": val_top1, "seconds": time.perf_counter() - t0})
+            log.info("epoch %d/%d: loss %.4f, train top-1 %.3f, val top-1 %.3f, lr %.3g, %.1f s", epoch, config.epochs,
+                     history[-1]["loss"], history[-1]["train_top1"], val_top1, lr, history[-1]["seconds"])
+            if checkpoint_path is not None:
+                training = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": {"step": epoch * steps},
+                            "history": history, **key}
+                atomic_save({**checkpoint_payload(model, **(metadata or {})), "training": training}, checkpoint_path)
+    model.eval()
+    return _frame(history)
+
+
+def _diverged(what: str, history: list[dict], checkpoint_path):
+    last = (f"last good epoch {history[-1]['epoch']} (lr {history[-1]['lr']:g})" if history
+            else "no epoch completed")
+    kept = f", kept in {checkpoint_path}" if checkpoint_path is not None and history else ""
+    raise TrainingDiverged(f"training diverged: {what}; {last}{kept}. Lower the learning rate or check the data.")

@@ -1,0 +1,81 @@
+"""Trait tables and the pointing game on hand-computed cases."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from taxotrait.extract import HEADS_COLUMNS, map_statistics
+from taxotrait.localization import box_hits, patch_boxes, pointing_game, top_trait_heads
+from taxotrait.traits import hierarchy_traits, rank_traits, top_traits
+
+
+def heads_table(rows):
+    """rows: (image_id, taxon, head, step, before, after, trait, peak_x, peak_y)"""
+    frame = pd.DataFrame(rows, columns=["image_id", "taxon", "head", "removal_step", "score_before_removal",
+                                        "score_after_removal", "is_trait_head", "peak_x", "peak_y"])
+    return frame.assign(rank="genus", spread=0.1).astype(HEADS_COLUMNS)[list(HEADS_COLUMNS)]
+
+
+HEADS = heads_table([
+    ("i1", "G1", 0, 0, 5.0, 4.5, False, 0.1, 0.1), ("i1", "G1", 1, 1, 4.5, 2.0, True, 0.5, 0.25),
+    ("i2", "G1", 0, 1, 6.0, 3.0, True, 0.3, 0.3), ("i2", "G1", 1, 0, 7.0, 6.0, False, 0.9, 0.9),
+    ("i3", "G1", 0, 0, 3.0, 2.9, False, 0.2, 0.2), ("i3", "G1", 1, 1, 2.9, 0.9, True, 0.7, 0.75),
+    ("i4", "G2", 0, 1, 1.0, 0.0, True, 0.5, 0.5), ("i4", "G2", 1, 0, 1.5, 1.0, False, 0.5, 0.5),
+])
+
+
+def test_rank_traits_aggregate_per_taxon_and_head():
+    traits = rank_traits(HEADS)
+    g1 = traits[traits["taxon"] == "G1"].set_index("head")
+    assert g1.loc[1, "n_images"] == 2 and g1.loc[1, "frequency"] == pytest.approx(2 / 3)
+    assert g1.loc[1, "mean_importance"] == pytest.approx((2.5 + 2.0) / 2)
+    assert g1.loc[1, "peak_x"] == pytest.approx(0.6) and g1.loc[1, "peak_y"] == pytest.approx(0.5)
+    assert g1.loc[0, "n_images"] == 1 and g1.loc[0, "frequency"] == pytest.approx(1 / 3)
+    assert traits["taxon"].tolist() == ["G1", "G1", "G2"]  # most frequent first within a taxon
+    assert top_traits(traits, "G1", 1)["head"].tolist() == [1]
+    assert traits.dtypes["n_images"] == "int64"
+
+
+def test_hierarchy_measures_each_species_on_its_own_images():
+    manifest = pd.DataFrame({"image_id": ["i1", "i2", "i3", "i4"], "species": ["S1", "S1", "S2", "S3"]})
+    table = hierarchy_traits([HEADS], manifest, ["genus", "species"])
+    s1 = table[table["species"] == "S1"].set_index("head")
+    assert set(s1.index) == {0, 1} and (s1["frequency"] == 0.5).all()
+    assert table[table["species"] == "S2"]["head"].tolist() == [1]
+
+
+def test_map_statistics_peak_and_spread():
+    maps = np.zeros((2, 4, 4))
+    maps[0, 1, 2] = 1.0  # a point: peak at its centre, no spread
+    maps[1] = 1.0 / 16  # uniform: spread = RMS distance of the grid from its centre
+    px, py, spread = map_statistics(maps)
+    assert (px[0], py[0], spread[0]) == (pytest.approx(0.625), pytest.approx(0.375), pytest.approx(0.0))
+    centres = (np.arange(4) + 0.5) / 4
+    expected = np.sqrt(2 * np.mean((centres - 0.5) ** 2))
+    assert spread[1] == pytest.approx(expected)
+
+
+def test_patch_boxes_undo_the_eval_crop():
+    # 240x240 image, resize 240, crop 224 -> offset 8 px, patches of 56 px on a 4x4 grid
+    boxes = patch_boxes((4, 4), 240, 240, 240, 224)
+    assert boxes[0].tolist() == [8, 8, 64, 64] and boxes[5].tolist() == [64, 64, 120, 120]
+    # a 120x120 image is upscaled 2x first: boxes shrink by 2
+    assert patch_boxes((4, 4), 120, 120, 240, 224)[0].tolist() == [4, 4, 32, 32]
+    mask = np.zeros((240, 240), bool)
+    mask[100:110, 70:75] = True
+    assert box_hits(mask, boxes).nonzero()[0].tolist() == [5]
+
+
+def test_pointing_game_hits_and_random_baseline(tmp_path):
+    mask = np.zeros((240, 240), bool)
+    mask[100:110, 70:75] = True  # inside patch (row 1, col 1)
+    heads = heads_table([
+        ("a", "S", 0, 1, 1.0, 0.0, True, 0.375, 0.375), ("a", "S", 1, 0, 1.0, 1.0, False, 0.9, 0.9),
+        ("b", "S", 0, 0, 1.0, 1.0, False, 0.375, 0.375), ("b", "S", 1, 1, 1.0, 0.0, True, 0.9, 0.9),
+    ])
+    assert top_trait_heads(heads)["head"].tolist() == [0, 1]
+    manifest = pd.DataFrame({"image_id": ["a", "b"], "mask_path": ["m", "m"]})
+    table = pointing_game(heads, manifest, lambda path: {"spot": mask, "all": np.ones_like(mask)}, (4, 4), 240, 224)
+    rows = table.set_index("mask")
+    assert rows.loc["spot", "hit_rate"] == 0.5 and rows.loc["spot", "random_rate"] == pytest.approx(1 / 16)
+    assert rows.loc["all", "hit_rate"] == 1.0 and rows.loc["all", "n_images"] == 2

@@ -1,0 +1,21 @@
+# Attention maps of the true, predicted and sibling class prompts, streamed to HDF5.
+rule extract_attention:
+    input:
+        model=trained_model,
+        manifest=f"{RESULTS}/manifest.parquet",
+        classes=f"{RESULTS}/classes.parquet",
+        eval_tokens=f"{RESULTS}/cache/eval.tokens.npy",
+        weights=backbone_weights(),
+    output:
+        attention=f"{RESULTS}/{{rank}}/attention.h5",
+    params:
+        settings=lambda wildcards: params_json("attention"),
+    log:
+        f"{LOGS}/extract_attention.{{rank}}.log",
+    benchmark:
+        f"{BENCH}/extract_attention.{{rank}}.tsv"
+    threads: 2
+    resources:
+        gpu=config["resources"]["gpu"],
+    script:
+        "../scripts/extract_attention.py"

@@ -1,0 +1,21 @@
+# Frozen tokens entering the first prompted block, computed once per dataset and shared by every rank.
+rule cache_tokens:
+    input:
+        manifest=f"{RESULTS}/manifest.parquet",
+        weights=backbone_weights(),
+    output:
+        tokens=f"{RESULTS}/cache/{{kind}}.tokens.npy",
+        meta=f"{RESULTS}/cache/{{kind}}.tokens.npy.json",
+    wildcard_constraints:
+        kind="train|eval",
+    params:
+        settings=lambda wildcards: params_json("backbone", "model", "augment"),
+    log:
+        f"{LOGS}/cache_tokens.{{kind}}.log",
+    benchmark:
+        f"{BENCH}/cache_tokens.{{kind}}.tsv"
+    threads: 2
+    resources:
+        gpu=config["resources"]["gpu"],
+    script:
+        "../scripts/cache_tokens.py"

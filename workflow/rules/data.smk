@@ -1,0 +1,17 @@
+# The embedded demo dataset: a synthetic taxonomy with planted traits and their ground-truth masks.
+if config["data"].get("synthetic"):
+
+    rule synthetic_data:
+        output:
+            manifest=f"{SYNTHETIC}/manifest.csv",
+            taxonomy=f"{SYNTHETIC}/taxonomy.csv",
+            traits=f"{SYNTHETIC}/traits.csv",
+        params:
+            settings=lambda wildcards: params_json("data"),
+        log:
+            f"{LOGS}/synthetic_data.log",
+        benchmark:
+            f"{BENCH}/synthetic_data.tsv"
+        threads: 2
+        script:
+            "../scripts/synthetic_data.py"

@@ -1,0 +1,22 @@
+# Prompt-CAM per rank. A resumable state is kept beside the model (train_state.pt) so an interrupted run resumes.
+rule train:
+    input:
+        manifest=f"{RESULTS}/manifest.parquet",
+        classes=f"{RESULTS}/classes.parquet",
+        train_tokens=f"{RESULTS}/cache/train.tokens.npy",
+        eval_tokens=f"{RESULTS}/cache/eval.tokens.npy",
+        weights=backbone_weights(),
+    output:
+        model=f"{RESULTS}/{{rank}}/model.pt",
+        log_table=f"{RESULTS}/{{rank}}/train_log.parquet",
+    params:
+        settings=lambda wildcards: params_json("backbone", "model", "train", "rank_overrides"),
+    log:
+        f"{LOGS}/train.{{rank}}.log",
+    benchmark:
+        f"{BENCH}/train.{{rank}}.tsv"
+    threads: 2
+    resources:
+        gpu=config["resources"]["gpu"],
+    script:
+        "../scripts/train.py"

@@ -1,0 +1,5 @@
+# Snakemake adapter: trait table of one rank.
+from taxotrait.runner import run_script
+from taxotrait.traits import write_rank_traits
+
+run_script(snakemake, lambda s: write_rank_traits(s.input.heads, s.output.traits))
