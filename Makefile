@@ -23,8 +23,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
-	$(BIN)/python -m taxotrait.report_targets results
+	$(BIN)/snakemake --cores $(CORES)
+	@cat results/demo/summary.md
 
 bench: install
 	$(BIN)/python bench/bench_engine.py

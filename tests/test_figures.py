@@ -1,0 +1,252 @@
+"""Figures from real (tiny) workflow products: attention.h5, traits tables and a manifest of small PNGs."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_vit
+from taxotrait import figures
+from taxotrait.data import AugmentConfig, ImageTransform, load_image
+from taxotrait.extract import extract_attention, mask_heads, sibling_classes
+from taxotrait.model import PromptCAM
+from taxotrait.traits import hierarchy_traits, rank_traits
+
+RANKS = ["genus", "species"]
+# odd characters on purpose: file names must be sanitised
+TAXONOMY = {"Ab/x sp.1": "Gen x", "Ab/x sp.2": "Gen x", "Cd y": "Gen (y)", "Cd z": "Gen (y)"}
+CONFIG = {"ranks": RANKS, "augment": {"resize": 36}, "backbone": {"img_size": 32},
+          "figures": {"gallery_images": 3, "max_heads": 2}}
+N_IMAGES = 12
+
+
+def write_images(folder, n):
+    """Small non-square PNGs with smooth colour gradients and a bright square at a varying place."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        y, x = np.mgrid[0:40, 0:48] / 48.0
+        rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x + i)], -1) * 160 + rng.uniform(0, 40, (40, 48, 3))
+        top, left = 4 + (i * 5) % 24, 6 + (i * 7) % 30
+        rgb[top:top + 10, left:left + 10] = [250, 240, 30]
+        path = folder / f"img_{i:02d}.png"
+        Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def build_model(names, seed=5):
+    """A PromptCAM whose predictions depend on the image: timm's small init (std 0.02) makes the image tokens'
+    contribution to a class score negligible, so the backbone's linear layers get a larger, trained-like scale."""
+    vit = make_vit(seed=seed)
+    with torch.no_grad():
+        for module in vit.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, 2 / module.in_features ** 0.5)
+        model = PromptCAM(vit, names)
+        model.class_prompts.normal_()
+        model.head.weight.normal_()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def products(tmp_path_factory):
+    """attention.h5 per rank, traits.parquet per rank, hierarchy_traits.parquet and manifest.parquet."""
+    root = tmp_path_factory.mktemp("figures")
+    paths = write_images(root, N_IMAGES)
+    manifest = pd.DataFrame({"image_id": [f"test/x/img_{i:02d}" for i in range(N_IMAGES)], "path": paths,
+                             "split": "test"})
+    species_names = sorted(TAXONOMY)
+    genus_names = sorted(set(TAXONOMY.values()))
+    names_of = {"genus": genus_names, "species": species_names}
+    parents_of = {"genus": [""] * len(genus_names), "species": [TAXONOMY[s] for s in species_names]}
+    transform = ImageTransform(32, ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), AugmentConfig(36, False, False))
+    images = torch.stack([transform(load_image(p)) for p in paths])
+    out = {"manifest": root / "manifest.parquet", "attention": {}, "traits": {}, "root": root}
+    heads_by_rank = []
+    for rank in RANKS:
+        model = build_model(names_of[rank])
+        tokens = model.frozen_tokens(images)
+        labels = model.forward_tokens(tokens).argmax(1)  # the model's own predictions: all correctly classified
+        manifest[rank] = [names_of[rank][i] for i in labels.tolist()]
+        batches = [(manifest["image_id"].tolist()[s:s + 5], tokens[s:s + 5], labels[s:s + 5])
+                   for s in range(0, N_IMAGES, 5)]
+        path = root / rank / "attention.h5"
+        extract_attention(model, batches, N_IMAGES, path, rank, sibling_classes(parents_of[rank], 2), progress=False)
+        heads = mask_heads(model, batches, path, rank, progress=False)
+        heads_by_rank.append(heads)
+        out["attention"][rank] = path
+        out["traits"][rank] = root / rank / "traits.parquet"
+        rank_traits(heads).to_parquet(out["traits"][rank], index=False)
+    manifest.to_parquet(out["manifest"], index=False)
+    out["hierarchy"] = root / "hierarchy_traits.parquet"
+    hierarchy_traits(heads_by_rank, manifest, RANKS).to_parquet(out["hierarchy"], index=False)
+    return out
+
+
+def assert_readable_png(path, min_size=150):
+    image = np.asarray(Image.open(path).convert("RGB"))
+    h, w, _ = image.shape
+    assert min(h, w) >= min_size and max(h, w) < 5000, (path, image.shape)
+    assert image.std() > 20, f"{path} looks blank"
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50, f"{path} has too few colours"
+
+
+def test_safe_name():
+    assert figures.safe_name("Ab/x sp.1 (β)") == "Ab_x_sp.1____"
+    assert figures.safe_name("..") == "_."
+    assert figures.safe_name("") == "_"
+    used = set()
+    assert [figures.unique_name("a_b", used) for _ in range(2)] == ["a_b", "a_b_2"]
+
+
+def test_eval_crop_is_what_the_model_saw(tmp_path):
+    (path,) = write_images(tmp_path, 1)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
+    model_input = ImageTransform(32, (mean, std), AugmentConfig(36, False, False))(load_image(path))
+    crop = figures.eval_crop(path, 32, 36)
+    assert crop.shape == (32, 32, 3)
+    expected = model_input * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    assert np.allclose(crop, expected.permute(1, 2, 0).numpy(), atol=1e-5)
+
+
+def test_overlay_upsamples_the_map_onto_the_image():
+    image = np.full((64, 64, 3), 0.5)
+    attention_map = np.zeros((4, 4))
+    attention_map[3, 0] = 1.0  # bottom-left patch
+    fig = figures.new_figure(1, 1)
+    shown = figures.overlay(fig.add_subplot(), image, attention_map, title="t")
+    heat = shown.get_array()
+    assert heat.shape == (64, 64)
+    y, x = np.unravel_index(np.argmax(heat), heat.shape)
+    assert y >= 48 and x < 16
+    assert heat.min() == 0 and heat.max() == 1  # normalised per map
+    assert 0 < heat[40, 8] < 1  # bilinear, not nearest
+
+
+def test_rank_figures_write_one_gallery_per_taxon(products, tmp_path):
+    for rank in RANKS:
+        traits = pd.read_parquet(products["traits"][rank])
+        assert len(traits) and traits["taxon"].nunique() >= 2, "fixture should give several taxa with traits"
+        out = tmp_path / rank
+        written = figures.rank_figures(rank, products["attention"][rank], products["traits"][rank],
+                                       products["manifest"], out, CONFIG)
+        expected = {f"gallery_{figures.safe_name(t)}.png" for t in traits["taxon"].unique()} | {"shared_traits.png"}
+        assert {p.name for p in out.iterdir()} == expected
+        assert sorted(written) == sorted(out.iterdir())
+        for path in written:
+            assert_readable_png(path)
+
+
+def test_gallery_layout(products):
+    rank = "species"
+    traits = pd.read_parquet(products["traits"][rank])
+    taxon = traits["taxon"].iloc[0]
+    top = traits[traits["taxon"] == taxon].head(2)
+    with figures.AttentionFile(products["attention"][rank]) as attention:
+        rows = attention.correct_rows(taxon)[:3]
+        maps = np.stack([attention.maps(r)[0] for r in rows])
+    images = [np.random.default_rng(0).uniform(size=(32, 32, 3)) for _ in rows]
+    fig = figures.trait_gallery(taxon, top, images, maps, rank=rank)
+    axes = fig.get_axes()
+    assert len(axes) == (len(top) + 1) * len(rows)
+    assert [ax.get_gid() for ax in axes[len(rows)::len(rows)]] == [f"head:{h}" for h in top["head"]]
+    assert taxon in fig._suptitle.get_text()
+
+
+def test_shared_traits_compare_own_and_sibling_prompts(products):
+    rank = "species"
+    traits = pd.read_parquet(products["traits"][rank])
+    manifest = pd.read_parquet(products["manifest"])
+    with figures.AttentionFile(products["attention"][rank]) as attention:
+        images = figures.ImageSource(manifest, attention.img_size, 36)
+        examples = figures.shared_examples(attention, traits, images, max_heads=2)
+        assert examples
+        for example in examples:
+            assert TAXONOMY[example.sibling] == TAXONOMY[example.taxon] and example.sibling != example.taxon
+            row = attention.row_of[example.image_id]
+            slot = list(attention.classes[row]).index(attention.class_names.index(example.sibling))
+            assert slot >= 2
+            assert np.array_equal(example.sibling_maps, attention.maps(row)[slot, example.heads])
+            assert not np.array_equal(example.own_maps, example.sibling_maps)
+    fig = figures.shared_traits_figure(examples, rank)
+    assert len([ax for ax in fig.get_axes() if (ax.get_gid() or "").startswith("sibling:")]) == sum(
+        len(e.heads) for e in examples)
+
+
+def test_hierarchy_figures_one_column_per_rank(products, tmp_path):
+    out = tmp_path / "hierarchy"
+    written = figures.hierarchy_figures(products["attention"], products["hierarchy"], products["manifest"], out,
+                                        CONFIG)
+    table = pd.read_parquet(products["hierarchy"])
+    assert {p.name for p in written} == {f"{figures.safe_name(s)}.png" for s in table["species"].unique()}
+    for path in written:
+        assert_readable_png(path)
+
+    species = table["species"].iloc[0]
+    manifest = pd.read_parquet(products["manifest"])
+    files = [figures.AttentionFile(products["attention"][r]) for r in RANKS]
+    try:
+        candidates = manifest.loc[manifest["species"] == species, "image_id"].tolist()
+        image_id, columns = figures.species_columns(species, files, table, candidates, max_heads=2)
+    finally:
+        for f in files:
+            f.close()
+    assert [c.rank for c in columns] == RANKS
+    assert columns[0].taxon == manifest.set_index("image_id").loc[image_id, "genus"]
+    fig = figures.hierarchy_figure(species, np.random.default_rng(0).uniform(size=(32, 32, 3)), columns, image_id)
+    x_of = {}
+    for ax in fig.get_axes():
+        gid = ax.get_gid() or ""
+        if gid.startswith("rank:"):
+            x_of.setdefault(gid.split(":")[1], set()).add(round(ax.get_position().x0, 4))
+    assert list(x_of) == RANKS  # coarse to fine
+    assert all(len(xs) == 1 for xs in x_of.values())  # each rank is one column
+    assert sorted(x for xs in x_of.values() for x in xs) == [x for r in RANKS for x in x_of[r]]
+
+
+def test_missing_image_names_the_path(products, tmp_path):
+    manifest = pd.read_parquet(products["manifest"])
+    missing = tmp_path / "gone" / "img_missing.png"
+    manifest["path"] = str(missing)
+    manifest.to_parquet(tmp_path / "manifest.parquet", index=False)
+    with pytest.raises(FileNotFoundError, match="img_missing.png"):
+        figures.rank_figures("species", products["attention"]["species"], products["traits"]["species"],
+                             tmp_path / "manifest.parquet", tmp_path / "out", CONFIG)
+    with pytest.raises(FileNotFoundError, match="img_missing.png"):
+        figures.hierarchy_figures(products["attention"], products["hierarchy"], tmp_path / "manifest.parquet",
+                                  tmp_path / "hier", CONFIG)
+
+
+def test_no_traits_still_writes_a_figure(products, tmp_path):
+    empty = pd.read_parquet(products["traits"]["genus"]).iloc[:0]
+    empty.to_parquet(tmp_path / "traits.parquet", index=False)
+    written = figures.rank_figures("genus", products["attention"]["genus"], tmp_path / "traits.parquet",
+                                   products["manifest"], tmp_path / "out", CONFIG)
+    assert [p.name for p in written] == ["shared_traits.png"]
+    pd.read_parquet(products["hierarchy"]).iloc[:0].to_parquet(tmp_path / "hierarchy.parquet", index=False)
+    written += figures.hierarchy_figures(products["attention"], tmp_path / "hierarchy.parquet", products["manifest"],
+                                         tmp_path / "hier", CONFIG)
+    assert [p.name for p in written][1:] == [figures.NO_IMAGES]
+    for path in written:
+        image = np.asarray(Image.open(path).convert("L"))
+        assert image.std() > 5 and (image < 100).any()  # some text on the page
+
+
+def test_only_correctly_classified_images_are_shown(products, tmp_path):
+    import shutil
+
+    import h5py
+
+    path = tmp_path / "attention.h5"
+    shutil.copy(products["attention"]["species"], path)
+    with figures.AttentionFile(path) as attention:
+        taxon = attention.class_names[attention.labels[0]]
+        before = attention.correct_rows(taxon).tolist()
+    assert 0 in before
+    with h5py.File(path, "r+") as h5:
+        h5["prediction"][0] = (h5["label"][0] + 1) % len(h5.attrs["class_names"])
+    with figures.AttentionFile(path) as attention:
+        assert attention.correct_rows(taxon).tolist() == [r for r in before if r != 0]
+        assert len(attention.correct_rows("no such taxon")) == 0
