@@ -247,3 +247,30 @@ def test_predict_chunks_and_top_k(images, caches):
     assert top_k_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
     assert top_k_accuracy(logits, labels, 2) == pytest.approx(2 / 3)
     assert top_k_accuracy(logits, labels, 5) == 1.0
+
+
+def test_depth_one_training_keeps_keys_and_values(images, tmp_path):
+    """At prompt depth 1 the last block's image keys/values are frozen: kept once, they give the same training."""
+    from taxotrait.train import KeyValueDataset
+
+    paths, labels = images
+    model = make_model(depth=1)
+    cache = TokenCache.open(build_token_cache(model, paths, tmp_path / "t.npy", views=2, augment=AUGMENT, progress=False))
+    data = TokenDataset(cache, labels)
+    kept = KeyValueDataset(data, model, batch_size=8)
+    data.set_epoch(3, seed=0)
+    kept.set_epoch(3, seed=0)
+    tokens, y = data.__getitems__([5, 1, 20])
+    keys_values, y_kept = kept.__getitems__([5, 1, 20])
+    assert torch.equal(y, y_kept)
+    torch.testing.assert_close(keys_values, model.image_keys_values(tokens), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(model.forward_keys_values(keys_values), model.forward_tokens(tokens), atol=2e-3, rtol=1e-3)
+
+    models = [make_model(depth=1), make_model(depth=1)]
+    for model, gb in zip(models, (4.0, 0.0)):  # 0 GB: recompute from the tokens every step
+        train(model, data, config=dataclasses.replace(FAST, keys_values_gb=gb), progress=False)
+    kept_run, recomputed_run = trainable(models[0]), trainable(models[1])
+    for name, value in kept_run.items():
+        torch.testing.assert_close(value, recomputed_run[name], atol=2e-3, rtol=1e-2)
+    # the kept keys/values are float16: bit-identical results would mean they were not used
+    assert not all(torch.equal(value, recomputed_run[name]) for name, value in kept_run.items())

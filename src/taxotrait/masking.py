@@ -79,7 +79,7 @@ def greedy_head_masking(
     runner_up = all_scores.scatter(1, classes[:, None], float("-inf")).max(1).values
 
     queries = model.class_prompts[classes].to(image_tokens.dtype)[:, None]  # [B, 1, D]
-    q, k, v = model._queries_keys_values(image_tokens, queries)
+    q, k, v = model.class_queries_keys_values(model.image_keys_values(image_tokens), queries)
     attention = model.attention_weights(q, k)  # [B, H, 1, keys]
     kept = (attention @ v)[:, :, 0]  # per-head outputs [B, H, d]
     blurred = model.uniform_row(attention, blur_mode) @ v  # [B, H, d]

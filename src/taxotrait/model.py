@@ -175,22 +175,25 @@ class PromptCAM(nn.Module):
 
     def class_scores(
         self,
-        image_tokens: torch.Tensor,
+        image_tokens: torch.Tensor | None,
         classes: torch.Tensor | None = None,
         blur: torch.Tensor | None = None,
         blur_mode: str = "uniform_patches",
         chunk_size: int | None = None,
         return_attention: bool = False,
+        keys_values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores [B, K] of class prompts on the image tokens entering the last block, and their attention rows.
 
         Blurring a head replaces its attention row by uniform weights over the patch tokens (``uniform_patches``, the
         paper) or zeroes its pre-softmax logits, i.e. uniform over every key (``zero_logits``, the authors' code).
         The attention returned is [B, K, heads, keys], keys = [class prompts (reference variant), CLS, registers,
-        patches].
+        patches]. `keys_values` (`image_keys_values`) may replace `image_tokens`.
         """
+        if keys_values is None:
+            keys_values = self.image_keys_values(image_tokens)
         if classes is None:
-            classes = torch.arange(self.num_classes, device=image_tokens.device)
+            classes = torch.arange(self.num_classes, device=keys_values.device)
         if blur_mode not in BLUR_MODES:
             raise ValueError(f"blur_mode must be one of {BLUR_MODES}, got {blur_mode!r}")
         n_classes = classes.shape[-1]
@@ -199,7 +202,7 @@ class PromptCAM(nn.Module):
         for start in range(0, n_classes, chunk_size):
             chunk = classes[..., start : start + chunk_size]
             chunk_blur = None if blur is None else blur[:, start : start + chunk_size]
-            s, a = self._class_block(image_tokens, chunk, chunk_blur, blur_mode, return_attention)
+            s, a = self._class_block(keys_values, chunk, chunk_blur, blur_mode, return_attention)
             scores.append(s)
             attention.append(a)
         return torch.cat(scores, dim=1), (torch.cat(attention, dim=1) if return_attention else None)
@@ -217,12 +220,28 @@ class PromptCAM(nn.Module):
         return attention[..., -h * w :].unflatten(-1, (h, w))
 
     # ---------------------------------------------------------- the last block
-    def _class_block(self, image_tokens, classes, blur, blur_mode, return_attention):
+    def image_keys_values(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Keys and values of the image tokens in the last block, [B, 2, heads, T, d].
+
+        With prompt depth 1 they depend on no trainable parameter: training computes them once per image view.
+        """
+        block = self.backbone.blocks[-1]
+        attn = block.attn
+        w_kv, b_kv = self._qkv_parameters()[1]
+        k, v = F.linear(block.norm1(image_tokens), w_kv, b_kv).chunk(2, dim=-1)
+        return torch.stack([attn.k_norm(self._split_heads(k)), self._split_heads(v)], dim=1)
+
+    def forward_keys_values(self, keys_values: torch.Tensor, classes: torch.Tensor | None = None,
+                            chunk_size: int | None = None) -> torch.Tensor:
+        """Class scores from precomputed `image_keys_values`."""
+        return self.class_scores(None, classes, chunk_size=chunk_size, keys_values=keys_values)[0]
+
+    def _class_block(self, keys_values, classes, blur, blur_mode, return_attention):
         """The last block evaluated at class prompts only: queries are the prompts, keys the image tokens."""
-        queries = self.class_prompts[classes].to(image_tokens.dtype)  # [K, D] or [B, K, D]
+        queries = self.class_prompts[classes].to(keys_values.dtype)  # [K, D] or [B, K, D]
         if queries.dim() == 2:
             queries = queries.unsqueeze(0)
-        q, k, v = self._queries_keys_values(image_tokens, queries)
+        q, k, v = self.class_queries_keys_values(keys_values, queries)
         q = q.expand(k.shape[0], -1, -1, -1)
         if blur is None and not return_attention:
             mixed = F.scaled_dot_product_attention(q, k, v)
@@ -235,25 +254,31 @@ class PromptCAM(nn.Module):
         scores = self.scores_from_head_outputs(queries, mixed)
         return scores, (attention.transpose(1, 2) if return_attention else None)
 
-    def _queries_keys_values(self, image_tokens: torch.Tensor, queries: torch.Tensor):
-        """Per-head q [B|1, H, K, d], k and v [B, H, keys, d] of the last block for the given prompt tokens."""
-        block = self.backbone.blocks[-1]
-        attn = block.attn
-        heads, head_dim = attn.num_heads, attn.head_dim
+    def _qkv_parameters(self):
+        """((w_q, b_q), (w_kv, b_kv)) of the last block's qkv projection (biases may be None)."""
+        attn = self.backbone.blocks[-1].attn
         w_q, w_kv = attn.qkv.weight.split([attn.attn_dim, 2 * attn.attn_dim])
         b_q, b_kv = attn.qkv.bias.split([attn.attn_dim, 2 * attn.attn_dim]) if attn.qkv.bias is not None else (None, None)
+        return (w_q, b_q), (w_kv, b_kv)
 
-        def split_heads(x):  # [B, L, H*d] -> [B, H, L, d]
-            return x.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, H*d] -> [B, H, L, d]."""
+        attn = self.backbone.blocks[-1].attn
+        return x.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2)
 
-        q = attn.q_norm(split_heads(F.linear(block.norm1(queries), w_q, b_q)))
-        kv_tokens = block.norm1(image_tokens)
-        k, v = F.linear(kv_tokens, w_kv, b_kv).chunk(2, dim=-1)
-        k, v = attn.k_norm(split_heads(k)), split_heads(v)
+    def class_queries_keys_values(self, keys_values: torch.Tensor, queries: torch.Tensor):
+        """Per-head q [B|1, H, K, d] of the prompt tokens `queries`, and the keys and values [B, H, keys, d] they see:
+        the image tokens' (`keys_values`), preceded by every class prompt's in the reference variant."""
+        block = self.backbone.blocks[-1]
+        attn = block.attn
+        (w_q, b_q), (w_kv, b_kv) = self._qkv_parameters()
+        q = attn.q_norm(self._split_heads(F.linear(block.norm1(queries), w_q, b_q)))
+        k, v = keys_values.unbind(1)
         if self.joint_class_attention:  # every class prompt is also a key/value (reference variant)
-            pk, pv = F.linear(block.norm1(self.class_prompts.to(image_tokens.dtype)), w_kv, b_kv).chunk(2, dim=-1)
-            pk, pv = attn.k_norm(split_heads(pk.unsqueeze(0))), split_heads(pv.unsqueeze(0))
-            batch = image_tokens.shape[0]
+            prompts = self.class_prompts.to(keys_values.dtype)[None]
+            pk, pv = F.linear(block.norm1(prompts), w_kv, b_kv).chunk(2, dim=-1)
+            pk, pv = attn.k_norm(self._split_heads(pk)), self._split_heads(pv)
+            batch = keys_values.shape[0]
             k = torch.cat([pk.expand(batch, -1, -1, -1), k], dim=2)
             v = torch.cat([pv.expand(batch, -1, -1, -1), v], dim=2)
         return q, k, v

@@ -55,7 +55,7 @@ def naive_forward(model: PromptCAM, images: torch.Tensor, blur: torch.Tensor | N
     length = sequence.shape[1]
     key_mask = None
     if not model.joint_class_attention:  # class prompts see only image tokens; image tokens do not see prompts
-        key_mask = torch.ones(length, length, dtype=torch.bool)
+        key_mask = torch.ones(length, length, dtype=torch.bool, device=sequence.device)
         key_mask[:, :num_classes] = False
         key_mask[:num_classes, :num_classes] = False
 
@@ -65,9 +65,9 @@ def naive_forward(model: PromptCAM, images: torch.Tensor, blur: torch.Tensor | N
         weights = weights.clone()
         num_patches = vit.patch_embed.num_patches
         for b, c, h in blur.nonzero().tolist():
-            row = torch.zeros(length, dtype=weights.dtype)
+            row = torch.zeros(length, dtype=weights.dtype, device=weights.device)
             if blur_mode == "zero_logits":  # every key the row could see gets the same weight
-                visible = torch.ones(length, dtype=torch.bool) if key_mask is None else key_mask[c]
+                visible = torch.ones(length, dtype=torch.bool, device=weights.device) if key_mask is None else key_mask[c]
                 row[visible] = 1.0 / int(visible.sum())
             else:
                 row[-num_patches:] = 1.0 / num_patches
@@ -96,7 +96,7 @@ def naive_greedy_head_masking(model: PromptCAM, images: torch.Tensor, classes: t
             candidates = [h for h in range(num_heads) if h not in removed]
             results = []
             for head in candidates:
-                blur = torch.zeros(1, model.num_classes, num_heads, dtype=torch.bool)
+                blur = torch.zeros(1, model.num_classes, num_heads, dtype=torch.bool, device=images.device)
                 blur[0, label, removed + [head]] = True
                 results.append(naive_forward(model, image[None], blur, blur_mode)[0][0, label])
             best = max(range(len(candidates)), key=lambda i: results[i])

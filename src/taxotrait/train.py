@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, checkpoint_payload, read_checkpoint
@@ -44,6 +44,7 @@ class TrainConfig:
     prompt_init: str = "uniform"  # 'uniform': the model's init | 'cls_mean': mean CLS token entering the last block
     init_noise: float = 0.02  # cls_mean: noise std, relative to the std of the CLS tokens' entries
     label_smoothing: float = 0.0
+    keys_values_gb: float = 4.0  # CPU, prompt depth 1: keep the frozen last-block keys/values of up to this many GB
     device: str = "auto"  # 'auto': CUDA if available (with bf16 autocast), else CPU
     num_workers: int = 0  # DataLoader workers (image decoding)
 
@@ -80,9 +81,56 @@ def _batched(batch):  # the datasets' __getitems__ return whole batches
     return batch
 
 
+class KeyValueDataset(Dataset):
+    """The last-block keys and values of every (image, view) of a TokenDataset, computed once (prompt depth 1).
+
+    With prompt depth 1 they depend on no trainable parameter; keeping them (float16, in memory) spares every epoch
+    the frozen projection of all image tokens, the bulk of a CPU training step. Views follow `data.set_epoch`.
+    """
+
+    def __init__(self, data: TokenDataset, model: PromptCAM, batch_size: int, progress: bool = False):
+        self.data, self.labels = data, data.labels
+        views, device = data.cache.views, next(model.parameters()).device
+        chunks = []
+        with torch.no_grad():
+            for start in tqdm(range(0, len(data), batch_size), desc="keys/values", disable=not progress):
+                rows = data.indices[start : start + batch_size]
+                tokens = torch.from_numpy(data.cache.tokens[rows].astype("float32")).to(device)  # [b, V, T, D]
+                chunks.append(model.image_keys_values(tokens.flatten(0, 1)).unflatten(0, (len(rows), views)).half().cpu())
+        self.keys_values = torch.cat(chunks)  # [N, V, 2, H, T, d]
+
+    @staticmethod
+    def size_gb(data: TokenDataset) -> float:
+        """Memory the keys and values of `data` take, in GB."""
+        tokens, dim = data.cache.tokens.shape[2:]
+        return len(data) * data.cache.views * 2 * tokens * dim * 2 / 1e9
+
+    def set_epoch(self, epoch: int | None, seed: int = 0):
+        self.data.set_epoch(epoch, seed)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitems__(self, items) -> tuple[torch.Tensor, torch.Tensor]:
+        items = list(items)
+        views = 0 if self.data.view is None else torch.from_numpy(self.data.view[self.data.indices[items]])
+        return self.keys_values[items, views].float(), self.labels[items]
+
+
 def _forward(model: PromptCAM, data):
-    """Scores from what `data` yields: frozen tokens (TokenDataset) or images."""
+    """Scores from what `data` yields: keys/values, frozen tokens (TokenDataset) or images."""
+    if isinstance(data, KeyValueDataset):
+        return model.forward_keys_values
     return model.forward_tokens if isinstance(data, TokenDataset) else model
+
+
+def _with_keys_values(model: PromptCAM, data, config: TrainConfig, device: torch.device, progress: bool):
+    """`data` as a KeyValueDataset where that is exact and fits `config.keys_values_gb` (CPU, prompt depth 1)."""
+    if not (isinstance(data, TokenDataset) and device.type == "cpu" and model.prompt_config.prompt_depth == 1):
+        return data
+    if KeyValueDataset.size_gb(data) > config.keys_values_gb:
+        return data
+    return KeyValueDataset(data, model, config.batch_size, progress)
 
 
 def _autocast(device: torch.device):
@@ -182,6 +230,7 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
     start, history = _resume(checkpoint_path, model, key, optimizer)
     if start == 0 and config.prompt_init == "cls_mean":
         init_class_prompts(model, train_data, config.init_noise, config.seed, config.batch_size)
+    train_data = _with_keys_values(model, train_data, config, device, progress)
     forward = _forward(model, train_data)
     with tqdm(total=config.epochs * steps, initial=start * steps, desc="train", disable=not progress) as bar:
         for epoch in range(start + 1, config.epochs + 1):

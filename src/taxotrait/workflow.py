@@ -63,7 +63,7 @@ def convert_backbone(out_path) -> None:
 
 
 def cache_tokens(kind: str, manifest_path, out_path, config: dict) -> None:
-    """Frozen tokens of the training images (augmented views) or of every image (eval transform)."""
+    """Frozen tokens of the training images (augmented views) or of the val and test images (eval transform)."""
     manifest = pd.read_parquet(manifest_path)
     probe = new_model(config, ["probe"])
     a = config["augment"]
@@ -71,7 +71,8 @@ def cache_tokens(kind: str, manifest_path, out_path, config: dict) -> None:
         paths = manifest.loc[manifest["split"] == "train", "path"]
         augment, views = AugmentConfig(a["resize"], a["crop"], a["hflip"]), a["views"]
     else:
-        paths, augment, views = manifest["path"], AugmentConfig(a["resize"], False, False), 1
+        paths = manifest.loc[manifest["split"] != "train", "path"]
+        augment, views = AugmentConfig(a["resize"], False, False), 1
     build_token_cache(probe, paths.tolist(), out_path, views=views, augment=augment,
                       seed=config["train"].get("seed", 0))
 
@@ -103,11 +104,11 @@ METRICS_COLUMNS = {"rank": "string", "split": "string", "taxon": "string", "n_im
 
 
 def evaluate(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
-    """metrics.parquet: top-1/top-5 per split, overall (taxon '__all__') and per class."""
+    """metrics.parquet: top-1/top-5 on val and test, overall (taxon '__all__') and per class."""
     manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
     model = trained_model(inputs["model"], config)
     rows = []
-    for split in ("train", "val", "test"):
+    for split in ("val", "test"):
         data, split_rows = token_data(inputs["eval_tokens"], manifest, classes, rank, split)
         if not len(data):
             continue
