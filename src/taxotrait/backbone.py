@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -22,6 +26,27 @@ class BackboneWeightsError(RuntimeError):
     """The backbone's pretrained weights cannot be found or read."""
 
 
+class UnsafeFileError(ValueError):
+    """A weights or checkpoint file holds pickled Python objects, which are never unpickled."""
+
+
+def safe_torch_load(path: str | os.PathLike):
+    """`torch.load(path, weights_only=True)` on CPU: tensors, numbers, strings and containers only. A file that holds
+    other pickled Python objects (which could run code when unpickled) raises UnsafeFileError naming the file and the
+    object; other read errors propagate."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" not in str(err).lower():
+            raise  # not a pickle at all, or a corrupt one
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"an object of type {found.group(1)}" if found else "Python objects other than tensors"
+        raise UnsafeFileError(
+            f"{path}: refused: the file holds {what}, and taxotrait never unpickles Python objects "
+            "(torch.load(weights_only=True)); save plain tensors instead, e.g. torch.save(model.state_dict(), path)"
+        ) from None
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .safetensors or .pth/.pt/.bin weights file without unpickling code."""
     path = Path(path)
@@ -32,13 +57,86 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_torch_load(path)
     except Exception as err:  # corrupt file, wrong format, pickled code
         raise BackboneWeightsError(f"cannot read backbone weights {path}: {err}") from err
     for key in ("model", "state_dict", "model_state_dict", "teacher"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     return state
+
+
+HUB_PROBE_TIMEOUT = 3.0  # seconds: how long a connectivity probe waits before the weights count as unreachable
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm fetches from a Hugging Face repo, in order
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def pretrained_sources(name: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """Where timm gets the pretrained weights of `name`: ([(Hugging Face repo, file), ...], [url, ...])."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        cfg = None
+    if cfg is None:
+        return [], []
+    hub, urls = [], [cfg.url] if cfg.url else []
+    if cfg.hf_hub_id:
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HF_WEIGHT_FILES
+        hub = [(cfg.hf_hub_id, file) for file in files]
+    return hub, urls
+
+
+def cached_weights(name: str) -> Path | None:
+    """A pretrained weights file of `name` already on this machine (Hugging Face hub cache or torch hub cache)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub, urls = pretrained_sources(name)
+    for repo, file in hub:
+        repo, _, revision = repo.partition("@")
+        found = try_to_load_from_cache(repo, file, revision=revision or None)
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    for url in urls:
+        found = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        if found.suffix in (".pth", ".pt", ".bin", ".safetensors") and found.is_file():
+            return found
+    return None
+
+
+def reachable(url: str, timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether a TCP connection to `url`'s host (or to the configured HTTPS proxy) opens within `timeout` seconds."""
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)),
+                 None)
+    target = urlparse(proxy if proxy else url)
+    port = target.port or (443 if target.scheme in ("https", "") else 80)
+    try:
+        with socket.create_connection((target.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _what_to_provide(name: str) -> str:
+    from huggingface_hub import constants
+
+    hub, urls = pretrained_sources(name)
+    if hub:
+        repo, file = hub[0]
+        repo, _, revision = repo.partition("@")
+        where = f"{constants.ENDPOINT}/{repo}/resolve/{revision or 'main'}/{file}"
+    elif urls:
+        where = urls[0]
+    else:
+        return f"timm has no pretrained weights for '{name}'"
+    return (f"download {where} on a connected machine (or there run timm.create_model('{name}', pretrained=True) and "
+            "save its state_dict()), copy it here and set `backbone.weights` in the config to that file; or put it in "
+            "the Hugging Face cache and keep HF_HUB_OFFLINE=1")
 
 
 def create_backbone(
@@ -49,20 +147,36 @@ def create_backbone(
 ) -> VisionTransformer:
     """Create the frozen timm ViT `name` at `img_size`.
 
-    `weights` is a local .safetensors/.pth file, ``"random"`` for random weights (tests, benchmarks), or None to
-    let timm fetch the pretrained weights (needs network or a filled hub cache). Position embeddings are resampled
-    to the grid of `img_size` with bicubic interpolation (`antialias` as timm's default, True).
+    `weights` is a local .safetensors/.pth file, ``"random"`` for random weights (tests, benchmarks), or None for
+    timm's pretrained weights: taken from the Hugging Face (or torch hub) cache when there, read like a local file
+    (no network access); otherwise downloaded, unless HF_HUB_OFFLINE is set or the hub does not answer a
+    `HUB_PROBE_TIMEOUT`-second connection probe, in which case BackboneWeightsError says at once which file to
+    provide. Position embeddings are resampled to the grid of `img_size` with bicubic interpolation (`antialias` as
+    timm's default, True).
     """
     kwargs = dict(img_size=img_size, num_classes=0)
     if weights is None:
+        cached = cached_weights(name)
+        if cached is not None:
+            return create_backbone(name, cached, img_size, antialias)
+        hub, urls = pretrained_sources(name)
+        if hub and _hub_offline():
+            raise BackboneWeightsError(f"the pretrained weights of backbone '{name}' are not in the Hugging Face cache "
+                                       f"and HF_HUB_OFFLINE is set: {_what_to_provide(name)}.")
+        if hub or urls:
+            from huggingface_hub import constants
+
+            probe = constants.ENDPOINT if hub else urls[0]
+            if not reachable(probe):
+                raise BackboneWeightsError(
+                    f"cannot download the pretrained weights of backbone '{name}': {urlparse(probe).hostname} is not "
+                    f"reachable (no network?) and they are not cached: {_what_to_provide(name)}.")
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as err:
             raise BackboneWeightsError(
                 f"cannot obtain pretrained weights for backbone '{name}' ({type(err).__name__}: {err}). "
-                "Without network access, download the weights on a connected machine "
-                f"(e.g. timm.create_model('{name}', pretrained=True) or the model's Hugging Face page) and set "
-                "`backbone.weights` in the config to the local .safetensors or .pth file."
+                f"Without network access, {_what_to_provide(name)}."
             ) from err
     else:
         try:

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .backbone import AUTHORS_NORMALISATION, create_backbone, weights_digest
+from .backbone import AUTHORS_NORMALISATION, create_backbone, safe_torch_load, weights_digest
 from .model import PromptCAM, PromptConfig
+from .runner import atomic_write
 
 FORMAT = "taxotrait-promptcam-1"
 
@@ -22,16 +23,10 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary name in the same folder, then rename: no partial file on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    """torch.save to a temporary name in the same folder, then rename (`atomic_write`): no partial file on failure."""
+    with atomic_write(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def checkpoint_payload(model: PromptCAM, **metadata) -> dict:
@@ -56,7 +51,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = safe_torch_load(path)
     except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -106,7 +101,7 @@ def load_official_checkpoint(path: str | os.PathLike, backbone: str | VisionTran
     """
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_torch_load(path)
     except Exception as err:
         raise CheckpointError(f"cannot read the authors' checkpoint {path}: {err}") from err
     state = state.get("model_state_dict", state) if isinstance(state, dict) else state

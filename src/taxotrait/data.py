@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .dataset import ImageError, read_image  # noqa: F401  (ImageError: re-exported)
 from .model import PromptCAM
+from .runner import atomic_write
 
 CACHE_FORMAT = "taxotrait-token-cache-1"
 
@@ -58,9 +60,10 @@ EVAL = AugmentConfig(crop=False, hflip=False)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image, turned upright following its EXIF orientation."""
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+    """The image at `path` as upright 8-bit RGB (EXIF orientation applied; 16-bit scaled, transparency composited
+    onto white, CMYK converted): `taxotrait.dataset.read_image`, the same code that vets images in `prepare`.
+    Raises `taxotrait.dataset.ImageError` naming the file and the reason."""
+    return read_image(path)
 
 
 class ImageTransform:
@@ -103,7 +106,7 @@ class ImageDataset(Dataset):
 
     def __init__(self, paths, labels, transform: ImageTransform):
         self.paths = [str(p) for p in paths]
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.labels = torch.as_tensor(np.array(labels, dtype=np.int64))  # a copy: labels may be read-only
         if len(self.labels) != len(self.paths):
             raise ValueError(f"{len(self.paths)} images but {len(self.labels)} labels")
         self.transform = transform
@@ -190,9 +193,7 @@ def build_token_cache(
     model.to(device).eval()
     meta = {"format": CACHE_FORMAT, "shape": [len(paths), views, *token_shape(model)], "dtype": "float16",
             "views": views, "augment": asdict(transform.augment), "seed": seed, **_describe(model), "paths": paths}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, tmp_meta = (p.with_name(f".{p.name}.tmp{os.getpid()}") for p in (out, _sidecar(out)))
-    try:
+    with atomic_write(out) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=tuple(meta["shape"]))
         loader = DataLoader(_Views(paths, transform, views, seed), batch_size=batch_size, num_workers=num_workers)
         start = 0
@@ -205,13 +206,9 @@ def build_token_cache(
             start += b
         array.flush()
         del array
-        tmp_meta.write_text(json.dumps(meta))
         _sidecar(out).unlink(missing_ok=True)  # the sidecar marks a complete cache: never next to a foreign array
-        os.replace(tmp, out)
-        os.replace(tmp_meta, _sidecar(out))
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_meta.unlink(missing_ok=True)
+    with atomic_write(_sidecar(out)) as tmp_meta:
+        tmp_meta.write_text(json.dumps(meta))
     return out
 
 
@@ -264,7 +261,7 @@ class TokenDataset(Dataset):
     def __init__(self, cache: TokenCache, labels, indices=None):
         self.cache = cache
         self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices, dtype=np.int64)
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.labels = torch.as_tensor(np.array(labels, dtype=np.int64))  # a copy: labels may be read-only
         if len(self.labels) != len(self.indices):
             raise ValueError(f"{len(self.indices)} cache rows but {len(self.labels)} labels")
         self.view = None

@@ -9,20 +9,95 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
+
+from .runner import atomic_write
 
 log = logging.getLogger("taxotrait.dataset")
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+MIN_IMAGE_SIDE = 8  # pixels; smaller images are rejected, larger ones are resized (up or down) by the transform
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent images are composited onto white, as an image viewer shows them
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 'I' (32-bit integer) is read as 16-bit too
+ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
 class DatasetError(ValueError):
     """The dataset or taxonomy is inconsistent; the message names the file and row or taxon."""
+
+
+class ImageError(ValueError):
+    """An image file cannot be used. `reason` is what rejects.parquet records; the message also names the file."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode.
+
+    - 16-bit grey ('I;16*', and 'I') is scaled to 8 bits (value / 257, rounded: 65535 -> 255), not clipped;
+    - transparency (RGBA, LA, PA, premultiplied modes, palette or grey images with a transparent colour) is
+      composited onto white (`ALPHA_BACKGROUND`), so transparent pixels never show their hidden colour;
+    - CMYK, palette, grey, 1-bit and YCbCr images use PIL's conversion (CMYK without colour management);
+    - floating-point ('F') and other modes without a conversion to RGB raise ValueError.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float64)
+        return Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        raise ValueError("floating-point images are not supported; save them as 8- or 16-bit")
+    if mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """The image at `path` as upright 8-bit RGB: the one place where a file becomes RGB (`taxotrait.data.load_image`
+    and `check_image` both use it).
+
+    The EXIF orientation is applied (`ImageOps.exif_transpose`), then `to_rgb`. Raises ImageError, whose reason is
+    one of: file not found, empty file, not an image, too large (more pixels than PIL's decompression-bomb limit
+    `Image.MAX_IMAGE_PIXELS`, set by data.max_image_pixels), cannot decode (truncated or corrupt), unsupported image
+    mode, too small (shorter side below MIN_IMAGE_SIDE).
+    """
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    if size == 0:
+        raise ImageError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit is a rejection
+            with Image.open(path) as image:
+                image = ImageOps.exif_transpose(image)  # decodes the pixels
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image: PIL cannot identify its format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(path, f"too large: {err} (limit: data.max_image_pixels)") from None
+    except Exception as err:  # truncated file, corrupt data, broken EXIF
+        raise ImageError(path, f"cannot decode (truncated or corrupt): {type(err).__name__}: {err}") from None
+    try:
+        rgb = to_rgb(image)
+    except Exception as err:
+        raise ImageError(path, f"unsupported image mode {image.mode}: {err}") from None
+    if min(rgb.size) < MIN_IMAGE_SIDE:
+        raise ImageError(path, f"too small: {rgb.size[0]}x{rgb.size[1]} pixels (the shorter side must be at least "
+                               f"{MIN_IMAGE_SIDE})")
+    return rgb
 
 
 def read_taxonomy(path: str | os.PathLike, ranks: list[str]) -> pd.DataFrame:
@@ -97,22 +172,21 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         row = int(bad_split[0])
         raise DatasetError(f"{path}: row {row + 2} has split {table.loc[row, 'split']!r}; allowed: {SPLITS}")
     for column in [c for c in table.columns if c == "path" or c.endswith("_path")]:
+        for row, value in enumerate(table[column]):
+            if value and not os.path.isabs(value) and os.path.normpath(value).split(os.sep)[0] == os.pardir:
+                raise DatasetError(f"{path}: row {row + 2} {column} {value!r} leaves the manifest's folder "
+                                   f"{path.parent}; relative paths must stay inside it (use an absolute path)")
         table[column] = [p if not p or os.path.isabs(p) else str(path.parent / p) for p in table[column]]
     return table
 
 
 def check_image(path: str) -> str | None:
-    """Why the image at `path` cannot be used, or None when it decodes."""
+    """Why the image at `path` cannot be used (the reason recorded in rejects.parquet), or None: `read_image`
+    decides."""
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            image.load()
-            if min(image.size) < 8:
-                return f"image too small ({image.size[0]}x{image.size[1]})"
-    except FileNotFoundError:
-        return "file not found"
-    except Exception as err:  # truncated, not an image, decompression bomb
-        return f"cannot decode: {type(err).__name__}: {err}"
+        read_image(path)
+    except ImageError as err:
+        return err.reason
     return None
 
 
@@ -144,12 +218,22 @@ def prepare_dataset(
         unknown = images[images[ranks[0]].isna()][species].unique()
         if len(unknown):
             raise DatasetError(f"{source}: {len(unknown)} {species} without a taxonomy row, e.g. {sorted(unknown)[:5]}")
-    if "image_id" not in images.columns:
+    if images.empty:
+        raise DatasetError(f"{source}: no images listed")
+    same_file = images["path"].map(os.path.normpath)
+    duplicated = same_file[same_file.duplicated(keep=False)]
+    if len(duplicated):
+        rows = [int(i) + 2 for i in duplicated.index[duplicated == duplicated.iloc[0]]]
+        raise DatasetError(f"{source}: image {duplicated.iloc[0]!r} is listed more than once (rows {rows}, line "
+                           "numbers of a manifest)")
+    derived = "image_id" not in images.columns
+    if derived:
         images["image_id"] = [image_id_from_path(p) for p in images["path"]]
     duplicated = images[images["image_id"].duplicated(keep=False)]
     if len(duplicated):
+        hint = " (ids are made from split/species/name of the path: add an image_id column)" if derived else ""
         raise DatasetError(f"{source}: duplicate image_id {duplicated['image_id'].iloc[0]!r} "
-                           f"({list(duplicated['path'].iloc[:2])})")
+                           f"({list(duplicated['path'].iloc[:2])}){hint}")
 
     reasons = [check_image(p) for p in tqdm(images["path"], desc="checking images", disable=not progress)]
     bad = pd.Series([r is not None for r in reasons], index=images.index)
@@ -158,8 +242,11 @@ def prepare_dataset(
     if bad.mean() > max_reject_fraction:
         examples = "; ".join(f"{p}: {r}" for p, r in rejects[["path", "reason"]].head(3).itertuples(index=False))
         raise DatasetError(f"{source}: {int(bad.sum())} of {len(images)} images rejected, more than the allowed "
-                           f"{max_reject_fraction:.1%} (prepare.max_reject_fraction), e.g. {examples}")
+                           f"{max_reject_fraction:.1%} (data.max_reject_fraction), e.g. {examples}")
     manifest = images[~bad].reset_index(drop=True)
+    if manifest.empty:
+        raise DatasetError(f"{source}: none of the {len(images)} images can be used, e.g. "
+                           f"{rejects['path'].iloc[0]}: {rejects['reason'].iloc[0]}")
     extra = [c for c in manifest.columns if c not in ("image_id", "path", "split", *ranks)]
     manifest = manifest[["image_id", "path", "split", *ranks, *extra]]
     classes = class_table(manifest, ranks, source)
@@ -216,6 +303,7 @@ def prepare_files(inputs: dict, outputs: dict, config: dict) -> None:
     taxonomy = read_taxonomy(inputs["taxonomy"], ranks) if inputs.get("taxonomy") else None
     manifest, classes, rejects = prepare_dataset(images, taxonomy, ranks, source, data.get("max_reject_fraction", 0.01))
     for table, key in ((manifest, "manifest"), (classes, "classes"), (rejects, "rejects")):
-        table.to_parquet(outputs[key], index=False)
+        with atomic_write(outputs[key]) as tmp:
+            table.to_parquet(tmp, index=False)
     log.info("%d images, %d rejected; classes per rank: %s", len(manifest), len(rejects),
              classes.groupby("rank", sort=False).size().to_dict())

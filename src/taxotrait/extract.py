@@ -25,22 +25,20 @@ from tqdm.auto import tqdm
 
 from .masking import greedy_head_masking
 from .model import PromptCAM
+from .runner import atomic_write
 
 TokenBatch = tuple[list[str], torch.Tensor, torch.Tensor]  # image ids, frozen tokens [B, T, D], labels [B]
 
 
 def sibling_classes(parents: list[str], max_extra: int) -> list[list[int]]:
-    """For each class, up to `max_extra` other classes with the same parent (all others at the top rank)."""
-    siblings = []
+    """For each class, up to `max_extra` other classes with the same parent (all others at the top rank), in class
+    order. Linear in the number of classes: only the first max_extra + 1 members of each parent's group are kept."""
+    groups: dict[str, list[int]] = {}
     for index, parent in enumerate(parents):
-        same = [j for j, p in enumerate(parents) if p == parent and j != index]
-        siblings.append(same[:max_extra])
-    return siblings
-
-
-def temporary_path(path: Path) -> Path:
-    """A name in the same folder for writing `path` before an atomic rename."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+        group = groups.setdefault(parent, [])
+        if len(group) <= max_extra:
+            group.append(index)
+    return [[j for j in groups[parent] if j != index][:max_extra] for index, parent in enumerate(parents)]
 
 
 @torch.no_grad()
@@ -56,58 +54,52 @@ def extract_attention(
 ) -> Path:
     """Write `attention.h5` for the images of `batches` (see the module docstring)."""
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(out_path)
     extra_classes = extra_classes or [[] for _ in range(model.num_classes)]
     num_slots = 2 + max((len(e) for e in extra_classes), default=0)
     heads = model.num_heads
     grid = tuple(int(g) for g in model.backbone.patch_embed.grid_size)
-    try:
-        with h5py.File(tmp, "w") as h5:
-            config = model.config()
-            h5.attrs.update({
-                "rank": rank, "class_names": model.class_names, "grid": grid, "heads": heads,
-                "backbone": config["backbone"], "backbone_digest": model.backbone_digest,
-                "variant": config["variant"], "prompt_depth": config["prompt_depth"], "img_size": config["img_size"],
-                "class_slots": "true, predicted, extra...",
-            })
-            image_ids = h5.create_dataset("image_id", (num_images,), dtype=h5py.string_dtype())
-            label_ds = h5.create_dataset("label", (num_images,), dtype="int64")
-            prediction_ds = h5.create_dataset("prediction", (num_images,), dtype="int64")
-            logits_ds = h5.create_dataset("logits", (num_images, model.num_classes), dtype="float32",
-                                          chunks=(1, model.num_classes))
-            classes_ds = h5.create_dataset("classes", (num_images, num_slots), dtype="int64")
-            attention_ds = h5.create_dataset(
-                "attention", (num_images, num_slots, heads, *grid), dtype="float16",
-                chunks=(1, num_slots, heads, *grid), compression="gzip", compression_opts=4, shuffle=True,
-            )
-            start = 0
-            with tqdm(total=num_images, desc=f"attention {rank}", disable=not progress) as bar:
-                for ids, tokens, labels in batches:
-                    image_tokens = model.last_block_input(tokens.float())
-                    logits, _ = model.class_scores(image_tokens, chunk_size=chunk_size)
-                    predictions = logits.argmax(1)
-                    slots = torch.full((len(ids), num_slots), -1, dtype=torch.long)
-                    for row, (label, prediction) in enumerate(zip(labels.tolist(), predictions.tolist())):
-                        chosen = [label, prediction, *extra_classes[label]]
-                        slots[row, : len(chosen)] = torch.tensor(chosen)
-                    _, attention = model.class_scores(image_tokens, slots.clamp(min=0), return_attention=True)
-                    maps = attention[..., -grid[0] * grid[1]:].unflatten(-1, grid)
-                    maps[slots < 0] = 0
-                    stop = start + len(ids)
-                    image_ids[start:stop] = ids
-                    label_ds[start:stop] = labels.numpy()
-                    prediction_ds[start:stop] = predictions.numpy()
-                    logits_ds[start:stop] = logits.float().numpy()
-                    classes_ds[start:stop] = slots.numpy()
-                    attention_ds[start:stop] = maps.to(torch.float16).numpy()
-                    start = stop
-                    bar.update(len(ids))
-            if start != num_images:
-                raise ValueError(f"expected {num_images} images, got {start}")
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(out_path) as tmp, h5py.File(tmp, "w") as h5:
+        config = model.config()
+        h5.attrs.update({
+            "rank": rank, "class_names": model.class_names, "grid": grid, "heads": heads,
+            "backbone": config["backbone"], "backbone_digest": model.backbone_digest,
+            "variant": config["variant"], "prompt_depth": config["prompt_depth"], "img_size": config["img_size"],
+            "class_slots": "true, predicted, extra...",
+        })
+        image_ids = h5.create_dataset("image_id", (num_images,), dtype=h5py.string_dtype())
+        label_ds = h5.create_dataset("label", (num_images,), dtype="int64")
+        prediction_ds = h5.create_dataset("prediction", (num_images,), dtype="int64")
+        logits_ds = h5.create_dataset("logits", (num_images, model.num_classes), dtype="float32",
+                                      chunks=(1, model.num_classes))
+        classes_ds = h5.create_dataset("classes", (num_images, num_slots), dtype="int64")
+        attention_ds = h5.create_dataset(
+            "attention", (num_images, num_slots, heads, *grid), dtype="float16",
+            chunks=(1, num_slots, heads, *grid), compression="gzip", compression_opts=4, shuffle=True,
+        )
+        start = 0
+        with tqdm(total=num_images, desc=f"attention {rank}", disable=not progress) as bar:
+            for ids, tokens, labels in batches:
+                image_tokens = model.last_block_input(tokens.float())
+                logits, _ = model.class_scores(image_tokens, chunk_size=chunk_size)
+                predictions = logits.argmax(1)
+                slots = torch.full((len(ids), num_slots), -1, dtype=torch.long)
+                for row, (label, prediction) in enumerate(zip(labels.tolist(), predictions.tolist())):
+                    chosen = [label, prediction, *extra_classes[label]]
+                    slots[row, : len(chosen)] = torch.tensor(chosen)
+                _, attention = model.class_scores(image_tokens, slots.clamp(min=0), return_attention=True)
+                maps = attention[..., -grid[0] * grid[1]:].unflatten(-1, grid)
+                maps[slots < 0] = 0
+                stop = start + len(ids)
+                image_ids[start:stop] = ids
+                label_ds[start:stop] = labels.numpy()
+                prediction_ds[start:stop] = predictions.numpy()
+                logits_ds[start:stop] = logits.float().numpy()
+                classes_ds[start:stop] = slots.numpy()
+                attention_ds[start:stop] = maps.to(torch.float16).numpy()
+                start = stop
+                bar.update(len(ids))
+        if start != num_images:
+            raise ValueError(f"expected {num_images} images, got {start}")
     return out_path
 
 

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .data import AugmentConfig, ImageTransform, load_image
+from .runner import atomic_write
 
 log = logging.getLogger("taxotrait.figures")
 
@@ -123,7 +124,8 @@ def save_figure(fig: Figure, path: str | os.PathLike, tight: bool = True, colour
         image = image.convert("RGB")
         if colours:
             image = image.quantize(colours, method=Image.Quantize.FASTOCTREE)
-        image.save(path, format="PNG", optimize=True)
+        with atomic_write(path) as tmp:
+            image.save(tmp, format="PNG", optimize=True)
     return path
 
 

@@ -2,9 +2,17 @@
 
 Pointing game: a head hits a mask when its attention peak's patch, mapped back from the model's input crop to the
 original image, overlaps the mask. The random baseline is the share of patches that overlap it.
+
+Below, the ground truth in the model's input crop (masks, or CUB-style part keypoints) and the metrics that score
+whole saliency maps against it: pointing game, energy-based pointing game, the part a head points to, part
+consistency (used by `taxotrait.evaluation` and the named traits of `taxotrait.traits`).
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -68,3 +76,211 @@ def pointing_game(heads: pd.DataFrame, manifest: pd.DataFrame, load_masks, grid:
     summary = table.groupby(["rank", "mask"], sort=False).agg(
         hit_rate=("hit", "mean"), random_rate=("random", "mean"), n_images=("hit", "size")).reset_index()
     return summary.astype(POINTING_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ground truth in the model's input crop, and the localization metrics of whole saliency maps.
+#
+# Every map is compared with the ground truth in the pixels of the model's input crop (img_size x img_size): masks are
+# resampled into it (nearest neighbour, through `crop_geometry`), part keypoints mapped into it (those falling
+# outside the crop are not visible to the model and are dropped).
+
+BACKGROUND = "background"  # the part of a point in no mask
+KEYPOINTS = "keypoints"  # the target of the keypoint pointing game: any visible part keypoint
+
+
+def crop_mask(mask: np.ndarray, resize: int, img_size: int) -> np.ndarray:
+    """A mask [H, W] of the original image -> bool [img_size, img_size] in the eval crop (nearest neighbour)."""
+    height, width = mask.shape
+    scale, left, top = crop_geometry(width, height, resize, img_size)
+    xs = np.clip(np.floor((np.arange(img_size) + left + 0.5) / scale), 0, width - 1).astype(int)
+    ys = np.clip(np.floor((np.arange(img_size) + top + 0.5) / scale), 0, height - 1).astype(int)
+    return mask.astype(bool)[np.ix_(ys, xs)]
+
+
+def crop_points(points: np.ndarray, width: int, height: int, resize: int, img_size: int) -> np.ndarray:
+    """Points [n, 2] (x, y) in original image pixels -> the same points in eval-crop pixels."""
+    scale, left, top = crop_geometry(width, height, resize, img_size)
+    return np.asarray(points, dtype=np.float64).reshape(-1, 2) * scale - np.array([left, top], dtype=np.float64)
+
+
+@dataclass
+class GroundTruth:
+    """Ground truth of one image in eval-crop pixels: named masks (bool [S, S]) and/or visible part keypoints."""
+
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    points: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def targets(self, size: int, tolerance: float) -> dict[str, np.ndarray]:
+        """What a map should point at: each mask, or for keypoints `KEYPOINTS`: discs of radius `tolerance` around
+        every visible keypoint (the keypoint pointing game is a hit within `tolerance` of one of them)."""
+        if self.masks:
+            return self.masks
+        if self.points:
+            return {KEYPOINTS: keypoint_mask(np.array(list(self.points.values())), size, tolerance)}
+        return {}
+
+    def part_at(self, x: float, y: float) -> str:
+        """The part at crop point (x, y): the most specific (smallest) mask containing its pixel, else `BACKGROUND`;
+        with keypoints, the nearest visible keypoint ('' when the image has none)."""
+        if self.masks:
+            size = next(iter(self.masks.values())).shape
+            row, col = min(max(int(y), 0), size[0] - 1), min(max(int(x), 0), size[1] - 1)
+            inside = [(int(m.sum()), name) for name, m in self.masks.items() if m[row, col]]
+            return min(inside)[1] if inside else BACKGROUND
+        if self.points:
+            names = list(self.points)
+            xy = np.array([self.points[n] for n in names])
+            return names[int(np.argmin(((xy - (x, y)) ** 2).sum(1)))]
+        return ""
+
+
+def keypoint_mask(points: np.ndarray, size: int, radius: float) -> np.ndarray:
+    """bool [size, size]: pixels whose centre lies within `radius` of one of `points` [n, 2] (x, y)."""
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    inside = np.zeros((size, size), dtype=bool)
+    for x, y in np.asarray(points, dtype=np.float64).reshape(-1, 2):
+        inside |= (xs - x) ** 2 + (ys - y) ** 2 <= radius**2
+    return inside
+
+
+def read_part_locations(folder: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """CUB-style part annotations: (keypoints, images).
+
+    `folder` is the dataset root holding ``parts/parts.txt`` (``<part_id> <name>``) and ``parts/part_locs.txt``
+    (``<image_id> <part_id> <x> <y> <visible>``, pixels of the original image), or the ``parts`` folder itself.
+    keypoints: image_key (string), part (name), x, y, visible (bool). images: image_key, path from ``images.txt``
+    (``<image_id> <relative path>``) beside ``parts/``, or None when there is none.
+    """
+    folder = Path(folder)
+    parts_dir = folder / "parts" if (folder / "parts" / "part_locs.txt").is_file() else folder
+    for name in ("parts.txt", "part_locs.txt"):
+        if not (parts_dir / name).is_file():
+            raise FileNotFoundError(f"part annotations: {parts_dir / name} not found")
+    names = {}
+    for line in (parts_dir / "parts.txt").read_text().splitlines():
+        if line.strip():
+            part_id, name = line.strip().split(maxsplit=1)
+            names[part_id] = name
+    locs = pd.read_csv(parts_dir / "part_locs.txt", sep=r"\s+", header=None, dtype=str,
+                       names=["image_key", "part_id", "x", "y", "visible"])
+    keypoints = pd.DataFrame({
+        "image_key": locs["image_key"], "part": locs["part_id"].map(names).fillna(locs["part_id"]),
+        "x": locs["x"].astype(float), "y": locs["y"].astype(float), "visible": locs["visible"].astype(float) > 0,
+    })
+    images_txt = parts_dir.parent / "images.txt"
+    images = None
+    if images_txt.is_file():
+        images = pd.read_csv(images_txt, sep=r"\s+", header=None, dtype=str, names=["image_key", "path"])
+    return keypoints, images
+
+
+def match_part_images(manifest: pd.DataFrame, keypoints: pd.DataFrame, images: pd.DataFrame | None) -> pd.Series:
+    """The annotation key of each manifest row ('' without annotations): through ``images.txt`` when given (the
+    manifest path ends with its relative path), else the manifest's image_id is the annotation's image id."""
+    if images is not None:
+        by_path = {p.replace("\\", "/"): key for key, p in zip(images["image_key"], images["path"])}
+        keys = []
+        for path in manifest["path"].astype(str):
+            parts = path.replace("\\", "/").split("/")
+            keys.append(next((by_path[s] for s in ("/".join(parts[i:]) for i in range(len(parts))) if s in by_path), ""))
+        return pd.Series(keys, index=manifest.index, dtype="string")
+    known = set(keypoints["image_key"])
+    return manifest["image_id"].astype(str).where(manifest["image_id"].astype(str).isin(known), "").astype("string")
+
+
+def load_ground_truth(manifest: pd.DataFrame, resize: int, img_size: int, parts: str | os.PathLike | None = None,
+                      load_masks=None) -> dict[str, GroundTruth]:
+    """Ground truth of the manifest's images in eval-crop pixels, by image_id: masks from the `mask_path` column
+    (read with `load_masks`, default `taxotrait.synthetic.load_masks`) and/or keypoints of the CUB-style part
+    annotations in folder `parts`. Images without any ground truth are left out."""
+    truth: dict[str, GroundTruth] = {}
+    if "mask_path" in manifest.columns:
+        if load_masks is None:
+            from .synthetic import load_masks
+        for image_id, path in zip(manifest["image_id"], manifest["mask_path"]):
+            if isinstance(path, str) and path:
+                masks = {name: crop_mask(m, resize, img_size) for name, m in load_masks(path).items()}
+                truth[str(image_id)] = GroundTruth(masks=masks)
+    if parts:
+        from PIL import Image
+
+        keypoints, images = read_part_locations(parts)
+        keys = match_part_images(manifest, keypoints, images)
+        visible = keypoints[keypoints["visible"]].groupby("image_key")
+        groups = {key: rows for key, rows in visible}
+        for image_id, path, key in zip(manifest["image_id"], manifest["path"], keys):
+            if not key or key not in groups:
+                continue
+            with Image.open(path) as image:
+                width, height = image.size
+            rows = groups[key]
+            xy = crop_points(rows[["x", "y"]].to_numpy(), width, height, resize, img_size)
+            inside = (xy >= 0).all(1) & (xy < img_size).all(1)
+            points = {part: (float(x), float(y)) for part, (x, y), ok in zip(rows["part"], xy, inside) if ok}
+            truth.setdefault(str(image_id), GroundTruth()).points.update(points)
+    return truth
+
+
+def argmax_pixels(saliency: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) [N] of each map's maximum [N, H, W]; ties go to the first pixel in row-major order."""
+    flat = np.asarray(saliency).reshape(len(saliency), -1).argmax(1)
+    return flat // saliency.shape[-1], flat % saliency.shape[-1]
+
+
+def pointing_hits(saliency: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Pointing game [N]: 1 when the map's maximum [N, H, W] lies inside the mask [N, H, W], else 0."""
+    rows, cols = argmax_pixels(saliency)
+    return np.asarray(masks)[np.arange(len(rows)), rows, cols].astype(np.float64)
+
+
+def energy_shares(saliency: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Energy-based pointing game [N] (Wang et al., Score-CAM 2020): the share of the map's mass [N, H, W] (negative
+    values clipped to 0) inside the mask; a uniform map scores the mask's area share; an all-zero map scores 0."""
+    maps = np.clip(np.asarray(saliency, dtype=np.float64), 0, None).reshape(len(saliency), -1)
+    inside = (maps * np.asarray(masks).reshape(len(maps), -1)).sum(1)
+    total = maps.sum(1)
+    return np.divide(inside, total, out=np.zeros_like(inside), where=total > 0)
+
+
+def normalise_maps(maps: np.ndarray) -> np.ndarray:
+    """Min-max normalise each map [N, ...] to [0, 1] (as pytorch-grad-cam does its CAMs); a constant map becomes 1."""
+    maps = np.asarray(maps, dtype=np.float64)
+    flat = maps.reshape(len(maps), -1)
+    low, high = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
+    scaled = np.divide(flat - low, high - low, out=np.ones_like(flat), where=high > low)
+    return scaled.reshape(maps.shape)
+
+
+def head_peak_parts(peaks: pd.DataFrame, truth: dict[str, GroundTruth], img_size: int) -> pd.Series:
+    """The part each head's attention peak points to: peaks has image_id, peak_x, peak_y (patch centres in [0, 1]
+    crop coordinates, as heads.parquet); '' where the image has no ground truth."""
+    parts = []
+    for image_id, x, y in zip(peaks["image_id"], peaks["peak_x"], peaks["peak_y"]):
+        gt = truth.get(str(image_id))
+        parts.append(gt.part_at(x * img_size, y * img_size) if gt else "")
+    return pd.Series(parts, index=peaks.index, dtype="string")
+
+
+def modal_parts(parts: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Per group of `by`: the most frequent part (ties: first by name), its share of the group's images, and the
+    group's number of images. parts has `by`, image_id and part ('' = no ground truth: left out)."""
+    parts = parts[parts["part"] != ""]
+    counts = parts.groupby([*by, "part"], observed=True)["image_id"].nunique().rename("count").reset_index()
+    totals = parts.groupby(by, observed=True)["image_id"].nunique().rename("n_images")
+    top = counts.sort_values([*by, "count", "part"], ascending=[True] * len(by) + [False, True]).groupby(by).head(1)
+    top = top.merge(totals, left_on=by, right_index=True)
+    top["share"] = top["count"] / top["n_images"]
+    return top[[*by, "part", "share", "n_images"]].reset_index(drop=True)
+
+
+def part_consistency(parts: pd.DataFrame, threshold: float = 0.8) -> pd.DataFrame:
+    """Part consistency in the style of Huang et al. (CVPR 2023), one row per (taxon, head).
+
+    parts: one row per (taxon, head, image_id) with the part the head's peak points to on that image of the taxon.
+    A head is consistent for its taxon when the same part (not the background) is hit on at least `threshold` of
+    the taxon's images. Columns: taxon, head, part, share, n_images, consistent.
+    """
+    table = modal_parts(parts, ["taxon", "head"])
+    table["consistent"] = (table["share"] >= threshold - 1e-12) & (table["part"] != BACKGROUND)
+    return table

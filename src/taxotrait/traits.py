@@ -2,6 +2,11 @@
 
 ``traits.parquet`` (per rank): one row per (taxon, trait head). ``hierarchy_traits.parquet``: for each species, its
 traits at every rank measured on that species' own images. Columns are documented in config/README.md.
+
+Named traits: where the images have ground truth (masks, e.g. the demo's planted traits, or CUB-style part
+keypoints; `taxotrait.localization.load_ground_truth`), each trait gets the part its head's attention peak points to
+on most of the images where it is a trait head (`part`) and that share of those images (`part_share`), so a trait
+table reads "Scott Oriole: head 1: crown (92%), head 11: belly (85%)" (`describe_traits`).
 """
 
 from __future__ import annotations
@@ -9,9 +14,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-TRAIT_COLUMNS = ["n_images", "frequency", "mean_importance", "peak_x", "peak_y", "spread"]
+from .localization import head_peak_parts, load_ground_truth, modal_parts
+
+TRAIT_COLUMNS = ["n_images", "frequency", "mean_importance", "peak_x", "peak_y", "spread", "part", "part_share"]
 
 
 def aggregate_traits(heads: pd.DataFrame, by: list[str]) -> pd.DataFrame:
@@ -19,8 +27,13 @@ def aggregate_traits(heads: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 
     n_images: images on which the head is a trait head; frequency: that share of the group's (correctly classified)
     images; mean_importance: mean score drop when the head is blurred; peak_x, peak_y, spread: means over those
-    images of the head's attention peak (normalised image coordinates) and spread.
+    images of the head's attention peak (normalised image coordinates) and spread; part, part_share: where `heads`
+    has a `part` column (`name_heads`), the part the head points to on most of those images and that share of them
+    ('' and NaN without ground truth).
     """
+    if not heads["is_trait_head"].any():  # e.g. no correctly classified image: an empty table of the same columns
+        types = {**{c: "string" for c in by}, "head": "int64", "n_images": "int64", "part": "string"}
+        return pd.DataFrame({c: pd.Series(dtype=types.get(c, "float64")) for c in [*by, "head", *TRAIT_COLUMNS]})
     heads = heads.assign(importance=heads["score_before_removal"] - heads["score_after_removal"])
     group_sizes = heads.groupby(by)["image_id"].nunique().rename("group_images")
     traits = heads[heads["is_trait_head"]].groupby([*by, "head"]).agg(
@@ -32,9 +45,41 @@ def aggregate_traits(heads: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     ).reset_index()
     traits = traits.merge(group_sizes, left_on=by, right_index=True)
     traits["frequency"] = traits["n_images"] / traits["group_images"]
+    traits["part"], traits["part_share"] = "", np.nan
+    if "part" in heads.columns:
+        named = modal_parts(heads.loc[heads["is_trait_head"], [*by, "head", "image_id", "part"]], [*by, "head"])
+        traits = traits.drop(columns=["part", "part_share"]).merge(
+            named.rename(columns={"share": "part_share"})[[*by, "head", "part", "part_share"]], on=[*by, "head"],
+            how="left")
+        traits["part"] = traits["part"].fillna("")
     traits = traits.sort_values([*by, "frequency", "mean_importance"], ascending=[True] * len(by) + [False, False])
     columns = [*by, "head", *TRAIT_COLUMNS]
-    return traits[columns].astype({"n_images": "int64", "head": "int64"}).reset_index(drop=True)
+    return traits[columns].astype({"n_images": "int64", "head": "int64", "part": "string", "part_share": "float64"}
+                                  ).reset_index(drop=True)
+
+
+def name_heads(heads: pd.DataFrame, manifest: pd.DataFrame, resize: int, img_size: int,
+               parts: str | os.PathLike | None = None) -> pd.DataFrame:
+    """heads.parquet rows with a `part` column: for trait heads, the part their attention peak points to (the most
+    specific mask containing it, or the nearest visible part keypoint; `taxotrait.localization`); '' for other
+    rows and for images without ground truth."""
+    heads = heads.assign(part=pd.Series("", index=heads.index, dtype="string"))
+    if "mask_path" not in manifest.columns and not parts:
+        return heads
+    truth = load_ground_truth(manifest[manifest["image_id"].isin(heads["image_id"])], resize, img_size, parts)
+    trait = heads["is_trait_head"]
+    heads.loc[trait, "part"] = head_peak_parts(heads.loc[trait], truth, img_size)
+    return heads
+
+
+def describe_traits(traits: pd.DataFrame, taxon: str, n: int | None = None) -> str:
+    """One line naming a taxon's trait heads, most frequent first, e.g. "Scott Oriole: head 1: crown (92%), head 11:
+    belly (85%)" (the part and the share of images where the head points to it), or "head 1 (92% of images)"
+    without ground truth."""
+    rows = top_traits(traits, taxon, n=n or len(traits))
+    cells = [f"head {r.head}: {r.part} ({r.part_share:.0%})" if isinstance(r.part, str) and r.part
+             else f"head {r.head} ({r.frequency:.0%} of images)" for r in rows.itertuples(index=False)]
+    return f"{taxon}: " + ", ".join(cells)
 
 
 def rank_traits(heads: pd.DataFrame) -> pd.DataFrame:
@@ -76,13 +121,36 @@ def top_traits(traits: pd.DataFrame, taxon: str, n: int = 3) -> pd.DataFrame:
     return rows.sort_values(["frequency", "mean_importance"], ascending=False).head(n).reset_index(drop=True)
 
 
-def write_rank_traits(heads_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
-    """heads.parquet of one rank -> traits.parquet."""
-    rank_traits(pd.read_parquet(heads_path)).to_parquet(out_path, index=False)
+def _naming(config: dict | None) -> tuple[int, int, str | None] | None:
+    """(resize, img_size, parts folder) of a workflow config, for `name_heads`."""
+    if not config:
+        return None
+    return (config["augment"]["resize"], config["backbone"]["img_size"],
+            (config.get("evaluation") or {}).get("parts"))
+
+
+def write_rank_traits(heads_path: str | os.PathLike, out_path: str | os.PathLike,
+                      manifest_path: str | os.PathLike | None = None, config: dict | None = None) -> None:
+    """heads.parquet of one rank -> traits.parquet; with the manifest and the workflow config, traits are named
+    after the ground truth's parts (`name_heads`)."""
+    from .runner import atomic_write
+
+    heads = pd.read_parquet(heads_path)
+    if manifest_path is not None and _naming(config):
+        heads = name_heads(heads, pd.read_parquet(manifest_path), *_naming(config))
+    with atomic_write(out_path) as tmp:
+        rank_traits(heads).to_parquet(tmp, index=False)
 
 
 def write_hierarchy(heads_paths: list, manifest_path: str | os.PathLike, ranks: list[str],
-                    out_path: str | os.PathLike) -> None:
-    """Every rank's heads.parquet + the manifest -> hierarchy_traits.parquet."""
+                    out_path: str | os.PathLike, config: dict | None = None) -> None:
+    """Every rank's heads.parquet + the manifest -> hierarchy_traits.parquet (traits named as in
+    `write_rank_traits` when the workflow config is given)."""
+    from .runner import atomic_write
+
+    manifest = pd.read_parquet(manifest_path)
     heads = [pd.read_parquet(path) for path in heads_paths]
-    hierarchy_traits(heads, pd.read_parquet(manifest_path), ranks).to_parquet(out_path, index=False)
+    if _naming(config):
+        heads = [name_heads(h, manifest, *_naming(config)) for h in heads]
+    with atomic_write(out_path) as tmp:
+        hierarchy_traits(heads, manifest, ranks).to_parquet(tmp, index=False)

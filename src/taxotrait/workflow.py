@@ -11,13 +11,16 @@ from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from .backbone import create_backbone
 from .checkpoint import atomic_save, checkpoint_payload, load_checkpoint
-from .data import AugmentConfig, TokenCache, TokenDataset, build_token_cache
+from .data import AugmentConfig, TokenCache, TokenDataset, build_token_cache, derived_seed
 from .dataset import class_names, labels
+from .distributed import DataParallel, launch
 from .extract import extract_attention, mask_heads, sibling_classes
 from .model import PromptCAM, PromptConfig
+from .runner import ConfigError, atomic_write
 from .train import TrainConfig, predict, top_k_accuracy, train
 
 log = logging.getLogger("taxotrait")
@@ -84,19 +87,46 @@ def token_data(cache_path, manifest: pd.DataFrame, classes: pd.DataFrame, rank: 
     return TokenDataset(cache, labels(rows, classes, rank).to_numpy(), cache.index(rows["path"])), rows
 
 
-def train_rank(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
-    """Train the rank's PromptCAM on cached tokens; resumes from `<model>.state` after an interruption."""
+def train_processes(config: dict, gpus: int = 0, rank: str | None = None) -> int:
+    """Processes of data-parallel training: `train.processes` (the rank's override first) when set, else one per GPU
+    the job was given (the rule's `gpu` resource) and CUDA sees."""
+    processes = {**config["train"], **(config.get("rank_overrides") or {}).get(rank, {})}.get("processes")
+    if processes:
+        return int(processes)
+    return max(1, min(gpus, torch.cuda.device_count() if torch.cuda.is_available() else 0))
+
+
+def train_rank(rank: str, inputs: dict, outputs: dict, config: dict, gpus: int = 0,
+               log_file: str | None = None) -> None:
+    """Train the rank's PromptCAM on cached tokens; resumes from `train_state.pt` beside the model after an
+    interruption (deleted once the model is written). With several processes (`train_processes`; `gpus`: the GPUs
+    the job was given), data-parallel: this function runs in each (`taxotrait.distributed.launch`), the main one
+    writes the outputs."""
+    processes = train_processes(config, gpus, rank)
+    if processes > 1 and not DataParallel().active:
+        files = {"inputs": {k: str(inputs[k]) for k in ("manifest", "classes", "train_tokens", "eval_tokens")},
+                 "outputs": {k: str(outputs[k]) for k in ("model", "log_table")}}
+        launch("taxotrait.workflow:train_rank", processes, {"rank": rank, "config": config, **files}, log_file=log_file)
+        return
     manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
-    model = new_model(config, class_names(classes, rank))
+    settings = train_config(config, rank)
+    backbone_of(config)  # built (and cached) first, so that the seeded draws below are the model's own
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived_seed(settings.seed, 0, 4))  # the initial head and prompts follow train.seed
+        model = new_model(config, class_names(classes, rank))
     train_data, _ = token_data(inputs["train_tokens"], manifest, classes, rank, "train")
     val_data = None
     if (manifest["split"] == "val").any():
         val_data, _ = token_data(inputs["eval_tokens"], manifest, classes, rank, "val")
     state = Path(outputs["model"]).with_name("train_state.pt")
-    history = train(model, train_data, val_data, train_config(config, rank), checkpoint_path=state,
+    history = train(model, train_data, val_data, settings, checkpoint_path=state,
                     metadata={"rank": rank})
+    if not DataParallel().is_main:
+        return
     atomic_save(checkpoint_payload(model.cpu(), rank=rank), outputs["model"])
-    history.to_parquet(outputs["log_table"], index=False)
+    with atomic_write(outputs["log_table"]) as tmp:
+        history.to_parquet(tmp, index=False)
+    state.unlink(missing_ok=True)  # only an unfinished training keeps its state
 
 
 METRICS_COLUMNS = {"rank": "string", "split": "string", "taxon": "string", "n_images": "int64",
@@ -121,7 +151,8 @@ def evaluate(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
                 rows.append((rank, split, taxon, int(pick.sum()), top_k_accuracy(logits[pick], truth[pick], 1),
                              top_k_accuracy(logits[pick], truth[pick], 5)))
     metrics = pd.DataFrame(rows, columns=list(METRICS_COLUMNS)).astype(METRICS_COLUMNS)
-    metrics.to_parquet(outputs["metrics"], index=False)
+    with atomic_write(outputs["metrics"]) as tmp:
+        metrics.to_parquet(tmp, index=False)
     overall = metrics[metrics["taxon"] == "__all__"].set_index("split")["top1"].round(3).to_dict()
     log.info("%s top-1: %s", rank, overall)
 
@@ -129,7 +160,11 @@ def evaluate(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
 def eval_batches(inputs: dict, config: dict, rank: str):
     """(a factory of (ids, tokens, labels) batches, number of images, classes table) of config['attention']['split']."""
     manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
-    data, rows = token_data(inputs["eval_tokens"], manifest, classes, rank, config["attention"]["split"])
+    split = config["attention"]["split"]
+    data, rows = token_data(inputs["eval_tokens"], manifest, classes, rank, split)
+    if rows.empty:
+        raise ConfigError(f"attention.split: the dataset has no {split} images ({inputs['manifest']}); set "
+                          f"attention.split to a split that has images ({', '.join(sorted(set(manifest['split'])))})")
     ids, size = rows["image_id"].tolist(), config["attention"].get("batch_size", 32)
 
     def batches():
@@ -155,6 +190,7 @@ def mask_rank_heads(rank: str, inputs: dict, outputs: dict, config: dict) -> Non
     m = config["masking"]
     heads = mask_heads(model, batches(), inputs["attention"], rank, m.get("blur_mode", "uniform_patches"),
                        m.get("stopping", "prediction"), m.get("top_k", 1), config["model"].get("class_chunk"))
-    heads.to_parquet(outputs["heads"], index=False)
+    with atomic_write(outputs["heads"]) as tmp:
+        heads.to_parquet(tmp, index=False)
     log.info("%s: %d correctly classified images masked, %.2f trait heads per image", rank,
              heads["image_id"].nunique(), heads["is_trait_head"].sum() / max(1, heads["image_id"].nunique()))

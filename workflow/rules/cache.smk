@@ -9,7 +9,9 @@ rule cache_tokens:
     wildcard_constraints:
         kind="train|eval",
     params:
-        settings=lambda wildcards: params_json("backbone", "model", "augment"),
+        # the training views are drawn from train.seed
+        settings=lambda wildcards: params_json("backbone", "model", "augment")
+        + (f" seed={config['train'].get('seed', 0)}" if wildcards.kind == "train" else ""),
     log:
         f"{LOGS}/cache_tokens.{{kind}}.log",
     benchmark:

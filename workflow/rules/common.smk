@@ -2,12 +2,10 @@
 import json
 from pathlib import Path
 
-from snakemake.utils import validate
+from taxotrait.runner import check_config, validate_config
 
-validate(config, "../schemas/config.schema.yaml")
-
-from taxotrait.runner import check_config
-
+# every key against the schema (an unknown key, a wrong type or range: ConfigError naming the key), then the rest
+validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
 check_config(config)
 
 RESULTS = f"{config['results']}/{config['dataset']}"
@@ -48,9 +46,43 @@ def trained_model(wildcards):
     return f"{RESULTS}/{wildcards.rank}/model.pt"
 
 
+def evaluation_config():
+    """The `evaluation` section as given (taxotrait.evaluation fills in the defaults)."""
+    return config.get("evaluation") or {}
+
+
+def evaluation_params(*keys):
+    """The evaluation settings a rule depends on, as a params function."""
+    section = evaluation_config()
+    return lambda wildcards: json.dumps({key: section.get(key) for key in keys}, sort_keys=True)
+
+
+def part_annotation_inputs(wildcards=None):
+    """The CUB-style part annotation files of `evaluation.parts` (none when unset)."""
+    folder = evaluation_config().get("parts")
+    if not folder:
+        return {}
+    if not Path(folder).exists():
+        from taxotrait.runner import ConfigError
+
+        raise ConfigError(f"evaluation.parts: {folder} does not exist")
+    parts = Path(folder) / "parts" if (Path(folder) / "parts" / "part_locs.txt").is_file() else Path(folder)
+    files = {"part_locs": str(parts / "part_locs.txt"), "part_names": str(parts / "parts.txt")}
+    if (parts.parent / "images.txt").is_file():
+        files["part_images"] = str(parts.parent / "images.txt")
+    return files
+
+
+def naming_params(wildcards=None):
+    """What the part a head points to depends on: the eval crop and the part annotations."""
+    return json.dumps([config["augment"]["resize"], config["backbone"]["img_size"], evaluation_config().get("parts")])
+
+
 def all_outputs():
     """Every product of the workflow for the configured dataset and ranks."""
     per_rank = ["metrics.parquet", "attention.h5", "heads.parquet", "traits.parquet", "figures"]
     outputs = [f"{RESULTS}/{rank}/{name}" for rank in RANKS for name in per_rank]
     outputs += [f"{RESULTS}/hierarchy_traits.parquet", f"{RESULTS}/figures/hierarchy", f"{RESULTS}/summary.md"]
+    if evaluation_config().get("enabled", True):
+        outputs += [f"{RESULTS}/faithfulness.parquet", f"{RESULTS}/localization.parquet", f"{RESULTS}/evaluation.md"]
     return outputs

@@ -1,9 +1,14 @@
-# Trait tables: per rank, and the coarse-to-fine table of every species.
+# Trait tables: per rank, and the coarse-to-fine table of every species. Where there is ground truth (masks or part
+# keypoints), each trait is named after the part its head points to.
 rule traits:
     input:
+        unpack(part_annotation_inputs),
         heads=f"{RESULTS}/{{rank}}/heads.parquet",
+        manifest=f"{RESULTS}/manifest.parquet",
     output:
         traits=f"{RESULTS}/{{rank}}/traits.parquet",
+    params:
+        settings=naming_params,
     log:
         f"{LOGS}/traits.{{rank}}.log",
     benchmark:
@@ -14,10 +19,13 @@ rule traits:
 
 rule hierarchy_traits:
     input:
+        unpack(part_annotation_inputs),
         heads=expand(f"{RESULTS}/{{rank}}/heads.parquet", rank=RANKS),
         manifest=f"{RESULTS}/manifest.parquet",
     output:
         hierarchy=f"{RESULTS}/hierarchy_traits.parquet",
+    params:
+        settings=naming_params,
     log:
         f"{LOGS}/hierarchy_traits.log",
     benchmark:

@@ -1,5 +1,11 @@
-# Snakemake adapter: accuracy, pointing game and targets.
-from taxotrait.runner import run_script
+# Snakemake adapter: accuracy, pointing game and targets (every output written under a temporary name, then renamed).
+from taxotrait.runner import atomic_outputs, run_script
 from taxotrait.summary import summarise
 
-run_script(snakemake, lambda s: summarise(s.input, s.output, s.config))
+
+def summary(s):
+    with atomic_outputs(s.output) as outputs:
+        summarise(s.input, outputs, s.config)
+
+
+run_script(snakemake, summary)

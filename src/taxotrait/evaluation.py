@@ -1,0 +1,641 @@
+"""Evaluation of the explanations, as workflow steps: faithfulness against CAM baselines (the Prompt-CAM paper's
+Table 1) and localization against ground truth.
+
+Methods (`METHODS`):
+
+- ``prompt_cam_traits``: Prompt-CAM, the class prompt's last-block attention averaged over the class's trait heads;
+- ``prompt_cam_all``: the same averaged over every head;
+- ``grad_cam``, ``layer_cam``, ``eigen_cam`` (pytorch-grad-cam) and ``rollout`` (attention rollout): the baselines,
+  on a linear probe trained on the same frozen backbone (`taxotrait.baselines`).
+
+Which class a map explains: localization scores the true class's map; faithfulness the predicted class's (its
+model's prediction: Prompt-CAM's for Prompt-CAM, the probe's for the baselines), whose probability it follows. For
+a correctly classified image the two are the same. Prompt-CAM's trait heads of an image are those greedy head masking
+found for it (heads.parquet) when it is correctly classified; otherwise (a misclassified image, or the predicted
+class of one) the class's own trait heads: those that are trait heads on at least half of its correctly classified
+images, or its most frequent one (all heads for a class without any). Eigen-CAM and rollout are class-agnostic.
+
+Steps (functions of (inputs, outputs, config), called by workflow/scripts):
+
+- `train_probes`: one linear probe per rank on the cached frozen tokens -> ``<rank>/probe.pt``;
+- `saliency_maps`: every method's maps on a subset of the attention split, stratified over species (the same
+  images at every rank) -> ``<rank>/saliency.h5``;
+- `faithfulness_step`: insertion and deletion (`taxotrait.faithfulness`) -> ``<rank>/faithfulness.parquet`` and
+  ``<rank>/faithfulness_curves.parquet``;
+- `localization_step`: pointing game, energy-based pointing game and part consistency (`taxotrait.localization`)
+  -> ``<rank>/localization.parquet``, ``<rank>/head_parts.parquet``;
+- `evaluation_summary`: the dataset's ``faithfulness.parquet``, ``localization.parquet``, figures and
+  ``evaluation.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+
+from .backbone import weights_digest
+from .baselines import LinearProbe, attention_rollout, cam_maps, fit_linear_probe, load_probe, save_probe
+from .data import AugmentConfig, ImageTransform, TokenCache, load_image
+from .dataset import class_names, labels
+from .extract import map_statistics
+from .faithfulness import insertion_deletion, upsample
+from .localization import (BACKGROUND, KEYPOINTS, energy_shares, load_ground_truth, normalise_maps, part_consistency,
+                           pointing_hits)
+from .runner import ConfigError, atomic_write
+from .traits import rank_traits
+
+log = logging.getLogger("taxotrait.evaluation")
+
+PROMPT_CAM_METHODS = ("prompt_cam_traits", "prompt_cam_all")
+BASELINE_METHODS = ("grad_cam", "layer_cam", "eigen_cam", "rollout")
+METHODS = PROMPT_CAM_METHODS + BASELINE_METHODS
+METHOD_LABELS = {"prompt_cam_traits": "Prompt-CAM (trait heads)", "prompt_cam_all": "Prompt-CAM (all heads)",
+                 "grad_cam": "Grad-CAM", "layer_cam": "Layer-CAM", "eigen_cam": "Eigen-CAM", "rollout": "Rollout",
+                 "random": "random point"}
+# The paper's Table 1 (CUB, DINO ViT-B/16): insertion, deletion.
+PAPER_TABLE_1 = {"grad_cam": (0.52, 0.17), "layer_cam": (0.54, 0.13), "eigen_cam": (0.56, 0.22),
+                 "rollout": (0.55, 0.27), "prompt_cam_traits": (0.61, 0.09)}
+
+DEFAULTS = {
+    "enabled": True,
+    "images": 64,  # per rank, stratified over species; None: every image of attention.split
+    "batch_size": 128,  # images per forward pass (perturbed images in faithfulness)
+    "device": "auto",
+    "parts": None,
+    "faithfulness": {
+        "images": 32, "pixels_per_step": None, "finest_ranks": None,
+        "cpu": {"images": 16, "pixels_per_step": 6272, "finest_ranks": 1},
+    },
+    "localization": {"tolerance": 15.0, "consistency": 0.8},
+}
+
+FAITHFULNESS_COLUMNS = {"rank": "string", "method": "string", "model": "string", "insertion": "float64",
+                        "deletion": "float64", "n_images": "int64", "model_top1": "float64",
+                        "pixels_per_step": "int64", "seconds": "float64"}
+CURVE_COLUMNS = {"rank": "string", "method": "string", "curve": "string", "fraction": "float64",
+                 "probability": "float64"}
+LOCALIZATION_COLUMNS = {"rank": "string", "method": "string", "part": "string", "metric": "string",
+                        "value": "float64", "n_images": "int64"}
+HEAD_PART_COLUMNS = {"rank": "string", "taxon": "string", "head": "int64", "part": "string", "share": "float64",
+                     "n_images": "int64", "consistent": "bool", "is_trait_head": "bool"}
+
+
+# --------------------------------------------------------------------------------------------- settings
+def _merge(base: dict, override: dict | None) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        merged[key] = _merge(merged[key], value) if isinstance(merged.get(key), dict) and isinstance(value, dict) else value
+    return merged
+
+
+def settings(config: dict) -> dict:
+    """The `evaluation` section of a workflow config with the defaults filled in."""
+    return _merge(DEFAULTS, config.get("evaluation"))
+
+
+def device_of(s: dict) -> torch.device:
+    name = s.get("device", "auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("evaluation.device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def faithfulness_settings(config: dict, device: torch.device) -> dict:
+    """evaluation.faithfulness, with its `cpu` values in force on a CPU."""
+    f = settings(config)["faithfulness"]
+    chosen = _merge({k: v for k, v in f.items() if k != "cpu"}, f["cpu"] if device.type == "cpu" else {})
+    return chosen
+
+
+def faithfulness_ranks(config: dict, finest_ranks: int | None) -> list[str]:
+    ranks = config["ranks"]
+    return list(ranks) if not finest_ranks else list(ranks[-int(finest_ranks):])
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def _write_parquet(frame: pd.DataFrame, path) -> None:
+    with atomic_write(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def _empty(columns: dict) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
+
+
+# ------------------------------------------------------------------------------------------------ probes
+@torch.no_grad()
+def probe_features(probe: LinearProbe, cache: TokenCache, rows: np.ndarray, batch_size: int,
+                   device: torch.device) -> torch.Tensor:
+    """Final-norm CLS features [n, views, D] of cache rows `rows` (every view)."""
+    chunks = []
+    for start in range(0, len(rows), batch_size):
+        tokens = torch.from_numpy(cache.tokens[rows[start:start + batch_size]].astype(np.float32)).to(device)
+        b, v = tokens.shape[:2]
+        with _autocast(device):
+            chunks.append(probe.features(tokens.flatten(0, 1)).float().unflatten(0, (b, v)).cpu())
+    return torch.cat(chunks) if chunks else torch.zeros(0, cache.views, probe.backbone.embed_dim)
+
+
+def train_probes(inputs: dict, outputs: dict, config: dict) -> None:
+    """A linear probe per rank on the final-norm CLS token of the frozen backbone (features computed once from the
+    token caches); the L2 penalty is chosen on the val split; top-1 on val and test is kept in the probe's file."""
+    from .workflow import backbone_of, new_model
+
+    s = settings(config)
+    device = device_of(s)
+    manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
+    first_block = new_model(config, ["probe"]).first_prompted_block
+    probe = LinearProbe(backbone_of(config), ["probe"], first_block).to(device)
+    train_cache, eval_cache = TokenCache.open(inputs["train_tokens"]), TokenCache.open(inputs["eval_tokens"])
+    train_rows = manifest[manifest["split"] == "train"]
+    started = time.time()
+    train_x = probe_features(probe, train_cache, train_cache.index(train_rows["path"]), s["batch_size"], device)
+    split_x = {}
+    for split in ("val", "test"):
+        rows = manifest[manifest["split"] == split]
+        if len(rows):
+            split_x[split] = (rows, probe_features(probe, eval_cache, eval_cache.index(rows["path"]), s["batch_size"],
+                                                   device)[:, 0])
+    log.info("probe features of %d training and %d evaluation images in %.1f s", len(train_x),
+             sum(len(x) for _, x in split_x.values()), time.time() - started)
+    views, digest = train_x.shape[1], weights_digest(probe.backbone)
+    for rank, out in zip(config["ranks"], outputs["probes"]):
+        names = class_names(classes, rank)
+        y = torch.as_tensor(labels(train_rows, classes, rank).to_numpy())
+        val = split_x.get("val")
+        val_y = torch.as_tensor(labels(val[0], classes, rank).to_numpy()) if val else None
+        weight, bias, l2 = fit_linear_probe(train_x.flatten(0, 1), y.repeat_interleave(views), len(names),
+                                            val[1] if val else None, val_y)
+        top1 = {}
+        for split, (rows, x) in split_x.items():
+            truth = torch.as_tensor(labels(rows, classes, rank).to_numpy())
+            top1[split] = float(((x @ weight.T + bias).argmax(1) == truth).double().mean())
+        rank_probe = LinearProbe(probe.backbone, names, first_block)
+        with torch.no_grad():
+            rank_probe.head.weight.copy_(weight)
+            rank_probe.head.bias.copy_(bias)
+        save_probe(rank_probe, out, config["backbone"]["name"], digest, rank=rank, l2=l2, top1=top1)
+        log.info("%s probe: l2 %g, top-1 %s", rank, l2, {k: round(v, 3) for k, v in top1.items()})
+
+
+# -------------------------------------------------------------------------------------------- saliency
+def stratified_order(groups) -> np.ndarray:
+    """Indices of `groups` in round-robin order over the groups (first image of every group in order of first
+    appearance, then every second image, ...): any prefix is a subset stratified over the groups."""
+    groups = pd.Series(list(groups))
+    occurrence = groups.groupby(groups, sort=False).cumcount().to_numpy()
+    first = pd.Series(pd.factorize(groups)[0]).to_numpy()
+    return np.lexsort((first, occurrence))
+
+
+def class_trait_heads(heads: pd.DataFrame, names: list[str], num_heads: int, min_frequency: float = 0.5) -> np.ndarray:
+    """bool [C, heads]: each class's trait heads (trait heads on >= `min_frequency` of its correctly classified
+    images, else its most frequent one; every head for a class without any)."""
+    table = np.ones((len(names), num_heads), dtype=bool)
+    if heads.empty:
+        return table
+    traits = rank_traits(heads)
+    for index, name in enumerate(names):
+        rows = traits[traits["taxon"] == name]
+        if rows.empty:
+            continue
+        chosen = rows.loc[rows["frequency"] >= min_frequency - 1e-12, "head"].tolist() or [int(rows.iloc[0]["head"])]
+        table[index] = np.isin(np.arange(num_heads), chosen)
+    return table
+
+
+def trait_head_masks(image_ids, label, prediction, heads: pd.DataFrame, names: list[str], num_heads: int):
+    """bool [n, heads] for the true and the predicted class of each image: the image's own trait heads
+    (heads.parquet) when it is correctly classified, else the class's (`class_trait_heads`)."""
+    by_class = class_trait_heads(heads, names, num_heads)
+    own = {}
+    for image_id, rows in heads[heads["is_trait_head"]].groupby("image_id"):
+        own[image_id] = np.isin(np.arange(num_heads), rows["head"].to_numpy())
+    true_heads, predicted_heads = by_class[label].copy(), by_class[prediction].copy()
+    for row, image_id in enumerate(image_ids):
+        if label[row] == prediction[row] and image_id in own:
+            true_heads[row] = predicted_heads[row] = own[image_id]
+    return true_heads, predicted_heads
+
+
+def combine_heads(maps: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """Mean over the chosen heads [n, heads] of maps [n, heads, h, w] -> [n, h, w]."""
+    weights = chosen.astype(np.float64)
+    weights /= np.clip(weights.sum(1, keepdims=True), 1, None)
+    return np.einsum("nk,nkhw->nhw", weights, maps.astype(np.float64)).astype(np.float32)
+
+
+def load_eval_images(paths, config: dict, device: torch.device) -> torch.Tensor:
+    """Normalised eval crops [n, 3, S, S] (the transform of the eval token cache)."""
+    from .backbone import data_normalisation
+    from .workflow import backbone_of
+
+    vit = backbone_of(config)
+    transform = ImageTransform(config["backbone"]["img_size"], data_normalisation(vit),
+                               AugmentConfig(config["augment"]["resize"], False, False))
+    return torch.stack([transform(load_image(p)) for p in paths]).to(device)
+
+
+def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
+    """<rank>/saliency.h5: every method's maps of the true and the predicted class on the evaluation subset.
+
+    Datasets: image_id [n] (stratified order: any prefix is stratified), label, prediction (Prompt-CAM's),
+    probe_prediction [n] int64, maps [n, methods, 2, h, w] float32 (slot 0: true class, 1: predicted class).
+    Attributes: rank, methods, grid, img_size, prompt_cam_top1, probe_top1 (top-1 on the whole attention split).
+    """
+    from .workflow import trained_model
+
+    s = settings(config)
+    device = device_of(s)
+    started = time.time()
+    model = trained_model(inputs["model"], config).to(device)
+    probe, meta = load_probe(inputs["probe"], model.backbone, model.backbone_digest)
+    probe = probe.to(device)
+    manifest = pd.read_parquet(inputs["manifest"]).set_index("image_id", drop=False)
+    with h5py.File(inputs["attention"], "r") as h5:
+        ids = h5["image_id"].asstr()[:]
+        label, prediction = h5["label"][:], h5["prediction"][:]
+        names = [str(n) for n in h5.attrs["class_names"]]
+        grid = tuple(int(g) for g in h5.attrs["grid"])
+        num_heads = int(h5.attrs["heads"])
+        order = stratified_order(manifest.loc[ids, config["ranks"][-1]])
+        if s["images"]:
+            order = order[: s["images"]]
+        attention = np.stack([h5["attention"][row, :2] for row in order]).astype(np.float32)  # [n, 2, H, h, w]
+    prompt_cam_top1 = float((label == prediction).mean())
+    sub_ids, sub_label, sub_prediction = ids[order], label[order], prediction[order]
+    rows = manifest.loc[sub_ids]
+    true_heads, predicted_heads = trait_head_masks(sub_ids, sub_label, sub_prediction,
+                                                   pd.read_parquet(inputs["heads"]), names, num_heads)
+    maps = np.zeros((len(order), len(METHODS), 2, *grid), dtype=np.float32)
+    maps[:, 0, 0] = combine_heads(attention[:, 0], true_heads)
+    maps[:, 0, 1] = combine_heads(attention[:, 1], predicted_heads)
+    maps[:, 1] = attention.mean(2)
+
+    cache = TokenCache.open(inputs["eval_tokens"])
+    tokens = torch.from_numpy(cache.tokens[cache.index(rows["path"]), 0].astype(np.float32)).to(device)
+    with torch.no_grad(), _autocast(device):
+        probe_prediction = torch.cat([probe.forward_tokens(tokens[i:i + s["batch_size"]]).float().argmax(1)
+                                      for i in range(0, len(tokens), s["batch_size"])]).cpu().numpy()
+    truth = torch.as_tensor(sub_label)
+    for column, method in enumerate(("grad_cam", "layer_cam", "eigen_cam"), start=2):
+        if method == "eigen_cam":  # class-agnostic
+            maps[:, column, 0] = maps[:, column, 1] = cam_maps(method, probe, tokens, None, s["batch_size"])
+            continue
+        maps[:, column, 0] = cam_maps(method, probe, tokens, truth, s["batch_size"])
+        maps[:, column, 1] = maps[:, column, 0]
+        wrong = np.flatnonzero(probe_prediction != sub_label)
+        if len(wrong):
+            maps[wrong, column, 1] = cam_maps(method, probe, tokens[wrong], torch.as_tensor(probe_prediction[wrong]),
+                                              s["batch_size"])
+    rollout = []
+    for start in range(0, len(rows), s["batch_size"]):
+        images = load_eval_images(rows["path"].iloc[start:start + s["batch_size"]], config, device)
+        rollout.append(attention_rollout(probe.backbone, images).float().cpu().numpy())
+    maps[:, 5, 0] = maps[:, 5, 1] = np.concatenate(rollout)
+
+    with atomic_write(outputs["saliency"]) as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset("image_id", data=np.array(sub_ids, dtype=object), dtype=h5py.string_dtype())
+        h5["label"], h5["prediction"], h5["probe_prediction"] = sub_label, sub_prediction, probe_prediction.astype(np.int64)
+        h5.create_dataset("maps", data=maps, compression="gzip", shuffle=True)
+        h5.attrs.update({"rank": rank, "methods": list(METHODS), "grid": grid, "img_size": config["backbone"]["img_size"],
+                         "class_names": names, "prompt_cam_top1": prompt_cam_top1,
+                         "probe_top1": float(meta["top1"].get(config["attention"]["split"], np.nan)),
+                         "slots": "true class, predicted class"})
+    log.info("%s: maps of %d methods on %d images in %.1f s (probe top-1 on the subset %.3f)", rank, len(METHODS),
+             len(order), time.time() - started, float((probe_prediction == sub_label).mean()))
+
+
+def read_saliency(path) -> dict:
+    with h5py.File(path, "r") as h5:
+        out = {key: h5[key][:] for key in ("label", "prediction", "probe_prediction", "maps")}
+        out["image_id"] = h5["image_id"].asstr()[:]
+        out.update({key: h5.attrs[key] for key in h5.attrs})
+        out["methods"] = [str(m) for m in out["methods"]]
+    return out
+
+
+# -------------------------------------------------------------------------------------------- faithfulness
+def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
+    """<rank>/faithfulness.parquet (one row per method: mean insertion and deletion AUC over the images) and
+    <rank>/faithfulness_curves.parquet (the mean curves). Ranks outside `finest_ranks` get empty tables."""
+    from .workflow import trained_model
+
+    s = settings(config)
+    device = device_of(s)
+    f = faithfulness_settings(config, device)
+    if rank not in faithfulness_ranks(config, f["finest_ranks"]):
+        log.info("%s: faithfulness not computed (evaluation.faithfulness finest_ranks=%s on %s)", rank,
+                 f["finest_ranks"], device.type)
+        _write_parquet(_empty(FAITHFULNESS_COLUMNS), outputs["table"])
+        _write_parquet(_empty(CURVE_COLUMNS), outputs["curves"])
+        return
+    sal = read_saliency(inputs["saliency"])
+    n = len(sal["image_id"]) if not f["images"] else min(int(f["images"]), len(sal["image_id"]))
+    model = trained_model(inputs["model"], config).to(device)
+    probe, _ = load_probe(inputs["probe"], model.backbone, model.backbone_digest)
+    probe = probe.to(device)
+    manifest = pd.read_parquet(inputs["manifest"]).set_index("image_id", drop=False)
+    images = load_eval_images(manifest.loc[sal["image_id"][:n], "path"], config, device)
+    pixels_per_step = int(f["pixels_per_step"] or config["backbone"]["img_size"])
+    chunk = config["model"].get("class_chunk")
+
+    def prompt_cam(x):
+        with _autocast(device):
+            return model(x, chunk_size=chunk)
+
+    def linear_probe(x):
+        with _autocast(device):
+            return probe(x)
+
+    rows, curves = [], []
+    for column, method in enumerate(sal["methods"]):
+        started = time.time()
+        is_prompt_cam = method in PROMPT_CAM_METHODS
+        predict, targets = (prompt_cam, sal["prediction"]) if is_prompt_cam else (linear_probe, sal["probe_prediction"])
+        result = insertion_deletion(predict, images, torch.from_numpy(sal["maps"][:n, column, 1]),
+                                    torch.as_tensor(targets[:n]), pixels_per_step, s["batch_size"])
+        seconds = time.time() - started
+        rows.append((rank, method, "prompt_cam" if is_prompt_cam else "linear_probe",
+                     float(result.insertion_auc.mean()), float(result.deletion_auc.mean()), n,
+                     float(sal["prompt_cam_top1"] if is_prompt_cam else sal["probe_top1"]), pixels_per_step, seconds))
+        for name, curve in (("insertion", result.insertion), ("deletion", result.deletion)):
+            for fraction, probability in zip(result.fractions.tolist(), curve.mean(0).tolist()):
+                curves.append((rank, method, name, fraction, probability))
+        log.info("%s %s: insertion %.3f, deletion %.3f on %d images (%d steps) in %.1f s", rank, method,
+                 rows[-1][3], rows[-1][4], n, len(result.fractions) - 1, seconds)
+    _write_parquet(pd.DataFrame(rows, columns=list(FAITHFULNESS_COLUMNS)).astype(FAITHFULNESS_COLUMNS),
+                   outputs["table"])
+    _write_parquet(pd.DataFrame(curves, columns=list(CURVE_COLUMNS)).astype(CURVE_COLUMNS), outputs["curves"])
+
+
+# -------------------------------------------------------------------------------------------- localization
+def localization_rows(rank: str, maps: np.ndarray, methods: list[str], image_ids, truth: dict, img_size: int,
+                      tolerance: float) -> list[tuple]:
+    """(rank, method, part, metric, value, n_images) of the pointing game and the energy-based pointing game of
+    maps [n, methods, h, w] on every ground-truth target, plus the random baseline (a uniformly random point / a
+    uniform map: the target's area share)."""
+    have = [i for i, image_id in enumerate(image_ids) if str(image_id) in truth]
+    if not have:
+        return []
+    targets = [truth[str(image_ids[i])].targets(img_size, tolerance) for i in have]
+    names = list(dict.fromkeys(name for t in targets for name in t))
+    rows = []
+    for column, method in enumerate(methods):
+        upsampled = upsample(torch.from_numpy(normalise_maps(maps[have, column])), (img_size, img_size)).numpy()
+        for name in names:
+            pick = [j for j, t in enumerate(targets) if name in t and t[name].any()]
+            if not pick:
+                continue
+            masks = np.stack([targets[j][name] for j in pick])
+            rows.append((rank, method, name, "pointing_game", float(pointing_hits(upsampled[pick], masks).mean()), len(pick)))
+            rows.append((rank, method, name, "energy_pointing_game", float(energy_shares(upsampled[pick], masks).mean()),
+                         len(pick)))
+    for name in names:
+        areas = [t[name].mean() for t in targets if name in t and t[name].any()]
+        if areas:
+            for metric in ("pointing_game", "energy_pointing_game"):
+                rows.append((rank, "random", name, metric, float(np.mean(areas)), len(areas)))
+    return rows
+
+
+def head_part_table(rank: str, attention_path, heads: pd.DataFrame, truth: dict, img_size: int,
+                    threshold: float) -> pd.DataFrame:
+    """Per (taxon, head) of Prompt-CAM: the part its attention peak hits on most of the taxon's images of the
+    attention split (true-class maps), that share, and whether it is consistent (`part_consistency`)."""
+    records = []
+    with h5py.File(attention_path, "r") as h5:
+        ids = h5["image_id"].asstr()[:]
+        names = [str(n) for n in h5.attrs["class_names"]]
+        num_heads = int(h5.attrs["heads"])
+        label = h5["label"][:]
+        for row, image_id in enumerate(ids):
+            gt = truth.get(str(image_id))
+            if gt is None:
+                continue
+            peak_x, peak_y, _ = map_statistics(h5["attention"][row, 0])
+            for head in range(num_heads):
+                records.append((names[label[row]], head, image_id, gt.part_at(peak_x[head] * img_size,
+                                                                             peak_y[head] * img_size)))
+    if not records:
+        return _empty(HEAD_PART_COLUMNS)
+    table = part_consistency(pd.DataFrame(records, columns=["taxon", "head", "image_id", "part"]), threshold)
+    trait = class_trait_heads(heads, names, num_heads)
+    index = {name: i for i, name in enumerate(names)}
+    table["is_trait_head"] = [bool(trait[index[t], h]) for t, h in zip(table["taxon"], table["head"])]
+    table.insert(0, "rank", rank)
+    return table[list(HEAD_PART_COLUMNS)].astype(HEAD_PART_COLUMNS)
+
+
+def localization_step(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
+    """<rank>/localization.parquet and <rank>/head_parts.parquet (empty without ground truth)."""
+    s = settings(config)
+    loc = s["localization"]
+    img_size = config["backbone"]["img_size"]
+    tolerance = float(loc["tolerance"]) * img_size / 224
+    manifest = pd.read_parquet(inputs["manifest"])
+    split = manifest[manifest["split"] == config["attention"]["split"]]
+    truth = load_ground_truth(split, config["augment"]["resize"], img_size, s["parts"])
+    if not truth:
+        log.info("%s: no ground truth (no mask_path column, no evaluation.parts): nothing to localize", rank)
+        _write_parquet(_empty(LOCALIZATION_COLUMNS), outputs["table"])
+        _write_parquet(_empty(HEAD_PART_COLUMNS), outputs["head_parts"])
+        return
+    sal = read_saliency(inputs["saliency"])
+    rows = localization_rows(rank, sal["maps"][:, :, 0], sal["methods"], sal["image_id"], truth, img_size, tolerance)
+    heads = head_part_table(rank, inputs["attention"], pd.read_parquet(inputs["heads"]), truth, img_size,
+                            float(loc["consistency"]))
+    if len(heads):
+        images = int(heads.groupby("taxon")["n_images"].max().sum())
+        rows.append((rank, "prompt_cam", "", "part_consistency", float(heads["consistent"].mean()), images))
+        trait = heads[heads["is_trait_head"]]
+        if len(trait):
+            rows.append((rank, "prompt_cam", "", "trait_part_consistency", float(trait["consistent"].mean()), images))
+    table = pd.DataFrame(rows, columns=list(LOCALIZATION_COLUMNS)).astype(LOCALIZATION_COLUMNS)
+    _write_parquet(table, outputs["table"])
+    _write_parquet(heads, outputs["head_parts"])
+    log.info("%s localization:\n%s", rank, table.to_string(index=False))
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def verdicts(faithfulness: pd.DataFrame, localization: pd.DataFrame, rank: str) -> list[str]:
+    """Whether Prompt-CAM (trait heads) beats every baseline at `rank` on the pointing game of the rank's own
+    ground-truth mask (a mask named like the rank, else the keypoints) and on deletion; by how much otherwise."""
+    lines = []
+    ours = "prompt_cam_traits"
+    loc = localization[(localization["rank"] == rank) & (localization["metric"] == "pointing_game")]
+    part = rank if (loc["part"] == rank).any() else (KEYPOINTS if (loc["part"] == KEYPOINTS).any() else None)
+    if part is not None:
+        values = loc[loc["part"] == part].set_index("method")["value"]
+        others = values.reindex(list(BASELINE_METHODS)).dropna()
+        if ours in values and len(others):
+            gap = values[ours] - others.max()
+            verdict = "beats every baseline" if gap > 0 else f"MISSED: {METHOD_LABELS[others.idxmax()]} is ahead by {-gap:.3f}"
+            lines.append(f"- {rank}: pointing game on the {part} target: Prompt-CAM {values[ours]:.3f}, best baseline "
+                         f"{METHOD_LABELS[others.idxmax()]} {others.max():.3f} — {verdict}")
+    fa = faithfulness[faithfulness["rank"] == rank].set_index("method")
+    if ours in fa.index:
+        others = fa["deletion"].reindex(list(BASELINE_METHODS)).dropna()
+        if len(others):
+            gap = others.min() - fa.loc[ours, "deletion"]
+            verdict = "beats every baseline" if gap > 0 else f"MISSED: {METHOD_LABELS[others.idxmin()]} is lower by {-gap:.3f}"
+            lines.append(f"- {rank}: deletion (lower is better): Prompt-CAM {fa.loc[ours, 'deletion']:.3f}, best baseline "
+                         f"{METHOD_LABELS[others.idxmin()]} {others.min():.3f} — {verdict}")
+    return lines
+
+
+def summary_markdown(faithfulness: pd.DataFrame, localization: pd.DataFrame, ranks: list[str]) -> str:
+    lines = ["# Evaluation of the explanations", ""]
+    if len(faithfulness):
+        lines += ["## Faithfulness (insertion: higher is better; deletion: lower is better)", "",
+                  "| rank | method | model | top-1 | insertion | deletion | images | px/step | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in faithfulness.itertuples(index=False):
+            lines.append(f"| {r.rank} | {METHOD_LABELS.get(r.method, r.method)} | {r.model} | {r.model_top1:.3f} | "
+                         f"{r.insertion:.3f} | {r.deletion:.3f} | {r.n_images} | {r.pixels_per_step} | {r.seconds:.0f} |")
+        lines += ["", "The paper (CUB, DINO ViT-B/16), insertion / deletion: " + ", ".join(
+            f"{METHOD_LABELS[m]} {i:.2f} / {d:.2f}" for m, (i, d) in PAPER_TABLE_1.items()) + "."]
+    else:
+        lines += ["No faithfulness scores (evaluation.faithfulness.finest_ranks)."]
+    if len(localization):
+        maps = localization[localization["metric"].isin(["pointing_game", "energy_pointing_game"])]
+        parts = list(dict.fromkeys(maps["part"]))
+        for metric, title in (("pointing_game", "Pointing game (the map's maximum inside the target)"),
+                              ("energy_pointing_game", "Energy-based pointing game (share of the map's mass inside)")):
+            lines += ["", f"## {title}", "", "| rank | method | " + " | ".join(parts) + " |",
+                      "|---" * (len(parts) + 2) + "|"]
+            for (rank, method), rows in maps[maps["metric"] == metric].groupby(["rank", "method"], sort=False):
+                cells = rows.set_index("part")["value"]
+                lines.append(f"| {rank} | {METHOD_LABELS.get(method, method)} | " + " | ".join(
+                    f"{cells[p]:.2f}" if p in cells else "" for p in parts) + " |")
+        consistency = localization[localization["metric"].str.endswith("part_consistency")]
+        if len(consistency):
+            lines += ["", "## Part consistency of Prompt-CAM's heads (share of (class, head) pairs hitting the same "
+                      "part on >= the threshold of the class's images)", "", "| rank | all heads | trait heads |",
+                      "|---|---|---|"]
+            for rank, rows in consistency.groupby("rank", sort=False):
+                values = rows.set_index("metric")["value"]
+                lines.append(f"| {rank} | {values.get('part_consistency', np.nan):.2f} | "
+                             f"{values.get('trait_part_consistency', np.nan):.2f} |")
+    else:
+        lines += ["", "No localization scores: the dataset has no ground truth (mask_path, evaluation.parts)."]
+    targets = [line for rank in ranks for line in verdicts(faithfulness, localization, rank)]
+    if targets:
+        lines += ["", "## Prompt-CAM against the baselines", "", *targets]
+    return "\n".join(lines) + "\n"
+
+
+def faithfulness_figure(table: pd.DataFrame, curves: pd.DataFrame):
+    """A table of every rank's scores and the mean insertion/deletion curves of the finest rank evaluated."""
+    from .figures import message_figure, new_figure
+
+    if table.empty:
+        return message_figure("No faithfulness scores (evaluation.faithfulness.finest_ranks)")
+    fig = new_figure(1, 1)
+    fig.set_size_inches(13, 4.2 + 0.22 * len(table))
+    grid = fig.add_gridspec(2, 2, height_ratios=[0.22 * len(table) + 0.8, 3.2])
+    ax = fig.add_subplot(grid[0, :])
+    ax.axis("off")
+    cells = [[r.rank, METHOD_LABELS.get(r.method, r.method), f"{r.model_top1:.3f}", f"{r.insertion:.3f}",
+              f"{r.deletion:.3f}", str(r.n_images)] for r in table.itertuples(index=False)]
+    shown = ax.table(cellText=cells, colLabels=["rank", "method", "top-1", "insertion ↑", "deletion ↓", "images"],
+                     loc="center", cellLoc="center")
+    shown.scale(1, 1.25)
+    rank = table["rank"].iloc[-1]
+    for column, name in enumerate(("insertion", "deletion")):
+        axis = fig.add_subplot(grid[1, column])
+        for method, rows in curves[(curves["rank"] == rank) & (curves["curve"] == name)].groupby("method", sort=False):
+            axis.plot(rows["fraction"], rows["probability"], label=METHOD_LABELS.get(method, method),
+                      lw=2.2 if method.startswith("prompt_cam") else 1.2)
+        axis.set_xlabel(f"fraction of pixels {'restored' if name == 'insertion' else 'removed'}")
+        axis.set_ylabel("probability of the predicted class")
+        axis.set_title(f"{name} ({rank})", fontsize=10)
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1.02)
+        axis.legend(fontsize=7)
+    return fig
+
+
+def localization_figure(table: pd.DataFrame):
+    """Per rank, the pointing game and the energy-based pointing game of every method on every target."""
+    from .figures import message_figure, new_figure
+
+    maps = table[table["metric"].isin(["pointing_game", "energy_pointing_game"])]
+    if maps.empty:
+        return message_figure("No localization scores: the dataset has no ground truth")
+    ranks = list(dict.fromkeys(maps["rank"]))
+    fig = new_figure(1, 1)
+    fig.set_size_inches(4.2 * len(ranks), 7.0)
+    fig.subplots_adjust(hspace=0.45)
+    methods = list(dict.fromkeys(maps["method"]))
+    for column, rank in enumerate(ranks):
+        for row, metric in enumerate(("pointing_game", "energy_pointing_game")):
+            axis = fig.add_subplot(2, len(ranks), row * len(ranks) + column + 1)
+            rows = maps[(maps["rank"] == rank) & (maps["metric"] == metric)]
+            parts = list(dict.fromkeys(rows["part"]))
+            width = 0.8 / len(methods)
+            for k, method in enumerate(methods):
+                values = rows[rows["method"] == method].set_index("part")["value"].reindex(parts)
+                axis.bar(np.arange(len(parts)) + (k - (len(methods) - 1) / 2) * width, values, width,
+                         label=METHOD_LABELS.get(method, method), color="0.75" if method == "random" else None)
+            axis.set_xticks(np.arange(len(parts)), parts, fontsize=7, rotation=30)
+            axis.set_ylim(0, 1)
+            axis.set_title(f"{rank}: {metric.replace('_', ' ')}", fontsize=9)
+            if column == 0 and row == 0:
+                axis.legend(fontsize=6)
+    return fig
+
+
+def examples_figure(saliency_path, manifest: pd.DataFrame, config: dict, n: int = 4):
+    """The true-class maps of every method on the first `n` images of the subset (eval crops)."""
+    from .figures import eval_crop, new_figure, overlay, show_image
+
+    sal = read_saliency(saliency_path)
+    n = min(n, len(sal["image_id"]))
+    fig = new_figure(n, len(sal["methods"]) + 1)
+    paths = manifest.set_index("image_id").loc[sal["image_id"][:n], "path"]
+    names = [str(c) for c in sal["class_names"]]
+    for row, (image_id, path) in enumerate(zip(sal["image_id"][:n], paths)):
+        image = eval_crop(path, config["backbone"]["img_size"], config["augment"]["resize"])
+        ax = fig.add_subplot(n, len(sal["methods"]) + 1, row * (len(sal["methods"]) + 1) + 1)
+        show_image(ax, image, names[sal["label"][row]] if row == 0 else names[sal["label"][row]], fontsize=7)
+        for column, method in enumerate(sal["methods"]):
+            ax = fig.add_subplot(n, len(sal["methods"]) + 1, row * (len(sal["methods"]) + 1) + column + 2)
+            overlay(ax, image, sal["maps"][row, column, 0], title=METHOD_LABELS[method] if row == 0 else None, fontsize=7)
+    fig.suptitle(f"{sal['rank']}: maps of the true class", fontsize=10)
+    return fig
+
+
+def evaluation_summary(inputs: dict, outputs: dict, config: dict) -> None:
+    """faithfulness.parquet, localization.parquet (every rank), their figures, the example maps and evaluation.md."""
+    from .figures import save_figure
+
+    faithfulness = pd.concat([pd.read_parquet(p) for p in inputs["faithfulness"]], ignore_index=True)
+    faithfulness = faithfulness.astype(FAITHFULNESS_COLUMNS) if len(faithfulness) else _empty(FAITHFULNESS_COLUMNS)
+    curves = pd.concat([pd.read_parquet(p) for p in inputs["curves"]], ignore_index=True)
+    localization = pd.concat([pd.read_parquet(p) for p in inputs["localization"]], ignore_index=True)
+    localization = localization.astype(LOCALIZATION_COLUMNS) if len(localization) else _empty(LOCALIZATION_COLUMNS)
+    _write_parquet(faithfulness, outputs["faithfulness"])
+    _write_parquet(localization, outputs["localization"])
+    figures = Path(outputs["figures"])
+    figures.mkdir(parents=True, exist_ok=True)
+    save_figure(faithfulness_figure(faithfulness, curves), figures / "faithfulness.png")
+    save_figure(localization_figure(localization), figures / "localization.png")
+    save_figure(examples_figure(inputs["saliency"][-1], pd.read_parquet(inputs["manifest"]), config),
+                figures / "example_maps.png")
+    text = summary_markdown(faithfulness, localization, config["ranks"])
+    with atomic_write(outputs["summary"]) as tmp:
+        Path(tmp).write_text(text)
+    log.info("\n%s", text)

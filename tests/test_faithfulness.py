@@ -1,0 +1,154 @@
+"""Insertion/deletion on toy models with known answers, and the baselines (linear probe, CAMs, rollout)."""
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.functional import gaussian_blur
+
+from taxotrait import faithfulness as fa
+from taxotrait.baselines import (CAM_METHODS, LinearProbe, _cam_class, attention_rollout, block_first_token, cam_maps,
+                                 fit_linear_probe, load_probe, save_probe, vit_reshape)
+
+SIZE = 8  # 8 x 8 images: 64 pixels
+
+
+def mean_model(x):
+    """Two classes; class 0's probability is the mean of channel 0 over the pixels (logits log p, log(1 - p))."""
+    p = x[:, 0].mean((1, 2)).clamp(1e-12, 1 - 1e-12)
+    return torch.stack([p.log(), (1 - p).log()], dim=1)
+
+
+def half_image():
+    """Channel 0 is 1 on the left half, 0 on the right: class 0 has probability 0.5."""
+    x = torch.zeros(1, 3, SIZE, SIZE)
+    x[:, 0, :, : SIZE // 2] = 1
+    return x
+
+
+def saliency_on(left: bool):
+    s = torch.zeros(1, SIZE, SIZE)
+    s[:, :, : SIZE // 2] = 1.0 if left else 0.0
+    s[:, :, SIZE // 2 :] = 0.0 if left else 1.0
+    return s
+
+
+def test_pixel_order_breaks_ties_by_index_every_run():
+    saliency = torch.tensor([[[0.5, 1.0, 0.5], [1.0, 0.0, 0.5]]])
+    order = fa.pixel_order(saliency)
+    assert order.tolist() == [[1, 3, 0, 2, 5, 4]]  # the 1.0s in index order, then the 0.5s, then 0
+    for _ in range(3):
+        assert torch.equal(fa.pixel_order(saliency.clone()), order)
+    rank = fa.pixel_rank(saliency)
+    assert torch.equal(order[0][rank[0]], torch.arange(6))  # rank is the inverse permutation
+    uniform = fa.pixel_order(torch.ones(1, 4, 4))
+    assert uniform.tolist() == [list(range(16))]  # a flat map: raster order
+
+
+def test_step_counts_and_trapezoid():
+    assert fa.step_counts(10, 4).tolist() == [0, 4, 8, 10]
+    assert fa.step_counts(224 * 224, 224).shape == (225,)  # RISE: 224 steps at 224 px
+    fractions = torch.tensor([0.0, 0.5, 1.0])
+    assert fa.auc(fractions, torch.tensor([1.0, 0.5, 0.0])).item() == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        fa.step_counts(10, 0)
+
+
+@pytest.mark.parametrize("left, expected", [(True, 0.125), (False, 0.375)])
+def test_deletion_auc_known_answer(left, expected):
+    # deleting the informative left half first: p falls linearly 0.5 -> 0 over the first half, then stays 0
+    # (area 0.125); deleting the right half first: p stays 0.5 for half the pixels, then falls (area 0.375)
+    result = fa.insertion_deletion(mean_model, half_image(), saliency_on(left), torch.tensor([0]), pixels_per_step=4)
+    assert len(result.fractions) == 17 and result.fractions[-1] == 1.0
+    assert result.deletion[0, 0].item() == pytest.approx(0.5) and result.deletion[0, -1].item() == pytest.approx(0)
+    assert result.deletion_auc.item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("left, expected", [(True, 0.375), (False, 0.125)])
+def test_insertion_auc_known_answer(monkeypatch, left, expected):
+    # with a blur that removes everything (all zeros), inserting the informative half first rises to 0.5 at
+    # half the pixels (area 0.125 + 0.25)
+    monkeypatch.setattr(fa, "gaussian_blur", lambda x, k, s: torch.zeros_like(x))
+    result = fa.insertion_deletion(mean_model, half_image(), saliency_on(left), torch.tensor([0]), pixels_per_step=4)
+    assert result.insertion_auc.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_uniform_map_removes_pixels_in_raster_order():
+    # a flat map ranks pixels row by row: each row holds half of the informative pixels -> p falls linearly
+    result = fa.insertion_deletion(mean_model, half_image(), torch.ones(1, SIZE, SIZE), torch.tensor([0]),
+                                   pixels_per_step=SIZE)
+    assert result.deletion_auc.item() == pytest.approx(0.25, abs=1e-6)
+
+
+def test_insertion_starts_from_the_gaussian_blurred_image_and_deletion_uses_zero():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, SIZE, SIZE)
+    result = fa.insertion_deletion(mean_model, images, torch.rand(2, 2, 2), torch.tensor([0, 1]), pixels_per_step=16)
+    blurred = gaussian_blur(images, [11, 11], [5.0, 5.0])
+    start = mean_model(blurred).softmax(-1)
+    assert torch.allclose(result.insertion[:, 0], start[[0, 1], [0, 1]].double(), atol=1e-6)
+    end = mean_model(torch.zeros(1, 3, SIZE, SIZE)).softmax(-1)[0]
+    assert torch.allclose(result.deletion[:, -1], end[[0, 1]].double(), atol=1e-6)
+    assert torch.allclose(result.insertion[:, -1], mean_model(images).softmax(-1)[[0, 1], [0, 1]].double(), atol=1e-6)
+
+
+def test_batching_does_not_change_the_curves():
+    torch.manual_seed(0)
+    images, saliency = torch.randn(3, 3, SIZE, SIZE), torch.rand(3, 4, 4)
+    targets = torch.tensor([0, 1, 0])
+    a = fa.insertion_deletion(mean_model, images, saliency, targets, pixels_per_step=8, batch_size=1)
+    b = fa.insertion_deletion(mean_model, images, saliency, targets, pixels_per_step=8, batch_size=64)
+    assert torch.equal(a.insertion, b.insertion) and torch.equal(a.deletion, b.deletion)
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+def test_probe_features_are_the_final_norm_cls_token(tiny_vit, images):
+    probe = LinearProbe(tiny_vit, ["a", "b"])
+    tokens = probe.frozen_tokens(images)
+    assert torch.allclose(probe.features(tokens), tiny_vit.forward_features(images)[:, 0], atol=1e-5)
+    x = torch.randn(2, 5, tiny_vit.embed_dim)
+    assert torch.allclose(block_first_token(tiny_vit.blocks[-1], x), tiny_vit.blocks[-1](x)[:, 0], atol=1e-5)
+    deeper = LinearProbe(tiny_vit, ["a", "b"], first_block=1)  # the cache of prompt depth 2
+    assert torch.allclose(deeper.features(deeper.frozen_tokens(images)), probe.features(tokens), atol=1e-5)
+
+
+def test_fit_linear_probe_separates_and_roundtrips(tiny_vit, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(60, tiny_vit.embed_dim)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    weight, bias, l2 = fit_linear_probe(x, y, 3, x[:20], y[:20])
+    assert ((x @ weight.T + bias).argmax(1) == y).float().mean() > 0.9 and l2 in (1e-4, 1e-3, 1e-2)
+    probe = LinearProbe(tiny_vit, ["a", "b", "c"])
+    with torch.no_grad():
+        probe.head.weight.copy_(weight)
+        probe.head.bias.copy_(bias)
+    save_probe(probe, tmp_path / "probe.pt", "tiny", rank="genus")
+    loaded, meta = load_probe(tmp_path / "probe.pt", tiny_vit)
+    assert meta["rank"] == "genus" and torch.equal(loaded.head.weight, probe.head.weight)
+
+
+@pytest.mark.parametrize("reg_tokens", [0, 4])
+@pytest.mark.parametrize("method", CAM_METHODS)
+def test_cams_from_tokens_equal_cams_of_the_image_model(method, reg_tokens, images):
+    from conftest import make_vit
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    vit = make_vit(reg_tokens=reg_tokens)
+    probe = LinearProbe(vit, ["a", "b", "c"])
+    torch.manual_seed(0)
+    torch.nn.init.normal_(probe.head.weight)
+    targets = torch.tensor([0, 2, 1])
+    from_tokens = cam_maps(method, probe, probe.frozen_tokens(images), targets)
+    assert from_tokens.shape == (3, 4, 4) and from_tokens.min() >= 0 and from_tokens.max() <= 1 + 1e-6
+    cam = _cam_class(method, (4, 4))(model=probe, target_layers=[vit.blocks[-1].norm1],
+                                     reshape_transform=vit_reshape(vit.num_prefix_tokens, (4, 4)))
+    cam.compute_input_gradient = True
+    from_images = cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    cam.activations_and_grads.release()
+    assert np.allclose(from_tokens, from_images, atol=1e-4)
+
+
+def test_attention_rollout(tiny_vit, images):
+    rollout = attention_rollout(tiny_vit, images)
+    assert rollout.shape == (3, 4, 4) and (rollout >= 0).all() and (rollout.sum((1, 2)) < 1).all()
+    # all residual: the rollout is the identity, the CLS token attends to itself only
+    assert torch.allclose(attention_rollout(tiny_vit, images, residual=1.0), torch.zeros(3, 4, 4))

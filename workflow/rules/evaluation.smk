@@ -1,0 +1,115 @@
+# Evaluation of the explanations (config `evaluation`, taxotrait.evaluation): faithfulness (insertion, deletion)
+# against Grad-CAM, Layer-CAM, Eigen-CAM and attention rollout on a linear probe, and localization against the ground
+# truth (masks or CUB-style part keypoints).
+rule train_probes:
+    input:
+        manifest=f"{RESULTS}/manifest.parquet",
+        classes=f"{RESULTS}/classes.parquet",
+        train_tokens=f"{RESULTS}/cache/train.tokens.npy",
+        eval_tokens=f"{RESULTS}/cache/eval.tokens.npy",
+        weights=backbone_weights(),
+    output:
+        probes=expand(f"{RESULTS}/{{rank}}/probe.pt", rank=RANKS),
+    params:
+        settings=lambda wildcards: params_json("backbone", "model") + evaluation_params("device", "batch_size")(wildcards),
+    log:
+        f"{LOGS}/train_probes.log",
+    benchmark:
+        f"{BENCH}/train_probes.tsv"
+    threads: 2
+    resources:
+        gpu=config["resources"]["gpu"],
+    script:
+        "../scripts/train_probes.py"
+
+
+rule saliency_maps:
+    input:
+        model=trained_model,
+        probe=f"{RESULTS}/{{rank}}/probe.pt",
+        attention=f"{RESULTS}/{{rank}}/attention.h5",
+        heads=f"{RESULTS}/{{rank}}/heads.parquet",
+        manifest=f"{RESULTS}/manifest.parquet",
+        eval_tokens=f"{RESULTS}/cache/eval.tokens.npy",
+        weights=backbone_weights(),
+    output:
+        saliency=f"{RESULTS}/{{rank}}/saliency.h5",
+    params:
+        settings=evaluation_params("images", "device", "batch_size"),
+    log:
+        f"{LOGS}/saliency_maps.{{rank}}.log",
+    benchmark:
+        f"{BENCH}/saliency_maps.{{rank}}.tsv"
+    threads: 2
+    resources:
+        gpu=config["resources"]["gpu"],
+    script:
+        "../scripts/saliency_maps.py"
+
+
+rule faithfulness:
+    input:
+        model=trained_model,
+        probe=f"{RESULTS}/{{rank}}/probe.pt",
+        saliency=f"{RESULTS}/{{rank}}/saliency.h5",
+        manifest=f"{RESULTS}/manifest.parquet",
+        weights=backbone_weights(),
+    output:
+        table=f"{RESULTS}/{{rank}}/faithfulness.parquet",
+        curves=f"{RESULTS}/{{rank}}/faithfulness_curves.parquet",
+    params:
+        settings=evaluation_params("faithfulness", "device", "batch_size"),
+    log:
+        f"{LOGS}/faithfulness.{{rank}}.log",
+    benchmark:
+        f"{BENCH}/faithfulness.{{rank}}.tsv"
+    threads: 2
+    resources:
+        gpu=config["resources"]["gpu"],
+    script:
+        "../scripts/faithfulness.py"
+
+
+rule localization:
+    input:
+        unpack(part_annotation_inputs),
+        saliency=f"{RESULTS}/{{rank}}/saliency.h5",
+        attention=f"{RESULTS}/{{rank}}/attention.h5",
+        heads=f"{RESULTS}/{{rank}}/heads.parquet",
+        manifest=f"{RESULTS}/manifest.parquet",
+    output:
+        table=f"{RESULTS}/{{rank}}/localization.parquet",
+        head_parts=f"{RESULTS}/{{rank}}/head_parts.parquet",
+    params:
+        settings=lambda wildcards: naming_params() + evaluation_params("localization")(wildcards),
+    log:
+        f"{LOGS}/localization.{{rank}}.log",
+    benchmark:
+        f"{BENCH}/localization.{{rank}}.tsv"
+    script:
+        "../scripts/localization.py"
+
+
+rule evaluation_summary:
+    input:
+        faithfulness=expand(f"{RESULTS}/{{rank}}/faithfulness.parquet", rank=RANKS),
+        curves=expand(f"{RESULTS}/{{rank}}/faithfulness_curves.parquet", rank=RANKS),
+        localization=expand(f"{RESULTS}/{{rank}}/localization.parquet", rank=RANKS),
+        saliency=expand(f"{RESULTS}/{{rank}}/saliency.h5", rank=RANKS),
+        manifest=f"{RESULTS}/manifest.parquet",
+    output:
+        faithfulness=f"{RESULTS}/faithfulness.parquet",
+        localization=f"{RESULTS}/localization.parquet",
+        figures=report(
+            directory(f"{RESULTS}/figures/evaluation"),
+            patterns=["{name}.png"],
+            caption="../report/evaluation.rst",
+            category="Evaluation",
+        ),
+        summary=report(f"{RESULTS}/evaluation.md", caption="../report/evaluation_summary.rst", category="Evaluation"),
+    log:
+        f"{LOGS}/evaluation_summary.log",
+    benchmark:
+        f"{BENCH}/evaluation_summary.tsv"
+    script:
+        "../scripts/evaluation_summary.py"
