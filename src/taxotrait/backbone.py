@@ -212,3 +212,11 @@ def data_normalisation(model: VisionTransformer) -> tuple[tuple[float, ...], tup
     """The (mean, std) the backbone was pretrained with."""
     cfg = getattr(model, "pretrained_cfg", {})
     return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def tokens_entering(vit: VisionTransformer, images: torch.Tensor, block: int) -> torch.Tensor:
+    """The token sequence [B, T, D] (prefix tokens, then patches) entering block `block` of `vit`."""
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+    for layer in vit.blocks[:block]:
+        x = layer(x)
+    return x

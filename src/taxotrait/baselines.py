@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .backbone import weights_digest
+from .backbone import tokens_entering, weights_digest
 from .naive import naive_block
 
 CAM_METHODS = ("grad_cam", "layer_cam", "eigen_cam")
@@ -66,11 +66,7 @@ class LinearProbe(nn.Module):
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Tokens entering block `first_block` (what the token caches hold), differentiable in the images."""
-        vit = self.backbone
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        for block in vit.blocks[: self.first_block]:
-            x = block(x)
-        return x
+        return tokens_entering(self.backbone, images, self.first_block)
 
     @torch.no_grad()
     def frozen_tokens(self, images: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .backbone import data_normalisation, weights_digest
+from .backbone import data_normalisation, tokens_entering, weights_digest
 
 VARIANTS = ("reference", "scalable")
 BLUR_MODES = ("uniform_patches", "zero_logits")
@@ -139,11 +139,7 @@ class PromptCAM(nn.Module):
     @torch.no_grad()
     def frozen_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Tokens entering block N-k, [B, T, D]: they depend on no trainable parameter and can be cached."""
-        vit = self.backbone
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        for block in vit.blocks[: self.first_prompted_block]:
-            x = block(x)
-        return x
+        return tokens_entering(self.backbone, images, self.first_prompted_block)
 
     def last_block_input(self, tokens: torch.Tensor) -> torch.Tensor:
         """From frozen tokens to the image tokens entering the last block, through the class-agnostic prompts."""
