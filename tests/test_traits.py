@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from taxotrait.extract import HEADS_COLUMNS, map_statistics
-from taxotrait.localization import box_hits, patch_boxes, pointing_game, top_trait_heads
+from taxotrait.localization import box_hits, exclusive_masks, patch_boxes, pointing_game, top_trait_heads
 from taxotrait.traits import hierarchy_traits, rank_traits, top_traits
 
 
@@ -68,7 +68,7 @@ def test_patch_boxes_undo_the_eval_crop():
 
 def test_pointing_game_hits_and_random_baseline(tmp_path):
     mask = np.zeros((240, 240), bool)
-    mask[100:110, 70:75] = True  # inside patch (row 1, col 1)
+    mask[64:120, 64:120] = True  # exactly patch (row 1, col 1)
     heads = heads_table([
         ("a", "S", 0, 1, 1.0, 0.0, True, 0.375, 0.375), ("a", "S", 1, 0, 1.0, 1.0, False, 0.9, 0.9),
         ("b", "S", 0, 0, 1.0, 1.0, False, 0.375, 0.375), ("b", "S", 1, 1, 1.0, 0.0, True, 0.9, 0.9),
@@ -76,6 +76,26 @@ def test_pointing_game_hits_and_random_baseline(tmp_path):
     assert top_trait_heads(heads)["head"].tolist() == [0, 1]
     manifest = pd.DataFrame({"image_id": ["a", "b"], "mask_path": ["m", "m"]})
     table = pointing_game(heads, manifest, lambda path: {"spot": mask, "all": np.ones_like(mask)}, (4, 4), 240, 224)
-    rows = table.set_index("mask")
-    assert rows.loc["spot", "hit_rate"] == 0.5 and rows.loc["spot", "random_rate"] == pytest.approx(1 / 16)
-    assert rows.loc["all", "hit_rate"] == 1.0 and rows.loc["all", "n_images"] == 2
+    assert table.groupby("region").size().to_dict() == {"planted": 2, "exclusive": 2}
+    rows = table.set_index(["region", "mask"])
+    for region in ("planted", "exclusive"):
+        assert rows.loc[(region, "spot"), "hit_rate"] == 0.5
+        assert rows.loc[(region, "spot"), "random_rate"] == pytest.approx(1 / 16)
+    assert rows.loc[("planted", "all"), "hit_rate"] == 1.0 and rows.loc[("planted", "all"), "n_images"] == 2
+    # the spot is inside `all`: its exclusive region loses the spot's patch, where image a peaks
+    assert rows.loc[("exclusive", "all"), "hit_rate"] == 0.5
+    assert rows.loc[("exclusive", "all"), "random_rate"] == pytest.approx(15 / 16)
+
+
+def test_exclusive_masks_give_each_pixel_to_the_smallest_mask():
+    body = np.zeros((6, 6), bool)
+    body[1:5, 1:5] = True
+    mark = np.zeros_like(body)
+    mark[2, 2] = True
+    tail = np.zeros_like(body)
+    tail[4:6, 4:6] = True  # overlaps the body in one pixel: the smaller tail gets it
+    regions = exclusive_masks({"body": body, "mark": mark, "tail": tail})
+    assert list(regions) == ["body", "mark", "tail"]
+    assert regions["mark"].sum() == 1 and regions["tail"].sum() == 4
+    assert regions["body"].sum() == 16 - 1 - 1 and not regions["body"][2, 2] and not regions["body"][4, 4]
+    assert not (regions["body"] & regions["mark"]).any() and not (regions["body"] & regions["tail"]).any()

@@ -89,9 +89,14 @@ def test_hierarchy_and_summary(results):
     hierarchy = pd.read_parquet(results / "hierarchy_traits.parquet")
     assert set(hierarchy["rank"]) <= set(RANKS) and hierarchy["species"].nunique() >= 1
     assert list((results / "figures" / "hierarchy").glob("*.png"))
-    pointing = pd.read_parquet(results / "pointing_game.parquet").set_index(["rank", "mask"])
+    pointing = pd.read_parquet(results / "pointing_game.parquet")
+    assert set(pointing["region"]) == {"planted", "exclusive"}
+    pointing = pointing.set_index(["region", "rank", "mask"])
     # easy data: the order's top trait head lands on the body far more often than a random patch
-    assert pointing.loc[("order", "order"), "hit_rate"] > pointing.loc[("order", "order"), "random_rate"] + 0.3
+    body = pointing.loc[("planted", "order", "order")]
+    assert body["hit_rate"] > body["random_rate"] + 0.3
+    # the body's exclusive region leaves out the traits planted on it: fewer patches overlap it
+    assert pointing.loc[("exclusive", "order", "order"), "random_rate"] < body["random_rate"]
     assert "## Targets" in (results / "summary.md").read_text()
 
 

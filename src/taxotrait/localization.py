@@ -1,7 +1,9 @@
 """Where the trait heads point, scored against ground-truth masks (the demo's planted traits).
 
 Pointing game: a head hits a mask when its attention peak's patch, mapped back from the model's input crop to the
-original image, overlaps the mask. The random baseline is the share of patches that overlap it.
+original image, overlaps the mask. The random baseline is the share of patches that overlap it. Masks may nest (the
+demo's body contains its stripe region and marks), so each is scored twice: as planted, and as its exclusive region
+(each pixel given to the smallest mask covering it), where a peak on the stripes no longer also counts for the body.
 
 Below, the ground truth in the model's input crop (masks, or CUB-style part keypoints) and the metrics that score
 whole saliency maps against it: pointing game, energy-based pointing game, the part a head points to, part
@@ -17,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-POINTING_COLUMNS = {"rank": "string", "mask": "string", "hit_rate": "float64", "random_rate": "float64",
-                    "n_images": "int64"}
+POINTING_COLUMNS = {"rank": "string", "mask": "string", "region": "string", "hit_rate": "float64",
+                    "random_rate": "float64", "n_images": "int64"}
+PLANTED, EXCLUSIVE = "planted", "exclusive"  # the values of `region`
 
 
 def crop_geometry(width: int, height: int, resize: int, img_size: int) -> tuple[float, float, float]:
@@ -55,11 +58,21 @@ def top_trait_heads(heads: pd.DataFrame) -> pd.DataFrame:
     return heads.loc[heads.groupby("image_id")["removal_step"].idxmax()].reset_index(drop=True)
 
 
+def exclusive_masks(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Nested masks -> disjoint ones: each pixel belongs only to the smallest mask covering it (ties: the first)."""
+    exclusive, taken = {}, np.zeros(next(iter(masks.values())).shape, bool)
+    for name in sorted(masks, key=lambda n: int(masks[n].sum())):
+        exclusive[name] = masks[name].astype(bool) & ~taken
+        taken |= exclusive[name]
+    return {name: exclusive[name] for name in masks}
+
+
 def pointing_game(heads: pd.DataFrame, manifest: pd.DataFrame, load_masks, grid: tuple[int, int], resize: int,
                   img_size: int) -> pd.DataFrame:
-    """Hit rate of each image's top trait head on every ground-truth mask, with the random-patch baseline.
+    """Hit rate of each image's top trait head on every ground-truth mask, as planted and as its exclusive region,
+    with the random-patch baseline.
 
-    load_masks(mask_path) -> {name: bool array [H, W]}. One row per (rank, mask); see POINTING_COLUMNS.
+    load_masks(mask_path) -> {name: bool array [H, W]}. One row per (rank, mask, region); see POINTING_COLUMNS.
     """
     tops = top_trait_heads(heads).merge(manifest[["image_id", "mask_path"]], on="image_id")
     h, w = grid
@@ -69,11 +82,12 @@ def pointing_game(heads: pd.DataFrame, manifest: pd.DataFrame, load_masks, grid:
         height, width = next(iter(masks.values())).shape
         boxes = patch_boxes(grid, width, height, resize, img_size)
         peak = int(top.peak_y * h) * w + int(top.peak_x * w)
-        for name, mask in masks.items():
-            hits = box_hits(mask, boxes)
-            rows.append((top.rank, name, float(hits[peak]), float(hits.mean())))
-    table = pd.DataFrame(rows, columns=["rank", "mask", "hit", "random"])
-    summary = table.groupby(["rank", "mask"], sort=False).agg(
+        for region, regions in ((PLANTED, masks), (EXCLUSIVE, exclusive_masks(masks))):
+            for name, mask in regions.items():
+                hits = box_hits(mask, boxes)
+                rows.append((top.rank, name, region, float(hits[peak]), float(hits.mean())))
+    table = pd.DataFrame(rows, columns=["rank", "mask", "region", "hit", "random"])
+    summary = table.groupby(["rank", "mask", "region"], sort=False).agg(
         hit_rate=("hit", "mean"), random_rate=("random", "mean"), n_images=("hit", "size")).reset_index()
     return summary.astype(POINTING_COLUMNS)
 
@@ -126,8 +140,8 @@ class GroundTruth:
         if self.masks:
             size = next(iter(self.masks.values())).shape
             row, col = min(max(int(y), 0), size[0] - 1), min(max(int(x), 0), size[1] - 1)
-            inside = [(int(m.sum()), name) for name, m in self.masks.items() if m[row, col]]
-            return min(inside)[1] if inside else BACKGROUND
+            inside = [name for name, m in exclusive_masks(self.masks).items() if m[row, col]]
+            return inside[0] if inside else BACKGROUND
         if self.points:
             names = list(self.points)
             xy = np.array([self.points[n] for n in names])

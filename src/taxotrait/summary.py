@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import pandas as pd
 
-from .localization import POINTING_COLUMNS, pointing_game
+from .localization import EXCLUSIVE, PLANTED, POINTING_COLUMNS, pointing_game
 from .synthetic import load_masks
 
 log = logging.getLogger("taxotrait.summary")
@@ -44,12 +44,14 @@ def summary_text(test: pd.DataFrame, pointing: pd.DataFrame, ranks: list[str]) -
     targets = [("top-1 >= 0.90", rank, top1.get(rank, float("nan")), 0.90) for rank in ranks]
     if len(pointing):
         masks = list(dict.fromkeys(pointing["mask"]))
-        lines += ["", "Pointing game of the top trait head (hit rate; random patch in brackets):", "",
-                  "| rank | " + " | ".join(masks) + " |", "|---" * (len(masks) + 1) + "|"]
-        for rank, rows in pointing.groupby("rank", sort=False):
-            cells = {r.mask: f"{r.hit_rate:.2f} ({r.random_rate:.2f})" for r in rows.itertuples(index=False)}
-            lines.append(f"| {rank} | " + " | ".join(cells.get(m, "") for m in masks) + " |")
-        rates = pointing.set_index(["rank", "mask"])["hit_rate"]
+        for region, title in ((PLANTED, "masks as planted (the body contains the stripe region and both marks)"),
+                              (EXCLUSIVE, "exclusive regions (each pixel in the smallest mask covering it)")):
+            lines += ["", f"Pointing game of the top trait head, {title}; hit rate, random patch in brackets:", "",
+                      "| rank | " + " | ".join(masks) + " |", "|---" * (len(masks) + 1) + "|"]
+            for rank, rows in pointing[pointing["region"] == region].groupby("rank", sort=False):
+                cells = {r.mask: f"{r.hit_rate:.2f} ({r.random_rate:.2f})" for r in rows.itertuples(index=False)}
+                lines.append(f"| {rank} | " + " | ".join(cells.get(m, "") for m in masks) + " |")
+        rates = pointing[pointing["region"] == EXCLUSIVE].set_index(["rank", "mask"])["hit_rate"]
         for rank in ranks:
             if (rank, rank) not in rates.index:
                 continue
@@ -57,7 +59,7 @@ def summary_text(test: pd.DataFrame, pointing: pd.DataFrame, ranks: list[str]) -
             if rank == ranks[-1]:
                 targets.append((f"pointing on the {rank} mark >= 0.80", rank, rates[(rank, rank)], 0.80))
             elif len(others):
-                targets.append((f"pointing on own trait > best other ({others.idxmax()})", rank,
+                targets.append((f"pointing on own trait > best other ({others.idxmax()}), exclusive regions", rank,
                                 rates[(rank, rank)], others.max() + 1e-9))
     lines += ["", "## Targets", ""]
     for name, rank, value, goal in targets:
