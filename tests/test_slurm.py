@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import pytest
 import torch
 import yaml
 
+from taxotrait.runner import free_port, stop_process
+
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "srun", "sinfo", "scancel")
@@ -34,12 +35,6 @@ GPU_RULES = {"cache_tokens", "train", "extract_attention", "mask_heads", "train_
              "faithfulness"}
 RANKS = ["species"]
 RUN_TIMEOUT_S = 480
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_hardware() -> tuple[str, int, int]:
@@ -144,14 +139,8 @@ PartitionName=gpu Nodes={name} MaxTime=INFINITE State=UP
     def stop(self):
         if any(name == "slurmctld" and p.poll() is None for name, p in self.processes):
             self.run("scancel", "--full", "-u", str(os.getuid()))  # jobs left by a failed run (this cluster's only)
-        for name, process in reversed(self.processes):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        for _, process in reversed(self.processes):
+            stop_process(process, grace_s=20)
 
 
 def missing_slurm() -> str | None:

@@ -17,7 +17,6 @@ import importlib
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from .runner import free_port, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,6 @@ class DataParallel:
 
 
 # ------------------------------------------------------------------------------------------------------ launching
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(function: str, processes: int, kwargs: dict, cuda: bool | None = None, log_file: str | None = None,
            timeout_s: float | None = None) -> None:
     """Run `function` ("package.module:name") with keyword arguments `kwargs` (JSON-serialisable) in `processes`
@@ -108,7 +103,7 @@ def launch(function: str, processes: int, kwargs: dict, cuda: bool | None = None
         job = Path(folder) / "job.json"
         job.write_text(json.dumps({"function": function, "kwargs": kwargs, "backend": "nccl" if cuda else "gloo",
                                    "log_file": log_file}))
-        port = _free_port()
+        port = free_port()
         children = []
         for rank in range(processes):
             env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
@@ -124,13 +119,7 @@ def launch(function: str, processes: int, kwargs: dict, cuda: bool | None = None
                 break
             time.sleep(0.2)
         for c in children:  # a failed rank leaves the others waiting in a collective: stop them
-            if c.poll() is None:
-                c.terminate()
-                try:
-                    c.wait(30)
-                except subprocess.TimeoutExpired:
-                    c.kill()
-                    c.wait()
+            stop_process(c, grace_s=30)
         failed = {rank: c.returncode for rank, c in enumerate(children) if c.returncode != 0}
         if failed:
             raise RuntimeError(f"data-parallel {function}: process(es) failed (rank: exit code) {failed}")

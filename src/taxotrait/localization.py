@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -134,13 +135,18 @@ class GroundTruth:
             return {KEYPOINTS: keypoint_mask(np.array(list(self.points.values())), size, tolerance)}
         return {}
 
+    @cached_property
+    def regions(self) -> dict[str, np.ndarray]:
+        """The masks as disjoint regions (`exclusive_masks`), computed once."""
+        return exclusive_masks(self.masks)
+
     def part_at(self, x: float, y: float) -> str:
         """The part at crop point (x, y): the most specific (smallest) mask containing its pixel, else `BACKGROUND`;
         with keypoints, the nearest visible keypoint ('' when the image has none)."""
         if self.masks:
             size = next(iter(self.masks.values())).shape
             row, col = min(max(int(y), 0), size[0] - 1), min(max(int(x), 0), size[1] - 1)
-            inside = [name for name, m in exclusive_masks(self.masks).items() if m[row, col]]
+            inside = [name for name, m in self.regions.items() if m[row, col]]
             return inside[0] if inside else BACKGROUND
         if self.points:
             names = list(self.points)

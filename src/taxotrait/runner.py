@@ -1,11 +1,13 @@
-"""Light helpers of the workflow (no torch import): configuration checks, atomic writes and the Snakemake script
-adapter."""
+"""Light helpers of the workflow (no torch import): configuration checks, atomic writes, the Snakemake script
+adapter and child processes."""
 
 from __future__ import annotations
 
 import logging
 import os
 import secrets
+import socket
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -131,3 +133,22 @@ def run_script(snakemake, step) -> None:
     except Exception:
         log.exception("step failed")
         raise
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(process: subprocess.Popen, grace_s: float) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL when it has not exited after `grace_s` seconds."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
