@@ -492,3 +492,13 @@ def test_backbone_weights_in_the_hub_cache_need_no_network(no_network, tmp_path)
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, repo / "snapshots/abc123/model.safetensors")
     cached = create_backbone(name, None, 224)
     assert weights_digest(cached) == weights_digest(source) and no_network == []
+
+
+def test_cuda_requested_without_one_names_the_setting(monkeypatch):
+    from taxotrait.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")
+    for key in ("train.device", "evaluation.device"):
+        with pytest.raises(ConfigError, match=f"^{re.escape(key)}: cuda requested but no CUDA device is available"):
+            resolve_device("cuda", key)

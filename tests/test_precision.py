@@ -71,7 +71,7 @@ def images(tmp_path_factory):
 def test_training_loop_learns_under_bf16_autocast(depth, images, tmp_path, monkeypatch):
     """The loop as it runs on CUDA (autocast on), here on the CPU: depth 1 through the kept keys/values, depth 2
     through the cached tokens."""
-    monkeypatch.setattr(taxotrait.train, "_autocast", lambda device: bf16())
+    monkeypatch.setattr(taxotrait.train, "mixed_precision", lambda device: bf16())
     paths, labels = images
     model = make_model(depth=depth)
     train_cache = build_token_cache(model, paths, tmp_path / "train.npy", views=2, augment=AUGMENT, progress=False)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .dataset import ImageError, read_image  # noqa: F401  (ImageError: re-exported)
+from .devices import resolve_device
 from .model import PromptCAM
 from .runner import atomic_write
 
@@ -189,7 +190,7 @@ def build_token_cache(
     transform = ImageTransform.for_model(model, augment)
     if not transform.augment.random and views != 1:
         raise ValueError(f"a cache without augmentation has one view, got views={views}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     model.to(device).eval()
     meta = {"format": CACHE_FORMAT, "shape": [len(paths), views, *token_shape(model)], "dtype": "float16",
             "views": views, "augment": asdict(transform.augment), "seed": seed, **_describe(model), "paths": paths}

@@ -17,7 +17,7 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .runner import atomic_write
+from .runner import write_parquet
 
 log = logging.getLogger("taxotrait.dataset")
 
@@ -303,7 +303,6 @@ def prepare_files(inputs: dict, outputs: dict, config: dict) -> None:
     taxonomy = read_taxonomy(inputs["taxonomy"], ranks) if inputs.get("taxonomy") else None
     manifest, classes, rejects = prepare_dataset(images, taxonomy, ranks, source, data.get("max_reject_fraction", 0.01))
     for table, key in ((manifest, "manifest"), (classes, "classes"), (rejects, "rejects")):
-        with atomic_write(outputs[key]) as tmp:
-            table.to_parquet(tmp, index=False)
+        write_parquet(table, outputs[key])
     log.info("%d images, %d rejected; classes per rank: %s", len(manifest), len(rejects),
              classes.groupby("rank", sort=False).size().to_dict())

@@ -44,11 +44,12 @@ from .backbone import weights_digest
 from .baselines import LinearProbe, attention_rollout, cam_maps, fit_linear_probe, load_probe, save_probe
 from .data import AugmentConfig, ImageTransform, TokenCache, load_image
 from .dataset import class_names, labels
+from .devices import mixed_precision, resolve_device
 from .extract import map_statistics
 from .faithfulness import insertion_deletion, upsample
-from .localization import (BACKGROUND, KEYPOINTS, energy_shares, load_ground_truth, normalise_maps, part_consistency,
+from .localization import (KEYPOINTS, energy_shares, load_ground_truth, normalise_maps, part_consistency,
                            pointing_hits)
-from .runner import ConfigError, atomic_write
+from .runner import atomic_write, empty_table, write_parquet
 from .traits import rank_traits
 
 log = logging.getLogger("taxotrait.evaluation")
@@ -101,12 +102,8 @@ def settings(config: dict) -> dict:
 
 
 def device_of(s: dict) -> torch.device:
-    name = s.get("device", "auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("evaluation.device: cuda requested but no CUDA device is available")
-    return torch.device(name)
+    """The device of the evaluation settings `s` (`evaluation.device`)."""
+    return resolve_device(s.get("device", "auto"), "evaluation.device")
 
 
 def faithfulness_settings(config: dict, device: torch.device) -> dict:
@@ -121,19 +118,6 @@ def faithfulness_ranks(config: dict, finest_ranks: int | None) -> list[str]:
     return list(ranks) if not finest_ranks else list(ranks[-int(finest_ranks):])
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
-def _write_parquet(frame: pd.DataFrame, path) -> None:
-    with atomic_write(path) as tmp:
-        frame.to_parquet(tmp, index=False)
-
-
-def _empty(columns: dict) -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
-
-
 # ------------------------------------------------------------------------------------------------ probes
 @torch.no_grad()
 def probe_features(probe: LinearProbe, cache: TokenCache, rows: np.ndarray, batch_size: int,
@@ -143,7 +127,7 @@ def probe_features(probe: LinearProbe, cache: TokenCache, rows: np.ndarray, batc
     for start in range(0, len(rows), batch_size):
         tokens = torch.from_numpy(cache.tokens[rows[start:start + batch_size]].astype(np.float32)).to(device)
         b, v = tokens.shape[:2]
-        with _autocast(device):
+        with mixed_precision(device):
             chunks.append(probe.features(tokens.flatten(0, 1)).float().unflatten(0, (b, v)).cpu())
     return torch.cat(chunks) if chunks else torch.zeros(0, cache.views, probe.backbone.embed_dim)
 
@@ -286,7 +270,7 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
 
     cache = TokenCache.open(inputs["eval_tokens"])
     tokens = torch.from_numpy(cache.tokens[cache.index(rows["path"]), 0].astype(np.float32)).to(device)
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), mixed_precision(device):
         probe_prediction = torch.cat([probe.forward_tokens(tokens[i:i + s["batch_size"]]).float().argmax(1)
                                       for i in range(0, len(tokens), s["batch_size"])]).cpu().numpy()
     truth = torch.as_tensor(sub_label)
@@ -339,8 +323,8 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
     if rank not in faithfulness_ranks(config, f["finest_ranks"]):
         log.info("%s: faithfulness not computed (evaluation.faithfulness finest_ranks=%s on %s)", rank,
                  f["finest_ranks"], device.type)
-        _write_parquet(_empty(FAITHFULNESS_COLUMNS), outputs["table"])
-        _write_parquet(_empty(CURVE_COLUMNS), outputs["curves"])
+        write_parquet(empty_table(FAITHFULNESS_COLUMNS), outputs["table"])
+        write_parquet(empty_table(CURVE_COLUMNS), outputs["curves"])
         return
     sal = read_saliency(inputs["saliency"])
     n = len(sal["image_id"]) if not f["images"] else min(int(f["images"]), len(sal["image_id"]))
@@ -353,11 +337,11 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
     chunk = config["model"].get("class_chunk")
 
     def prompt_cam(x):
-        with _autocast(device):
+        with mixed_precision(device):
             return model(x, chunk_size=chunk)
 
     def linear_probe(x):
-        with _autocast(device):
+        with mixed_precision(device):
             return probe(x)
 
     rows, curves = [], []
@@ -376,9 +360,9 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
                 curves.append((rank, method, name, fraction, probability))
         log.info("%s %s: insertion %.3f, deletion %.3f on %d images (%d steps) in %.1f s", rank, method,
                  rows[-1][3], rows[-1][4], n, len(result.fractions) - 1, seconds)
-    _write_parquet(pd.DataFrame(rows, columns=list(FAITHFULNESS_COLUMNS)).astype(FAITHFULNESS_COLUMNS),
+    write_parquet(pd.DataFrame(rows, columns=list(FAITHFULNESS_COLUMNS)).astype(FAITHFULNESS_COLUMNS),
                    outputs["table"])
-    _write_parquet(pd.DataFrame(curves, columns=list(CURVE_COLUMNS)).astype(CURVE_COLUMNS), outputs["curves"])
+    write_parquet(pd.DataFrame(curves, columns=list(CURVE_COLUMNS)).astype(CURVE_COLUMNS), outputs["curves"])
 
 
 # -------------------------------------------------------------------------------------------- localization
@@ -430,7 +414,7 @@ def head_part_table(rank: str, attention_path, heads: pd.DataFrame, truth: dict,
                 records.append((names[label[row]], head, image_id, gt.part_at(peak_x[head] * img_size,
                                                                              peak_y[head] * img_size)))
     if not records:
-        return _empty(HEAD_PART_COLUMNS)
+        return empty_table(HEAD_PART_COLUMNS)
     table = part_consistency(pd.DataFrame(records, columns=["taxon", "head", "image_id", "part"]), threshold)
     trait = class_trait_heads(heads, names, num_heads)
     index = {name: i for i, name in enumerate(names)}
@@ -450,8 +434,8 @@ def localization_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
     truth = load_ground_truth(split, config["augment"]["resize"], img_size, s["parts"])
     if not truth:
         log.info("%s: no ground truth (no mask_path column, no evaluation.parts): nothing to localize", rank)
-        _write_parquet(_empty(LOCALIZATION_COLUMNS), outputs["table"])
-        _write_parquet(_empty(HEAD_PART_COLUMNS), outputs["head_parts"])
+        write_parquet(empty_table(LOCALIZATION_COLUMNS), outputs["table"])
+        write_parquet(empty_table(HEAD_PART_COLUMNS), outputs["head_parts"])
         return
     sal = read_saliency(inputs["saliency"])
     rows = localization_rows(rank, sal["maps"][:, :, 0], sal["methods"], sal["image_id"], truth, img_size, tolerance)
@@ -464,8 +448,8 @@ def localization_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
         if len(trait):
             rows.append((rank, "prompt_cam", "", "trait_part_consistency", float(trait["consistent"].mean()), images))
     table = pd.DataFrame(rows, columns=list(LOCALIZATION_COLUMNS)).astype(LOCALIZATION_COLUMNS)
-    _write_parquet(table, outputs["table"])
-    _write_parquet(heads, outputs["head_parts"])
+    write_parquet(table, outputs["table"])
+    write_parquet(heads, outputs["head_parts"])
     log.info("%s localization:\n%s", rank, table.to_string(index=False))
 
 
@@ -623,12 +607,12 @@ def evaluation_summary(inputs: dict, outputs: dict, config: dict) -> None:
     from .figures import save_figure
 
     faithfulness = pd.concat([pd.read_parquet(p) for p in inputs["faithfulness"]], ignore_index=True)
-    faithfulness = faithfulness.astype(FAITHFULNESS_COLUMNS) if len(faithfulness) else _empty(FAITHFULNESS_COLUMNS)
+    faithfulness = faithfulness.astype(FAITHFULNESS_COLUMNS) if len(faithfulness) else empty_table(FAITHFULNESS_COLUMNS)
     curves = pd.concat([pd.read_parquet(p) for p in inputs["curves"]], ignore_index=True)
     localization = pd.concat([pd.read_parquet(p) for p in inputs["localization"]], ignore_index=True)
-    localization = localization.astype(LOCALIZATION_COLUMNS) if len(localization) else _empty(LOCALIZATION_COLUMNS)
-    _write_parquet(faithfulness, outputs["faithfulness"])
-    _write_parquet(localization, outputs["localization"])
+    localization = localization.astype(LOCALIZATION_COLUMNS) if len(localization) else empty_table(LOCALIZATION_COLUMNS)
+    write_parquet(faithfulness, outputs["faithfulness"])
+    write_parquet(localization, outputs["localization"])
     figures = Path(outputs["figures"])
     figures.mkdir(parents=True, exist_ok=True)
     save_figure(faithfulness_figure(faithfulness, curves), figures / "faithfulness.png")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .masking import greedy_head_masking
 from .model import PromptCAM
-from .runner import atomic_write
+from .runner import atomic_write, empty_table
 
 TokenBatch = tuple[list[str], torch.Tensor, torch.Tensor]  # image ids, frozen tokens [B, T, D], labels [B]
 
@@ -157,7 +157,7 @@ def mask_heads(
             maps = np.stack([h5["attention"][row, 0] for row in rows[keep]])  # true-class maps [b, H, h, w]
             frames.append(heads_frame([i for i, k in zip(batch_ids, keep) if k], rank, model.class_names, result, maps))
     if not frames:
-        return pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in HEADS_COLUMNS.items()})
+        return empty_table(HEADS_COLUMNS)
     return pd.concat(frames, ignore_index=True)
 
 

@@ -41,6 +41,19 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_parquet(frame, path: str | os.PathLike) -> None:
+    """A pandas DataFrame to a Parquet file, without its index, atomically (`atomic_write`)."""
+    with atomic_write(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def empty_table(columns: dict):
+    """An empty pandas DataFrame with these {column: dtype}: a table's schema when it has no rows."""
+    import pandas as pd
+
+    return pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in columns.items()})
+
+
 @contextmanager
 def atomic_outputs(outputs: Mapping) -> Iterator[dict]:
     """`atomic_write` for every named output file of a step: yields {name: temporary path}; all of them are renamed

@@ -9,6 +9,7 @@ import h5py
 import pandas as pd
 
 from .localization import EXCLUSIVE, PLANTED, POINTING_COLUMNS, pointing_game
+from .runner import empty_table, write_parquet
 from .synthetic import load_masks
 
 log = logging.getLogger("taxotrait.summary")
@@ -27,9 +28,8 @@ def summarise(inputs: dict, outputs: dict, config: dict) -> None:
                 grid = tuple(int(g) for g in h5.attrs["grid"])
             frames.append(pointing_game(pd.read_parquet(heads_path), manifest, load_masks, grid,
                                         config["augment"]["resize"], config["backbone"]["img_size"]))
-    empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in POINTING_COLUMNS.items()})
-    pointing = pd.concat(frames, ignore_index=True) if frames else empty
-    pointing.to_parquet(outputs["pointing"], index=False)
+    pointing = pd.concat(frames, ignore_index=True) if frames else empty_table(POINTING_COLUMNS)
+    write_parquet(pointing, outputs["pointing"])
     text = summary_text(test, pointing, ranks)
     Path(outputs["summary"]).write_text(text)
     log.info("\n%s", text)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, checkpoint_payload, read_checkpoint
 from .data import ImageDataset, TokenDataset, derived_generator, derived_seed
+from .devices import mixed_precision, resolve_device
 from .distributed import DataParallel
 from .model import PromptCAM
 
@@ -138,10 +139,6 @@ def _with_keys_values(model: PromptCAM, data, config: TrainConfig, device: torch
     return KeyValueDataset(data, model, config.batch_size, progress)
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.no_grad()
 def predict(model: PromptCAM, data, batch_size: int = 256, classes: torch.Tensor | None = None,
             chunk_size: int | None = None, num_workers: int = 0) -> torch.Tensor:
@@ -152,7 +149,7 @@ def predict(model: PromptCAM, data, batch_size: int = 256, classes: torch.Tensor
     classes = None if classes is None else classes.to(device)
     forward, out = _forward(model, data), []
     for x, _ in _batches(data, torch.arange(len(data)), batch_size, device, num_workers):
-        with _autocast(device):
+        with mixed_precision(device):
             out.append(forward(x, classes=classes, chunk_size=chunk_size).float().cpu())
     return torch.cat(out) if out else torch.empty(0, model.num_classes if classes is None else classes.shape[-1])
 
@@ -219,8 +216,7 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
     if config.optimizer not in ("sgd", "adamw") or config.schedule not in ("cosine", "onecycle") \
             or config.prompt_init not in ("uniform", "cls_mean"):
         raise ValueError(f"unknown optimizer, schedule or prompt_init in {config}")
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if config.device == "auto" else config.device)
+    device = resolve_device(config.device, "train.device")
     model.to(device)
     parallel = DataParallel()
     for data, name in ((train_data, "train_data"), (val_data, "val_data")):
@@ -255,7 +251,7 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
                 lr = learning_rate(config, steps, (epoch - 1) * steps + i)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with _autocast(device):
+                with mixed_precision(device):
                     scores = forward(x, chunk_size=config.class_chunk)
                 loss, value, count, right = parallel.loss(scores.float(), y, config.label_smoothing)
                 if not math.isfinite(value):

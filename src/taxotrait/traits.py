@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .localization import head_peak_parts, load_ground_truth, modal_parts
+from .runner import empty_table, write_parquet
 
 TRAIT_COLUMNS = ["n_images", "frequency", "mean_importance", "peak_x", "peak_y", "spread", "part", "part_share"]
 
@@ -33,7 +34,7 @@ def aggregate_traits(heads: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """
     if not heads["is_trait_head"].any():  # e.g. no correctly classified image: an empty table of the same columns
         types = {**{c: "string" for c in by}, "head": "int64", "n_images": "int64", "part": "string"}
-        return pd.DataFrame({c: pd.Series(dtype=types.get(c, "float64")) for c in [*by, "head", *TRAIT_COLUMNS]})
+        return empty_table({c: types.get(c, "float64") for c in [*by, "head", *TRAIT_COLUMNS]})
     heads = heads.assign(importance=heads["score_before_removal"] - heads["score_after_removal"])
     group_sizes = heads.groupby(by)["image_id"].nunique().rename("group_images")
     traits = heads[heads["is_trait_head"]].groupby([*by, "head"]).agg(
@@ -133,24 +134,18 @@ def write_rank_traits(heads_path: str | os.PathLike, out_path: str | os.PathLike
                       manifest_path: str | os.PathLike | None = None, config: dict | None = None) -> None:
     """heads.parquet of one rank -> traits.parquet; with the manifest and the workflow config, traits are named
     after the ground truth's parts (`name_heads`)."""
-    from .runner import atomic_write
-
     heads = pd.read_parquet(heads_path)
     if manifest_path is not None and _naming(config):
         heads = name_heads(heads, pd.read_parquet(manifest_path), *_naming(config))
-    with atomic_write(out_path) as tmp:
-        rank_traits(heads).to_parquet(tmp, index=False)
+    write_parquet(rank_traits(heads), out_path)
 
 
 def write_hierarchy(heads_paths: list, manifest_path: str | os.PathLike, ranks: list[str],
                     out_path: str | os.PathLike, config: dict | None = None) -> None:
     """Every rank's heads.parquet + the manifest -> hierarchy_traits.parquet (traits named as in
     `write_rank_traits` when the workflow config is given)."""
-    from .runner import atomic_write
-
     manifest = pd.read_parquet(manifest_path)
     heads = [pd.read_parquet(path) for path in heads_paths]
     if _naming(config):
         heads = [name_heads(h, manifest, *_naming(config)) for h in heads]
-    with atomic_write(out_path) as tmp:
-        hierarchy_traits(heads, manifest, ranks).to_parquet(tmp, index=False)
+    write_parquet(hierarchy_traits(heads, manifest, ranks), out_path)

@@ -20,7 +20,7 @@ from .dataset import class_names, labels
 from .distributed import DataParallel, launch
 from .extract import extract_attention, mask_heads, sibling_classes
 from .model import PromptCAM, PromptConfig
-from .runner import ConfigError, atomic_write
+from .runner import ConfigError, write_parquet
 from .train import TrainConfig, predict, top_k_accuracy, train
 
 log = logging.getLogger("taxotrait")
@@ -124,8 +124,7 @@ def train_rank(rank: str, inputs: dict, outputs: dict, config: dict, gpus: int =
     if not DataParallel().is_main:
         return
     atomic_save(checkpoint_payload(model.cpu(), rank=rank), outputs["model"])
-    with atomic_write(outputs["log_table"]) as tmp:
-        history.to_parquet(tmp, index=False)
+    write_parquet(history, outputs["log_table"])
     state.unlink(missing_ok=True)  # only an unfinished training keeps its state
 
 
@@ -151,8 +150,7 @@ def evaluate(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
                 rows.append((rank, split, taxon, int(pick.sum()), top_k_accuracy(logits[pick], truth[pick], 1),
                              top_k_accuracy(logits[pick], truth[pick], 5)))
     metrics = pd.DataFrame(rows, columns=list(METRICS_COLUMNS)).astype(METRICS_COLUMNS)
-    with atomic_write(outputs["metrics"]) as tmp:
-        metrics.to_parquet(tmp, index=False)
+    write_parquet(metrics, outputs["metrics"])
     overall = metrics[metrics["taxon"] == "__all__"].set_index("split")["top1"].round(3).to_dict()
     log.info("%s top-1: %s", rank, overall)
 
@@ -190,7 +188,6 @@ def mask_rank_heads(rank: str, inputs: dict, outputs: dict, config: dict) -> Non
     m = config["masking"]
     heads = mask_heads(model, batches(), inputs["attention"], rank, m.get("blur_mode", "uniform_patches"),
                        m.get("stopping", "prediction"), m.get("top_k", 1), config["model"].get("class_chunk"))
-    with atomic_write(outputs["heads"]) as tmp:
-        heads.to_parquet(tmp, index=False)
+    write_parquet(heads, outputs["heads"])
     log.info("%s: %d correctly classified images masked, %.2f trait heads per image", rank,
              heads["image_id"].nunique(), heads["is_trait_head"].sum() / max(1, heads["image_id"].nunique()))
