@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .dataset import ImageError, read_image  # noqa: F401  (ImageError: re-exported)
 from .devices import resolve_device
+from .localization import centre_crop, resized_size
 from .model import PromptCAM
 from .runner import atomic_write
 
@@ -83,15 +84,13 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         a, size = self.augment, self.img_size
-        w, h = image.size
-        short, long = a.resize, int(a.resize * max(w, h) / min(w, h))  # as torchvision's Resize(int)
-        image = image.resize((short, long) if w <= h else (long, short), Image.Resampling.BICUBIC)
+        image = image.resize(resized_size(*image.size, a.resize), Image.Resampling.BICUBIC)
         w, h = image.size
         if generator is not None and a.crop:
             left = int(torch.randint(w - size + 1, (), generator=generator))
             top = int(torch.randint(h - size + 1, (), generator=generator))
         else:
-            left, top = round((w - size) / 2), round((h - size) / 2)
+            left, top = centre_crop(w, h, size)
         image = image.crop((left, top, left + size, top + size))
         if generator is not None and a.hflip and torch.rand((), generator=generator) < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

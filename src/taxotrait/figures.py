@@ -23,12 +23,12 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
 from .data import AugmentConfig, ImageTransform, load_image
+from .faithfulness import upsample
 from .runner import atomic_write
 
 log = logging.getLogger("taxotrait.figures")
@@ -74,12 +74,6 @@ def eval_crop(path: str | os.PathLike, img_size: int, resize: int) -> np.ndarray
         raise FileNotFoundError(f"image not found: {path}")
     transform = ImageTransform(img_size, ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), AugmentConfig(resize, False, False))
     return transform(load_image(path)).permute(1, 2, 0).clamp(0, 1).numpy()
-
-
-def upsample(attention_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A [h, w] map resized bilinearly to `size` (H, W)."""
-    x = torch.as_tensor(np.asarray(attention_map, dtype=np.float32))[None, None]
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 def normalise_map(heat: np.ndarray) -> np.ndarray:
@@ -146,7 +140,7 @@ def overlay(ax, image: np.ndarray, attention_map: np.ndarray, alpha: float = 0.5
     image = np.asarray(image)
     if image.dtype == np.uint8:
         image = image.astype(np.float32) / 255
-    heat = upsample(attention_map, image.shape[:2])
+    heat = upsample(torch.as_tensor(np.asarray(attention_map, dtype=np.float32))[None], image.shape[:2])[0].numpy()
     if normalise:
         heat = normalise_map(heat)
     ax.imshow(image, interpolation="nearest")

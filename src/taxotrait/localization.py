@@ -25,11 +25,20 @@ POINTING_COLUMNS = {"rank": "string", "mask": "string", "region": "string", "hit
 PLANTED, EXCLUSIVE = "planted", "exclusive"  # the values of `region`
 
 
+def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """(width, height) of an image whose shorter side is resized to `resize` (as torchvision's Resize(int))."""
+    return (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
+
+
+def centre_crop(width: int, height: int, size: int) -> tuple[int, int]:
+    """(left, top) of the central `size` x `size` crop of a width x height image."""
+    return round((width - size) / 2), round((height - size) / 2)
+
+
 def crop_geometry(width: int, height: int, resize: int, img_size: int) -> tuple[float, float, float]:
-    """(scale, left, top) of the eval transform: shorter side resized to `resize`, central `img_size` crop."""
-    scale = resize / min(width, height)
-    new_w, new_h = (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
-    return scale, round((new_w - img_size) / 2), round((new_h - img_size) / 2)
+    """(scale, left, top) of the eval transform (`taxotrait.data.ImageTransform`): shorter side resized to `resize`,
+    central `img_size` crop."""
+    return (resize / min(width, height), *centre_crop(*resized_size(width, height, resize), img_size))
 
 
 def patch_boxes(grid: tuple[int, int], width: int, height: int, resize: int, img_size: int) -> np.ndarray:
@@ -164,6 +173,18 @@ def keypoint_mask(points: np.ndarray, size: int, radius: float) -> np.ndarray:
     return inside
 
 
+def part_annotation_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """The files of CUB-style part annotations in `folder` (the dataset root holding ``parts/``, or the ``parts``
+    folder itself): part_names (``parts.txt``), part_locs (``part_locs.txt``) and, when there is one, part_images
+    (``images.txt`` beside ``parts/``)."""
+    folder = Path(folder)
+    parts_dir = folder / "parts" if (folder / "parts" / "part_locs.txt").is_file() else folder
+    files = {"part_locs": parts_dir / "part_locs.txt", "part_names": parts_dir / "parts.txt"}
+    if (parts_dir.parent / "images.txt").is_file():
+        files["part_images"] = parts_dir.parent / "images.txt"
+    return files
+
+
 def read_part_locations(folder: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """CUB-style part annotations: (keypoints, images).
 
@@ -172,26 +193,24 @@ def read_part_locations(folder: str | os.PathLike) -> tuple[pd.DataFrame, pd.Dat
     keypoints: image_key (string), part (name), x, y, visible (bool). images: image_key, path from ``images.txt``
     (``<image_id> <relative path>``) beside ``parts/``, or None when there is none.
     """
-    folder = Path(folder)
-    parts_dir = folder / "parts" if (folder / "parts" / "part_locs.txt").is_file() else folder
-    for name in ("parts.txt", "part_locs.txt"):
-        if not (parts_dir / name).is_file():
-            raise FileNotFoundError(f"part annotations: {parts_dir / name} not found")
+    files = part_annotation_files(folder)
+    for key in ("part_names", "part_locs"):
+        if not files[key].is_file():
+            raise FileNotFoundError(f"part annotations: {files[key]} not found")
     names = {}
-    for line in (parts_dir / "parts.txt").read_text().splitlines():
+    for line in files["part_names"].read_text().splitlines():
         if line.strip():
             part_id, name = line.strip().split(maxsplit=1)
             names[part_id] = name
-    locs = pd.read_csv(parts_dir / "part_locs.txt", sep=r"\s+", header=None, dtype=str,
+    locs = pd.read_csv(files["part_locs"], sep=r"\s+", header=None, dtype=str,
                        names=["image_key", "part_id", "x", "y", "visible"])
     keypoints = pd.DataFrame({
         "image_key": locs["image_key"], "part": locs["part_id"].map(names).fillna(locs["part_id"]),
         "x": locs["x"].astype(float), "y": locs["y"].astype(float), "visible": locs["visible"].astype(float) > 0,
     })
-    images_txt = parts_dir.parent / "images.txt"
     images = None
-    if images_txt.is_file():
-        images = pd.read_csv(images_txt, sep=r"\s+", header=None, dtype=str, names=["image_key", "path"])
+    if "part_images" in files:
+        images = pd.read_csv(files["part_images"], sep=r"\s+", header=None, dtype=str, names=["image_key", "path"])
     return keypoints, images
 
 

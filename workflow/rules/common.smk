@@ -66,11 +66,9 @@ def part_annotation_inputs(wildcards=None):
         from taxotrait.runner import ConfigError
 
         raise ConfigError(f"evaluation.parts: {folder} does not exist")
-    parts = Path(folder) / "parts" if (Path(folder) / "parts" / "part_locs.txt").is_file() else Path(folder)
-    files = {"part_locs": str(parts / "part_locs.txt"), "part_names": str(parts / "parts.txt")}
-    if (parts.parent / "images.txt").is_file():
-        files["part_images"] = str(parts.parent / "images.txt")
-    return files
+    from taxotrait.localization import part_annotation_files
+
+    return {key: str(path) for key, path in part_annotation_files(folder).items()}
 
 
 def naming_params(wildcards=None):
