@@ -85,6 +85,23 @@ def test_rank_outputs(results, rank):
         assert pixels.std() > 10  # not blank
 
 
+def test_table_loaders_read_the_run(results):
+    from taxotrait.traits import load_hierarchy, load_traits
+
+    per_rank = {rank: pd.read_parquet(results / rank / "traits.parquet") for rank in RANKS}
+    pd.testing.assert_frame_equal(load_traits(results, "genus"), per_rank["genus"])
+    everything = load_traits(results)
+    assert len(everything) == sum(len(t) for t in per_rank.values())
+    assert set(everything["rank"]) == {rank for rank, t in per_rank.items() if len(t)}
+    with pytest.raises(FileNotFoundError, match="no traits.parquet under .*/kingdom"):
+        load_traits(results, "kingdom")
+    hierarchy = pd.read_parquet(results / "hierarchy_traits.parquet")
+    species = hierarchy["species"].iloc[0]
+    one = load_hierarchy(results, species)
+    assert len(one) == (hierarchy["species"] == species).sum() and set(one["species"]) == {species}
+    assert len(load_hierarchy(results)) == len(hierarchy)
+
+
 def test_hierarchy_and_summary(results):
     hierarchy = pd.read_parquet(results / "hierarchy_traits.parquet")
     assert set(hierarchy["rank"]) <= set(RANKS) and hierarchy["species"].nunique() >= 1
