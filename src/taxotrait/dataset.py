@@ -286,6 +286,11 @@ def class_names(classes: pd.DataFrame, rank: str) -> list[str]:
     return classes[classes["rank"] == rank].sort_values("class_index")["taxon"].tolist()
 
 
+def class_parents(classes: pd.DataFrame, rank: str) -> list[str]:
+    """Parent taxon of each class of `rank` in class-index order ('' at the top rank: one group of siblings)."""
+    return classes[classes["rank"] == rank].sort_values("class_index")["parent"].fillna("").astype(str).tolist()
+
+
 def labels(manifest: pd.DataFrame, classes: pd.DataFrame, rank: str) -> pd.Series:
     """Class index of every manifest row at `rank`."""
     index = {taxon: i for i, taxon in enumerate(class_names(classes, rank))}
@@ -301,6 +306,11 @@ def prepare_files(inputs: dict, outputs: dict, config: dict) -> None:
     else:
         images, source = read_manifest(inputs["manifest"]), inputs["manifest"]
     taxonomy = read_taxonomy(inputs["taxonomy"], ranks) if inputs.get("taxonomy") else None
+    if inputs.get("tree"):
+        from .taxonomy import check_leaves, tree_taxonomy
+
+        taxonomy = tree_taxonomy(inputs["tree"], ranks)
+        check_leaves(taxonomy, images[ranks[-1]], str(inputs["tree"]))
     manifest, classes, rejects = prepare_dataset(images, taxonomy, ranks, source, data.get("max_reject_fraction", 0.01))
     for table, key in ((manifest, "manifest"), (classes, "classes"), (rejects, "rejects")):
         write_parquet(table, outputs[key])
