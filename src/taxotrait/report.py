@@ -80,7 +80,7 @@ th { background: #e9edf3; } tbody tr:nth-child(even) { background: #f7f8fa; }
 td.number { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 aside table { width: 100%; }
 aside td, aside th { font-size: 0.9em; padding: 0.15em 0.5em; } aside td:first-child { color: #566; }
-li.missed { color: #a01c1c; } li.met { color: #1b6b2f; }
+li.missed { color: #a01c1c; } li.met { color: #1b6b2f; } p.jump { font-size: 0.9em; margin-top: -0.6em; }
 """
 NUMBER = re.compile(r"^-?[\d.]+( \([\d.]+\))?$|^nan$")
 
@@ -164,6 +164,8 @@ def page_html(markdown: str, config: dict, sections: tuple[str, ...]) -> str:
     `sections` of `config` beside them."""
     body = markdown_html(markdown)
     title = re.search(r"<h1>(.*?)</h1>", body)
+    body = re.sub(r"(</h1>)", r'\1<p class="jump"><a href="#settings">Settings of this run</a></p>', body, count=1)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title[1] if title else "taxotrait"}'
             f"</title><style>{STYLE}</style></head><body><div class=\"page\"><main>{body}</main>"
-            f"<aside><h2>Settings of this run</h2>{settings_html(config, sections)}</aside></div></body></html>\n")
+            f'<aside id="settings"><h2>Settings of this run</h2>{settings_html(config, sections)}</aside></div>'
+            "</body></html>\n")
