@@ -40,6 +40,7 @@ test-cluster: install slurm-packages
 
 demo: install
 	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) --report results/demo/report.html
 	@cat results/demo/summary.md
 
 bench: install

@@ -290,7 +290,7 @@ def test_non_ascii_names_and_spaces_end_to_end_without_a_val_split(tmp_path, mon
 
         patch.setattr(Image.Image, "save", broken_save)
         with pytest.raises(OSError, match="disk full"):
-            figures.save_figure(figures.message_figure("x"), failed / "figure.png")
+            figures.save_figure(figures.new_figure(1, 1), failed / "figure.png")
     assert list(failed.iterdir()) == []
 
 

@@ -1,5 +1,7 @@
 """The whole workflow on a tiny synthetic taxonomy, through Snakemake, with the real offline backbone."""
 
+import base64
+import json
 import os
 import re
 import subprocess
@@ -301,11 +303,49 @@ def test_killed_training_job_resumes_on_rerun(results, tmp_path, monkeypatch):
     assert not (folder / "train_state.pt").exists()
 
 
-def test_report_collects_the_figures(results, tmp_path):
+def report_data(html: str, name: str):
+    """A JSON value the Snakemake report embeds as `var <name> = ...;` (results, categories, workflow_desc)."""
+    return json.loads(re.search(rf'^\s*var {name} = ([{{"].*);\s*$', html, re.M)[1])
+
+
+def test_report_shows_the_tables_labels_every_result_and_orders_ranks(results, tmp_path):
     snakemake("--configfile", "tests/data/tiny.yaml", "--config", f"results={results.parent}",
               "--report", str(tmp_path / "report.html"))
     html = (tmp_path / "report.html").read_text()
-    assert "gallery_" in html and "Coarse to fine" in html and "summary.md" in html
+    shown, categories = report_data(html, "results"), report_data(html, "categories")
+    # the menu, sorted by name as the report does, is in the workflow's order; ranks coarse to fine
+    assert [name.split(". ", 1)[1] for name in sorted(categories)] == [
+        "Key", "Summary", "Coarse to fine", "Trait galleries", "Evaluation"]
+    galleries = categories[next(name for name in categories if name.endswith("Trait galleries"))]
+    assert [name.split(". ", 1)[1] for name in sorted(galleries)] == RANKS
+    # every result labelled: rank, taxon, kind (the report then lists labels, not paths)
+    manifest = pd.read_parquet(results / "manifest.parquet")
+    for entry in shown.values():
+        assert list(entry["labels"]) == ["rank", "taxon", "kind"] and all(entry["labels"].values()), entry["name"]
+        if entry["labels"]["kind"] == "trait gallery":
+            assert entry["labels"]["taxon"] in set(manifest[entry["labels"]["rank"]])
+    for subcategory, paths in galleries.items():
+        assert {shown[p]["labels"]["rank"] for p in paths} == {subcategory.split(". ", 1)[1]}
+    # the tables: HTML pages the report displays (not Markdown it would download), with the run's settings
+    pages = {entry["filename"]: entry for entry in shown.values() if entry["mime_type"] == "text/html"}
+    assert set(pages) == {"summary.html", "evaluation.html", "key.html"}
+    key = categories[next(name for name in categories if name.endswith("Key"))]
+    assert sorted(shown[p]["filename"] for paths in key.values() for p in paths) == ["key.html", "key.png"]
+    assert not [entry["filename"] for entry in shown.values() if entry["filename"].endswith(".md")]
+    for name, expected in (("summary.html", "<th>top-1 (top-down)</th>"), ("evaluation.html", "Prompt-CAM (trait heads)"),
+                           ("key.html", "<h2>(root) → Ordo_A vs Ordo_B (order)</h2>")):
+        page = base64.b64decode(pages[name]["data_uri"].split("base64,", 1)[1]).decode()
+        assert "<table>" in page and expected in page and "Settings of this run" in page
+        assert "<td>vit_small_patch14_dinov2.lvd142m</td>" in page and "<td>dataset</td><td>tiny</td>" in page
+    # one caption per kind of figure
+    captions = {entry["labels"]["kind"]: entry["caption"] for entry in shown.values()}
+    assert "Trait gallery" in captions["trait gallery"] and "Shared traits" not in captions["trait gallery"]
+    assert "Shared traits" in captions["shared traits"] and "Trait gallery" not in captions["shared traits"]
+    evaluation_captions = [captions[kind] for kind in ("faithfulness", "localization", "example maps")]
+    assert len(set(evaluation_captions)) == 3 and "Localization" in captions["localization"]
+    # the landing page describes the run
+    description = report_data(html, "workflow_desc")
+    assert "order → family → genus → species" in description and "vit_small_patch14_dinov2.lvd142m" in description
 
 
 def write_config(path, text):
