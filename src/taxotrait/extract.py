@@ -8,7 +8,9 @@
 - ``attention`` [N, K, heads, h, w] float16: last-block attention of those class prompts over the patch grid,
   chunked one image per chunk, gzip-compressed
 - attributes: rank, class_names, grid (h, w), heads, backbone, backbone_digest, variant, prompt_depth, img_size,
-  class_slots ("true, predicted, extra...")
+  class_slots ("true, predicted, extra..."), device (where the maps were computed: the model's device)
+
+Both steps run on the model's device (`taxotrait.devices`): each batch goes there, the results come back to the CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .devices import mixed_precision, model_device, to_host
 from .masking import greedy_head_masking
 from .model import PromptCAM
 from .runner import atomic_write, empty_table
@@ -52,8 +55,10 @@ def extract_attention(
     chunk_size: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Write `attention.h5` for the images of `batches` (see the module docstring)."""
+    """Write `attention.h5` for the images of `batches` (see the module docstring), computed on the model's device
+    (bf16 autocast on an accelerator, like `taxotrait.train.predict`)."""
     out_path = Path(out_path)
+    device = model_device(model)
     extra_classes = extra_classes or [[] for _ in range(model.num_classes)]
     num_slots = 2 + max((len(e) for e in extra_classes), default=0)
     heads = model.num_heads
@@ -64,7 +69,7 @@ def extract_attention(
             "rank": rank, "class_names": model.class_names, "grid": grid, "heads": heads,
             "backbone": config["backbone"], "backbone_digest": model.backbone_digest,
             "variant": config["variant"], "prompt_depth": config["prompt_depth"], "img_size": config["img_size"],
-            "class_slots": "true, predicted, extra...",
+            "class_slots": "true, predicted, extra...", "device": str(device),
         })
         image_ids = h5.create_dataset("image_id", (num_images,), dtype=h5py.string_dtype())
         label_ds = h5.create_dataset("label", (num_images,), dtype="int64")
@@ -79,21 +84,24 @@ def extract_attention(
         start = 0
         with tqdm(total=num_images, desc=f"attention {rank}", disable=not progress) as bar:
             for ids, tokens, labels in batches:
-                image_tokens = model.last_block_input(tokens.float())
-                logits, _ = model.class_scores(image_tokens, chunk_size=chunk_size)
+                with mixed_precision(device):
+                    image_tokens = model.last_block_input(tokens.to(device).float())
+                    logits, _ = model.class_scores(image_tokens, chunk_size=chunk_size)
+                logits = to_host(logits.float())
                 predictions = logits.argmax(1)
                 slots = torch.full((len(ids), num_slots), -1, dtype=torch.long)
                 for row, (label, prediction) in enumerate(zip(labels.tolist(), predictions.tolist())):
                     chosen = [label, prediction, *extra_classes[label]]
                     slots[row, : len(chosen)] = torch.tensor(chosen)
-                _, attention = model.class_scores(image_tokens, slots.clamp(min=0), return_attention=True)
-                maps = attention[..., -grid[0] * grid[1]:].unflatten(-1, grid)
+                with mixed_precision(device):
+                    _, attention = model.class_scores(image_tokens, slots.clamp(min=0).to(device), return_attention=True)
+                maps = to_host(attention[..., -grid[0] * grid[1]:].unflatten(-1, grid).float())
                 maps[slots < 0] = 0
                 stop = start + len(ids)
                 image_ids[start:stop] = ids
                 label_ds[start:stop] = labels.numpy()
                 prediction_ds[start:stop] = predictions.numpy()
-                logits_ds[start:stop] = logits.float().numpy()
+                logits_ds[start:stop] = logits.numpy()
                 classes_ds[start:stop] = slots.numpy()
                 attention_ds[start:stop] = maps.to(torch.float16).numpy()
                 start = stop
@@ -140,8 +148,10 @@ def mask_heads(
 ) -> pd.DataFrame:
     """Greedy head masking on the correctly classified images: one row per (image, head), see HEADS_COLUMNS.
 
-    Peaks and spread come from the true-class maps of `attention_path` (written by `extract_attention`).
+    Peaks and spread come from the true-class maps of `attention_path` (written by `extract_attention`). Runs on the
+    model's device in float32 (the greedy choice compares scores of nearly equal candidates).
     """
+    device = model_device(model)
     with h5py.File(attention_path, "r") as h5:
         ids = h5["image_id"].asstr()[:]
         correct = h5["label"][:] == h5["prediction"][:]
@@ -152,8 +162,9 @@ def mask_heads(
             keep = correct[rows]
             if not keep.any():
                 continue
-            result = greedy_head_masking(model, tokens[torch.from_numpy(keep)].float(), labels[torch.from_numpy(keep)],
-                                         blur_mode, stopping, top_k, chunk_size)
+            pick = torch.from_numpy(keep)
+            result = to_host(greedy_head_masking(model, tokens[pick].to(device).float(), labels[pick].to(device),
+                                                 blur_mode, stopping, top_k, chunk_size))
             maps = np.stack([h5["attention"][row, 0] for row in rows[keep]])  # true-class maps [b, H, h, w]
             frames.append(heads_frame([i for i, k in zip(batch_ids, keep) if k], rank, model.class_names, result, maps))
     if not frames:

@@ -109,7 +109,7 @@ def check_config(config: dict) -> None:
     if data.get("images") and not data.get("taxonomy"):
         raise ConfigError("data.taxonomy: an image tree needs a taxonomy table (one row per species, a column per rank)")
     weights = config["backbone"].get("weights")
-    if weights and not Path(weights).exists() and Path(weights) != OFFLINE_WEIGHTS:
+    if weights and weights != "random" and not Path(weights).exists() and Path(weights) != OFFLINE_WEIGHTS:
         raise ConfigError(f"backbone.weights: {weights} does not exist")
     for rank in config.get("rank_overrides") or {}:
         if rank not in config["ranks"]:

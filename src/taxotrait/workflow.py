@@ -17,6 +17,7 @@ from .backbone import create_backbone
 from .checkpoint import atomic_save, checkpoint_payload, load_checkpoint
 from .data import AugmentConfig, TokenCache, TokenDataset, build_token_cache, derived_seed
 from .dataset import class_names, labels
+from .devices import model_device, resolve_device
 from .distributed import DataParallel, launch
 from .extract import extract_attention, mask_heads, sibling_classes
 from .model import PromptCAM, PromptConfig
@@ -45,8 +46,16 @@ def new_model(config: dict, names: list[str]) -> PromptCAM:
     return PromptCAM(backbone_of(config), names, prompts, backbone_name=config["backbone"]["name"])
 
 
-def trained_model(path, config: dict) -> PromptCAM:
-    return load_checkpoint(path, backbone=backbone_of(config)).eval()
+def trained_model(path, config: dict, device: torch.device | None = None) -> PromptCAM:
+    """The checkpoint at `path` on the configured backbone, in eval mode, on `device` (default: the CPU)."""
+    return load_checkpoint(path, backbone=backbone_of(config)).eval().to(device or "cpu")
+
+
+def model_step_device(config: dict, rank: str | None = None) -> torch.device:
+    """The device of the model steps (cache_tokens, train, evaluate, extract_attention, mask_heads): `train.device`,
+    the rank's override first."""
+    settings = {**config["train"], **(config.get("rank_overrides") or {}).get(rank, {})}
+    return resolve_device(settings.get("device", "auto"), "train.device")
 
 
 def train_config(config: dict, rank: str) -> TrainConfig:
@@ -77,7 +86,7 @@ def cache_tokens(kind: str, manifest_path, out_path, config: dict) -> None:
         paths = manifest.loc[manifest["split"] != "train", "path"]
         augment, views = AugmentConfig(a["resize"], False, False), 1
     build_token_cache(probe, paths.tolist(), out_path, views=views, augment=augment,
-                      seed=config["train"].get("seed", 0))
+                      seed=config["train"].get("seed", 0), device=model_step_device(config))
 
 
 def token_data(cache_path, manifest: pd.DataFrame, classes: pd.DataFrame, rank: str, split: str | None):
@@ -123,19 +132,20 @@ def train_rank(rank: str, inputs: dict, outputs: dict, config: dict, gpus: int =
                     metadata={"rank": rank})
     if not DataParallel().is_main:
         return
+    write_parquet(history.assign(device=str(model_device(model))), outputs["log_table"])
     atomic_save(checkpoint_payload(model.cpu(), rank=rank), outputs["model"])
-    write_parquet(history, outputs["log_table"])
     state.unlink(missing_ok=True)  # only an unfinished training keeps its state
 
 
 METRICS_COLUMNS = {"rank": "string", "split": "string", "taxon": "string", "n_images": "int64",
-                   "top1": "float64", "top5": "float64"}
+                   "top1": "float64", "top5": "float64", "device": "string"}
 
 
 def evaluate(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
     """metrics.parquet: top-1/top-5 on val and test, overall (taxon '__all__') and per class."""
     manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
-    model = trained_model(inputs["model"], config)
+    device = model_step_device(config, rank)
+    model = trained_model(inputs["model"], config, device)
     rows = []
     for split in ("val", "test"):
         data, split_rows = token_data(inputs["eval_tokens"], manifest, classes, rank, split)
@@ -149,7 +159,7 @@ def evaluate(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
             if pick.any():
                 rows.append((rank, split, taxon, int(pick.sum()), top_k_accuracy(logits[pick], truth[pick], 1),
                              top_k_accuracy(logits[pick], truth[pick], 5)))
-    metrics = pd.DataFrame(rows, columns=list(METRICS_COLUMNS)).astype(METRICS_COLUMNS)
+    metrics = pd.DataFrame(rows, columns=list(METRICS_COLUMNS)[:-1]).assign(device=str(device)).astype(METRICS_COLUMNS)
     write_parquet(metrics, outputs["metrics"])
     overall = metrics[metrics["taxon"] == "__all__"].set_index("split")["top1"].round(3).to_dict()
     log.info("%s top-1: %s", rank, overall)
@@ -174,7 +184,7 @@ def eval_batches(inputs: dict, config: dict, rank: str):
 
 
 def extract_rank_attention(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
-    model = trained_model(inputs["model"], config)
+    model = trained_model(inputs["model"], config, model_step_device(config, rank))
     batches, count, classes = eval_batches(inputs, config, rank)
     rank_classes = classes[classes["rank"] == rank].sort_values("class_index")
     extra = sibling_classes(rank_classes["parent"].tolist(), config["attention"].get("extra_classes", 2))
@@ -183,7 +193,7 @@ def extract_rank_attention(rank: str, inputs: dict, outputs: dict, config: dict)
 
 
 def mask_rank_heads(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
-    model = trained_model(inputs["model"], config)
+    model = trained_model(inputs["model"], config, model_step_device(config, rank))
     batches, _, _ = eval_batches(inputs, config, rank)
     m = config["masking"]
     heads = mask_heads(model, batches(), inputs["attention"], rank, m.get("blur_mode", "uniform_patches"),
