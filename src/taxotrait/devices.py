@@ -10,10 +10,13 @@ run under bf16 autocast (`mixed_precision`). Each table records the device it wa
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
 from .runner import ConfigError
+
+log = logging.getLogger("taxotrait.devices")
 
 # Device types with the accelerator code paths: bf16 autocast, and no CPU-only shortcut (train.keys_values_gb).
 ACCELERATED_TYPES = ("cuda",)
@@ -21,12 +24,15 @@ ACCELERATED_TYPES = ("cuda",)
 
 def resolve_device(name: str | torch.device | None = "auto", key: str = "device") -> torch.device:
     """'auto' (or None): CUDA when available, else the CPU. A CUDA device where there is none: ConfigError naming
-    the setting `key`."""
+    the setting `key`. Logged as '<key>: <device>'."""
     if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{key}: {name} requested but no CUDA device is available")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{key}: {name} requested but no CUDA device is available")
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    log.info("%s: %s%s", key, device, gpu)  # every model step's log says where it ran (make gpu-check reads it)
     return device
 
 
