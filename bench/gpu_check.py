@@ -6,11 +6,14 @@
     python3 bench/gpu_check.py          # there: install them, run every check, append a dated section to RESULTS.md
 
 The lent machine has Python 3.12 with torch, timm, h5py, pandas, pyarrow, pillow, matplotlib, tqdm, safetensors,
-opencv, scikit-learn and scipy, but no snakemake, jsonschema or grad-cam, and no network; the working tree plus the
-carried wheels may be 64 MiB at most. The check installs the wheels into a temporary folder and runs the workflow
-from src/ with the machine's own torch. Without CUDA it says so and exits 0.
+opencv, scikit-learn, scipy, ... (bench/lent_machine_packages.txt), but no snakemake, jsonschema or grad-cam, and no
+network; the working tree plus the carried wheels may be 64 MiB at most. `wheels` fetches the dependency closure of
+snakemake, jsonschema and grad-cam less that image, at the versions installed here, as wheels for that interpreter;
+the check installs them into a temporary folder and runs the workflow from src/ with the machine's own torch.
+Without CUDA it says so and exits 0.
 
-Checks (`CHECKS`, in order; each is one function returning markdown, so a new measurement is one more entry):
+Checks (`CHECKS`, in order; each is one function of the deadline returning markdown, so a new measurement, e.g. the
+sibling-cost rows of issue 15, is one more function and entry):
 
 - workflow: tests/data/tiny.yaml end to end on the GPU with a randomly initialised backbone (`backbone.weights:
   random`), asserting from every GPU rule's log that it ran on CUDA (`taxotrait.devices.resolve_device` logs it);
@@ -44,24 +47,15 @@ SITE = Path(tempfile.gettempdir()) / "taxotrait-gpu-site"
 WORK = Path(tempfile.gettempdir()) / "taxotrait-gpu-check"
 TRAVEL_LIMIT_MIB = 64
 DEADLINE_S = 8 * 60  # the whole check
-# The lent machine's interpreter (KINDS.md: Python 3.12.3, x86-64), and what it lacks of the project's dependencies
-# (snakemake 9, jsonschema, grad-cam and everything of theirs not in its image), pinned as in .venv.
+# The lent machine's interpreter (KINDS.md: Python 3.12.3, x86-64) and its image's packages; what the workflow needs
+# beyond them is the dependency closure of ROOTS, at the versions `make install` put into .venv.
 PYTHON_VERSION = "3.12"
+MARKER_ENVIRONMENT = {"python_version": PYTHON_VERSION, "python_full_version": "3.12.3", "sys_platform": "linux",
+                      "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
+                      "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
-PURE_WHEELS = (
-    "annotated-types==0.8.0", "argparse-dataclass==2.0.0", "conda-inject==1.3.2", "configargparse==1.9.0",
-    "connection-pool==0.0.3", "docutils==0.22.4", "dpath==2.2.0", "fastjsonschema==2.22.3", "gitdb==4.0.12",
-    "gitpython==3.2.1", "grad-cam==1.5.7", "humanfriendly==10.0", "jsonschema==4.26.0",
-    "jsonschema-specifications==2025.9.1", "jupyter-core==5.9.1", "nbformat==5.11.1", "platformdirs==4.14.9",
-    "pulp==3.3.2", "pydantic==2.14.4", "referencing==0.37.0", "smart-open==7.7.1", "smmap==5.0.3",
-    "snakemake==9.27.1", "snakemake-interface-common==1.23.0", "snakemake-interface-executor-plugins==9.4.0",
-    "snakemake-interface-logger-plugins==2.1.0", "snakemake-interface-report-plugins==1.3.0",
-    "snakemake-interface-scheduler-plugins==2.0.2", "snakemake-interface-storage-plugins==4.4.1",
-    "sqlmodel==0.0.37", "tenacity==9.2.1", "throttler==1.2.3", "traitlets==5.16.1", "ttach==0.0.3",
-    "typing-inspection==0.4.5", "tzdata==2026.6", "yte==1.9.4",
-)
-COMPILED_WHEELS = ("greenlet==3.5.6", "immutables==0.21", "pydantic-core==2.50.5", "rpds-py==2026.9.1",
-                   "sqlalchemy==2.0.58")
+LENT_MACHINE_PACKAGES = REPO / "bench" / "lent_machine_packages.txt"
+ROOTS = ("snakemake", "jsonschema", "grad-cam")
 # Rules whose model runs on the resolved device (`taxotrait.devices`); all but evaluate request a GPU.
 GPU_RULES = ("cache_tokens", "train", "evaluate", "extract_attention", "mask_heads", "train_probes", "saliency_maps",
              "faithfulness")
@@ -81,21 +75,57 @@ def travelling_bytes() -> int:
     return sum((REPO / name).lstat().st_size for name in listed if name and (REPO / name).exists())
 
 
+def canonical(name: str) -> str:
+    """A distribution's name as pip compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def missing_requirements() -> list[str]:
+    """`name==version` of every distribution that ROOTS need on the lent machine (their requirements for its
+    interpreter, recursively) and its image lacks, pinned to the version installed here."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    lines = LENT_MACHINE_PACKAGES.read_text().splitlines()
+    image = {canonical(line.strip()) for line in lines if line.strip() and not line.startswith("#")}
+    pins, todo = {}, list(ROOTS)
+    while todo:
+        name = canonical(todo.pop())
+        if name in pins or name in image:
+            continue
+        distribution = metadata.distribution(name)
+        pins[name] = distribution.version
+        for line in distribution.requires or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate(MARKER_ENVIRONMENT):
+                todo.append(requirement.name)
+    return [f"{name}=={version}" for name, version in sorted(pins.items())]
+
+
 def fetch_wheels() -> None:
-    """Fill .gpu-wheels/ (git-ignored; carried to the lent machine) and check the 64 MiB with the working tree."""
+    """Fill .gpu-wheels/ (git-ignored; carried to the lent machine) with `missing_requirements()` as wheels for its
+    interpreter, and check the 64 MiB with the working tree."""
     shutil.rmtree(WHEELS, ignore_errors=True)
     WHEELS.mkdir()
     pip = [sys.executable, "-m", "pip"]
-    # pure-Python: any py3 wheel, built here from the source archive where there is none (connection-pool)
-    subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(WHEELS), *PURE_WHEELS], check=True)
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
-    subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", PYTHON_VERSION,
-                    "--implementation", "cp", *platforms, "-d", str(WHEELS), *COMPILED_WHEELS], check=True)
-    wheels = sum(p.stat().st_size for p in WHEELS.glob("*.whl"))
-    tree = travelling_bytes()
-    print(f"{len(list(WHEELS.glob('*.whl')))} wheels in {WHEELS.relative_to(REPO)}: {mib(wheels)}; working tree "
-          f"{mib(tree)}; together {mib(wheels + tree)} of the {TRAVEL_LIMIT_MIB} MiB a device call may carry")
-    if wheels + tree > TRAVEL_LIMIT_MIB * 2**20:
+    for requirement in missing_requirements():
+        fetched = subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+                                  PYTHON_VERSION, "--implementation", "cp", *platforms, "-d", str(WHEELS),
+                                  requirement], capture_output=True, text=True)
+        if fetched.returncode:  # no wheel published (e.g. connection-pool): build one, which must be pure Python
+            before = set(WHEELS.glob("*.whl"))
+            subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(WHEELS), requirement], check=True)
+            built = set(WHEELS.glob("*.whl")) - before
+            if not all(wheel.name.endswith("-none-any.whl") for wheel in built):
+                raise SystemExit(f"{requirement}: no wheel for Python {PYTHON_VERSION} on x86-64 Linux "
+                                 f"({fetched.stderr.strip()[-300:]}), and its source builds a compiled one")
+    wheels = sorted(WHEELS.glob("*.whl"))
+    size, tree = sum(p.stat().st_size for p in wheels), travelling_bytes()
+    print(f"{len(wheels)} wheels in {WHEELS.relative_to(REPO)}: {mib(size)}; working tree {mib(tree)}; together "
+          f"{mib(size + tree)} of the {TRAVEL_LIMIT_MIB} MiB a device call may carry")
+    if size + tree > TRAVEL_LIMIT_MIB * 2**20:
         raise SystemExit(f"over {TRAVEL_LIMIT_MIB} MiB: the device tool would refuse the call")
 
 
@@ -134,22 +164,28 @@ def workflow_check(deadline: float) -> str:
     if done.returncode:
         tail = (logs / "snakemake.txt").read_text()[-3000:]
         raise RuntimeError(f"snakemake exited with {done.returncode} after {seconds:.0f} s:\n{tail}")
-    devices, missing = {}, []
-    for rule in GPU_RULES:
-        files = sorted(logs.glob(f"{rule}.*log")) or sorted(logs.glob(f"{rule}.log"))
-        if not files:
-            missing.append(rule)
-        for log in files:
-            found = set(re.findall(r"device: (\S+)", log.read_text()))
-            devices[log.name] = found
-    wrong = {name: sorted(found) for name, found in devices.items() if not found or any(
-        not d.startswith("cuda") for d in found)}
-    if missing or wrong:
-        raise AssertionError(f"rules not on CUDA: {wrong}; rules without a log: {missing}")
+    devices = rule_devices(logs)
+    wrong = {name: found for name, found in devices.items() if not found or any(d != "cuda" for d in found)}
+    if wrong:
+        raise AssertionError(f"GPU rules whose log does not say they ran on CUDA only: {wrong}")
     gpu = re.search(r"device: cuda\S* \(([^)]*)\)", next(logs.glob("train.*log")).read_text())
     return (f"Tiny workflow (tests/data/tiny.yaml, random ViT-S/14 at 112 px) end to end in {seconds:.0f} s; "
             f"all {len(devices)} logs of the GPU rules ({', '.join(GPU_RULES)}) say CUDA"
             f"{f' ({gpu.group(1)})' if gpu else ''}.")
+
+
+def rule_devices(logs: Path) -> dict[str, list[str]]:
+    """{log file: the device types its '<key>: <device>' lines name} of every GPU rule's log in `logs` (a rule
+    without a log: its name and [])."""
+    devices = {}
+    for rule in GPU_RULES:
+        files = sorted(logs.glob(f"{rule}.*log")) + sorted(logs.glob(f"{rule}.log"))
+        if not files:
+            devices[rule] = []
+        for log in files:
+            found = re.findall(r"\bdevice: ([a-z]+)", log.read_text())
+            devices[log.name] = sorted(set(found))
+    return devices
 
 
 def engine_check(deadline: float) -> str:
@@ -162,9 +198,11 @@ def engine_check(deadline: float) -> str:
     return "Engine benchmark (`" + " ".join(["bench/bench_engine.py", *command[2:]]) + "`):\n\n" + table.strip()
 
 
-def extraction_check(deadline: float) -> str:
-    """Attention extraction's images/s (from cached tokens on the host, HDF5 written) against the plain frozen
-    forward's (images on the GPU, bf16), ViT-B/16 at 224 px."""
+def extraction_rates(device, backbone: str, img_size: int, classes: int, images: int, batch: int,
+                     out_path: Path) -> dict[str, float]:
+    """Images/s of the plain frozen forward of `backbone` (images on `device`, `mixed_precision`), of the frozen
+    tokens entering the last block, and of attention extraction from those tokens cached on the host
+    (`taxotrait.extract.extract_attention`: true, predicted and 2 sibling maps per image, gzip HDF5 written)."""
     import torch
 
     from taxotrait.backbone import create_backbone
@@ -172,40 +210,48 @@ def extraction_check(deadline: float) -> str:
     from taxotrait.extract import extract_attention, sibling_classes
     from taxotrait.model import PromptCAM, PromptConfig
 
-    device, images, batch = torch.device("cuda"), 512, 64
-    vit = create_backbone("vit_base_patch16_224.dino", "random", 224)
+    vit = create_backbone(backbone, "random", img_size)
+    model = PromptCAM(vit, [f"c{i}" for i in range(classes)], PromptConfig("scalable", 1)).to(device).eval()
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def rate(function) -> float:
+        function()  # warm-up
+        sync()
+        start = time.perf_counter()
+        for _ in range(images // batch):
+            function()
+        sync()
+        return images // batch * batch / (time.perf_counter() - start)
+
+    with torch.no_grad(), mixed_precision(device):
+        forward = rate(lambda: vit.forward_features(x))
+        tokens = rate(lambda: model.frozen_tokens(x))
+        cached = model.frozen_tokens(x).to(torch.float16).cpu()
+    labels = torch.randint(classes, (images // batch * batch,))
+    batches = [([f"i{s + j}" for j in range(batch)], cached, labels[s:s + batch]) for s in range(0, len(labels), batch)]
+    extra = sibling_classes([f"p{i // 10}" for i in range(classes)], 2)
+    start = time.perf_counter()
+    extract_attention(model, batches, len(labels), out_path, "bench", extra, progress=False)
+    return {"forward": forward, "tokens": tokens, "extraction": len(labels) / (time.perf_counter() - start)}
+
+
+def extraction_check(deadline: float) -> str:
+    """Attention extraction's images/s against the plain frozen forward's, ViT-B/16 at 224 px on the GPU."""
+    import torch
+
     lines = ["| C | plain frozen forward (img/s) | frozen tokens (img/s) | extraction from cached tokens (img/s) | "
              "extraction / forward |", "|---|---|---|---|---|"]
     for classes in (200, 2000):
-        model = PromptCAM(vit, [f"c{i}" for i in range(classes)], PromptConfig("scalable", 1)).to(device).eval()
-        x = torch.randn(batch, 3, 224, 224, device=device)
-
-        def rate(function, n_batches: int) -> float:
-            function()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(n_batches):
-                function()
-            torch.cuda.synchronize()
-            return n_batches * batch / (time.perf_counter() - start)
-
-        with torch.no_grad(), mixed_precision(device):
-            forward = rate(lambda: vit.forward_features(x), images // batch)
-            tokens_rate = rate(lambda: model.frozen_tokens(x), images // batch)
-            tokens = model.frozen_tokens(x).to(torch.float16).cpu()
-        labels = torch.randint(classes, (images,))
-        batches = [([f"i{j}" for j in range(s, s + batch)], tokens, labels[s:s + batch]) for s in range(0, images, batch)]
-        extra = sibling_classes([f"p{i // 10}" for i in range(classes)], 2)
-        out = WORK / "extraction.h5"
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        extract_attention(model, batches, images, out, "bench", extra, progress=False)
-        extraction = images / (time.perf_counter() - start)
-        lines.append(f"| {classes} | {forward:.0f} | {tokens_rate:.0f} | {extraction:.0f} | {extraction / forward:.2f} |")
+        r = extraction_rates(torch.device("cuda"), "vit_base_patch16_224.dino", 224, classes, 512, 64,
+                             WORK / "extraction.h5")
+        lines.append(f"| {classes} | {r['forward']:.0f} | {r['tokens']:.0f} | {r['extraction']:.0f} | "
+                     f"{r['extraction'] / r['forward']:.2f} |")
         if time.perf_counter() > deadline:
             break
-    return ("Attention extraction, ViT-B/16 at 224 px, random weights, batch 64, 512 images, bf16 (extraction: "
-            "true, predicted and 2 sibling maps per image, gzip HDF5 written):\n\n" + "\n".join(lines))
+    return ("Attention extraction (`extraction_rates`), ViT-B/16 at 224 px, random weights, batch 64, 512 images, "
+            "bf16; extraction from tokens cached on the host, as the workflow runs it, HDF5 written:\n\n"
+            + "\n".join(lines))
 
 
 def data_parallel_check(deadline: float) -> str:

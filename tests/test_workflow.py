@@ -55,13 +55,14 @@ def test_rank_outputs(results, rank):
     metrics = pd.read_parquet(folder / "metrics.parquet")
     overall = metrics[metrics["taxon"] == "__all__"].set_index("split")
     assert overall.loc["test", "n_images"] == N_SPECIES * N_TEST and 0 <= overall.loc["test", "top1"] <= 1
+    assert set(log["device"]) == set(metrics["device"]) == {"cpu"}  # where each table was made
     num_classes = {"order": 2, "family": 2, "genus": 2, "species": 4}[rank]
     slots = 2 + {"order": 1, "family": 0, "genus": 0, "species": 1}[rank]  # true, predicted, siblings
     with h5py.File(folder / "attention.h5") as h5:
         n = N_SPECIES * N_TEST
         assert h5["attention"].shape == (n, slots, 6, 8, 8) and h5["attention"].dtype == np.float16
         assert h5["logits"].shape == (n, num_classes) and h5["classes"].shape == (n, slots)
-        assert h5.attrs["rank"] == rank and list(h5.attrs["grid"]) == [8, 8]
+        assert h5.attrs["rank"] == rank and list(h5.attrs["grid"]) == [8, 8] and h5.attrs["device"] == "cpu"
         assert list(h5.attrs["class_names"]) == sorted(pd.read_parquet(results / "manifest.parquet")[rank].unique())
         assert np.array_equal(h5["prediction"][:], h5["logits"][:].argmax(1))
         rows = h5["attention"][:, 0].astype(np.float64).sum(axis=(-1, -2))  # the patch share of each head's row
@@ -118,11 +119,12 @@ def test_hierarchy_and_summary(results):
 
 
 def test_evaluation(results):
-    """Faithfulness (CPU settings of tiny.yaml: the finest rank, 2 images, 4 steps) and localization of every method."""
+    """Faithfulness (tiny.yaml: the finest rank, 2 images, 4 steps) and localization of every method."""
     methods = {"prompt_cam_traits", "prompt_cam_all", "grad_cam", "layer_cam", "eigen_cam", "rollout"}
     faithfulness = pd.read_parquet(results / "faithfulness.parquet")
     assert list(faithfulness.columns) == ["rank", "method", "model", "insertion", "deletion", "n_images", "model_top1",
-                                          "pixels_per_step", "seconds"]
+                                          "pixels_per_step", "seconds", "device"]
+    assert set(faithfulness["device"]) == {"cpu"}  # the device the table was made on
     assert set(faithfulness["method"]) == methods and set(faithfulness["rank"]) == {"species"}
     assert (faithfulness["n_images"] == 2).all() and (faithfulness["pixels_per_step"] == 3136).all()
     assert faithfulness[["insertion", "deletion", "model_top1"]].stack().between(0, 1).all()

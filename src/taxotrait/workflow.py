@@ -132,8 +132,9 @@ def train_rank(rank: str, inputs: dict, outputs: dict, config: dict, gpus: int =
                     metadata={"rank": rank})
     if not DataParallel().is_main:
         return
-    write_parquet(history.assign(device=str(model_device(model))), outputs["log_table"])
+    history["device"] = str(model_device(model))
     atomic_save(checkpoint_payload(model.cpu(), rank=rank), outputs["model"])
+    write_parquet(history, outputs["log_table"])
     state.unlink(missing_ok=True)  # only an unfinished training keeps its state
 
 
