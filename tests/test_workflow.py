@@ -57,7 +57,7 @@ def test_rank_outputs(results, rank):
     assert log["epoch"].tolist() == [1, 2, 3] and log["loss"].notna().all()
     metrics = pd.read_parquet(folder / "metrics.parquet")
     assert list(metrics.columns) == ["rank", "split", "taxon", "n_images", "top1", "top5", "sibling_top1",
-                                     "top_down_top1", "contrast"]
+                                     "top_down_top1", "contrast", "device"]
     overall = metrics[metrics["taxon"] == "__all__"].set_index("split")
     assert overall.loc["test", "n_images"] == N_SPECIES * N_TEST and (metrics["contrast"] == "siblings").all()
     assert metrics[["top1", "top5", "sibling_top1", "top_down_top1"]].stack().between(0, 1).all()
@@ -67,11 +67,12 @@ def test_rank_outputs(results, rank):
         assert (overall["top_down_top1"] == overall["sibling_top1"]).all()
     num_classes = NUM_CLASSES[rank]
     slots = 2 + 1  # true, predicted, the sibling (attention.extra_classes: 1)
+    assert set(log["device"]) == set(metrics["device"]) == {"cpu"}  # where each table was made
     with h5py.File(folder / "attention.h5") as h5:
         n = N_SPECIES * N_TEST
         assert h5["attention"].shape == (n, slots, 6, 8, 8) and h5["attention"].dtype == np.float16
         assert h5["logits"].shape == (n, num_classes) and h5["classes"].shape == (n, slots)
-        assert h5.attrs["rank"] == rank and list(h5.attrs["grid"]) == [8, 8]
+        assert h5.attrs["rank"] == rank and list(h5.attrs["grid"]) == [8, 8] and h5.attrs["device"] == "cpu"
         assert list(h5.attrs["class_names"]) == sorted(pd.read_parquet(results / "manifest.parquet")[rank].unique())
         # the prediction given the true parent: the better of the true class and its sibling
         logits, label, sibling = h5["logits"][:], h5["label"][:], h5["classes"][:, 2]
@@ -189,11 +190,12 @@ def test_rank_contrast_end_to_end(results, tmp_path):
 
 
 def test_evaluation(results):
-    """Faithfulness (CPU settings of tiny.yaml: the finest rank, 2 images, 4 steps) and localization of every method."""
+    """Faithfulness (tiny.yaml: the finest rank, 2 images, 4 steps) and localization of every method."""
     methods = {"prompt_cam_traits", "prompt_cam_all", "grad_cam", "layer_cam", "eigen_cam", "rollout"}
     faithfulness = pd.read_parquet(results / "faithfulness.parquet")
     assert list(faithfulness.columns) == ["rank", "method", "model", "insertion", "deletion", "n_images", "model_top1",
-                                          "pixels_per_step", "seconds"]
+                                          "pixels_per_step", "seconds", "device"]
+    assert set(faithfulness["device"]) == {"cpu"}  # the device the table was made on
     assert set(faithfulness["method"]) == methods and set(faithfulness["rank"]) == {"species"}
     assert (faithfulness["n_images"] == 2).all() and (faithfulness["pixels_per_step"] == 3136).all()
     assert faithfulness[["insertion", "deletion", "model_top1"]].stack().between(0, 1).all()

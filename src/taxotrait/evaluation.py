@@ -72,16 +72,14 @@ DEFAULTS = {
     "batch_size": 128,  # images per forward pass (perturbed images in faithfulness)
     "device": "auto",
     "parts": None,
-    "faithfulness": {
-        "images": 32, "pixels_per_step": None, "finest_ranks": None,
-        "cpu": {"images": 16, "pixels_per_step": 6272, "finest_ranks": 1},
-    },
+    # the CPU-friendly demo settings; the paper's protocol (config/paper_evaluation.yaml): 32, None, None
+    "faithfulness": {"images": 8, "pixels_per_step": 6272, "finest_ranks": 1},
     "localization": {"tolerance": 15.0, "consistency": 0.8},
 }
 
 FAITHFULNESS_COLUMNS = {"rank": "string", "method": "string", "model": "string", "insertion": "float64",
                         "deletion": "float64", "n_images": "int64", "model_top1": "float64",
-                        "pixels_per_step": "int64", "seconds": "float64"}
+                        "pixels_per_step": "int64", "seconds": "float64", "device": "string"}
 CURVE_COLUMNS = {"rank": "string", "method": "string", "curve": "string", "fraction": "float64",
                  "probability": "float64"}
 LOCALIZATION_COLUMNS = {"rank": "string", "method": "string", "part": "string", "metric": "string",
@@ -106,13 +104,6 @@ def settings(config: dict) -> dict:
 def device_of(s: dict) -> torch.device:
     """The device of the evaluation settings `s` (`evaluation.device`)."""
     return resolve_device(s.get("device", "auto"), "evaluation.device")
-
-
-def faithfulness_settings(config: dict, device: torch.device) -> dict:
-    """evaluation.faithfulness, with its `cpu` values in force on a CPU."""
-    f = settings(config)["faithfulness"]
-    chosen = _merge({k: v for k, v in f.items() if k != "cpu"}, f["cpu"] if device.type == "cpu" else {})
-    return chosen
 
 
 def faithfulness_ranks(config: dict, finest_ranks: int | None) -> list[str]:
@@ -172,7 +163,8 @@ def train_probes(inputs: dict, outputs: dict, config: dict) -> None:
         with torch.no_grad():
             rank_probe.head.weight.copy_(weight)
             rank_probe.head.bias.copy_(bias)
-        save_probe(rank_probe, out, config["backbone"]["name"], digest, rank=rank, l2=l2, top1=top1)
+        save_probe(rank_probe, out, config["backbone"]["name"], digest, rank=rank, l2=l2, top1=top1,
+                   device=str(device))
         log.info("%s probe: l2 %g, top-1 %s", rank, l2, {k: round(v, 3) for k, v in top1.items()})
 
 
@@ -246,14 +238,15 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
 
     Datasets: image_id [n] (stratified order: any prefix is stratified), label, prediction (Prompt-CAM's),
     probe_prediction [n] int64, maps [n, methods, 2, h, w] float32 (slot 0: true class, 1: predicted class).
-    Attributes: rank, methods, grid, img_size, prompt_cam_top1, probe_top1 (top-1 on the whole attention split).
+    Attributes: rank, methods, grid, img_size, prompt_cam_top1, probe_top1 (top-1 on the whole attention split),
+    device (where the maps were made).
     """
     from .workflow import trained_model
 
     s = settings(config)
     device = device_of(s)
     started = time.time()
-    model = trained_model(inputs["model"], config).to(device)
+    model = trained_model(inputs["model"], config, device)
     probe, meta = load_probe(inputs["probe"], model.backbone, model.backbone_digest)
     probe = probe.to(device)
     manifest = pd.read_parquet(inputs["manifest"]).set_index("image_id", drop=False)
@@ -306,7 +299,7 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
         h5.attrs.update({"rank": rank, "methods": list(METHODS), "grid": grid, "img_size": config["backbone"]["img_size"],
                          "class_names": names, "prompt_cam_top1": prompt_cam_top1,
                          "probe_top1": float(meta["top1"].get(config["attention"]["split"], np.nan)),
-                         "slots": "true class, predicted class"})
+                         "slots": "true class, predicted class", "device": str(device)})
     log.info("%s: maps of %d methods on %d images in %.1f s (probe top-1 on the subset %.3f)", rank, len(METHODS),
              len(order), time.time() - started, float((probe_prediction == sub_label).mean()))
 
@@ -328,16 +321,15 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
 
     s = settings(config)
     device = device_of(s)
-    f = faithfulness_settings(config, device)
+    f = s["faithfulness"]
     if rank not in faithfulness_ranks(config, f["finest_ranks"]):
-        log.info("%s: faithfulness not computed (evaluation.faithfulness finest_ranks=%s on %s)", rank,
-                 f["finest_ranks"], device.type)
+        log.info("%s: faithfulness not computed (evaluation.faithfulness.finest_ranks: %s)", rank, f["finest_ranks"])
         write_parquet(empty_table(FAITHFULNESS_COLUMNS), outputs["table"])
         write_parquet(empty_table(CURVE_COLUMNS), outputs["curves"])
         return
     sal = read_saliency(inputs["saliency"])
     n = len(sal["image_id"]) if not f["images"] else min(int(f["images"]), len(sal["image_id"]))
-    model = trained_model(inputs["model"], config).to(device)
+    model = trained_model(inputs["model"], config, device)
     probe, _ = load_probe(inputs["probe"], model.backbone, model.backbone_digest)
     probe = probe.to(device)
     manifest = pd.read_parquet(inputs["manifest"]).set_index("image_id", drop=False)
@@ -363,7 +355,8 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
         seconds = time.time() - started
         rows.append((rank, method, "prompt_cam" if is_prompt_cam else "linear_probe",
                      float(result.insertion_auc.mean()), float(result.deletion_auc.mean()), n,
-                     float(sal["prompt_cam_top1"] if is_prompt_cam else sal["probe_top1"]), pixels_per_step, seconds))
+                     float(sal["prompt_cam_top1"] if is_prompt_cam else sal["probe_top1"]), pixels_per_step, seconds,
+                     str(device)))
         for name, curve in (("insertion", result.insertion), ("deletion", result.deletion)):
             for fraction, probability in zip(result.fractions.tolist(), curve.mean(0).tolist()):
                 curves.append((rank, method, name, fraction, probability))

@@ -122,7 +122,7 @@ def check_config(config: dict) -> None:
         except DatasetError as err:
             raise ConfigError(f"data.tree: {err}") from None
     weights = config["backbone"].get("weights")
-    if weights and not Path(weights).exists() and Path(weights) != OFFLINE_WEIGHTS:
+    if weights and weights != "random" and not Path(weights).exists() and Path(weights) != OFFLINE_WEIGHTS:
         raise ConfigError(f"backbone.weights: {weights} does not exist")
     for rank in config.get("rank_overrides") or {}:
         if rank not in config["ranks"]:

@@ -38,9 +38,9 @@ def dataset_inputs(wildcards=None):
 
 
 def backbone_weights():
-    """The backbone weights file ([] when timm fetches them itself)."""
+    """The backbone weights file ([] when timm fetches them itself, or for random weights)."""
     weights = config["backbone"].get("weights")
-    return [weights] if weights else []
+    return [weights] if weights and weights != "random" else []
 
 
 def trained_model(wildcards):
