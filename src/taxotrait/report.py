@@ -24,7 +24,7 @@ ALL_RANKS, ALL_TAXA = "all ranks", "all taxa"
 # The settings each page shows beside its tables (config sections, in this order).
 SUMMARY_SETTINGS = ("dataset", "ranks", "contrast", "data", "backbone", "model", "augment", "train",
                     "rank_overrides", "attention", "masking")
-KEY_SETTINGS = ("dataset", "ranks", "contrast", "masking")
+KEY_SETTINGS = ("dataset", "ranks", "contrast", "backbone", "masking")
 EVALUATION_SETTINGS = ("dataset", "ranks", "backbone", "attention", "evaluation")
 
 
