@@ -73,13 +73,22 @@ def name_heads(heads: pd.DataFrame, manifest: pd.DataFrame, resize: int, img_siz
     return heads
 
 
+def image_region(x: float, y: float) -> str:
+    """Where a point of normalised image coordinates ([0, 1], y down) lies, in words: "upper left", "centre",
+    "lower right", ... (thirds of the image)."""
+    vertical = ("upper ", "", "lower ")[min(int(y * 3), 2)]
+    horizontal = ("left", "centre", "right")[min(int(x * 3), 2)]
+    return "centre" if (vertical, horizontal) == ("", "centre") else vertical + horizontal
+
+
 def describe_traits(traits: pd.DataFrame, taxon: str, n: int | None = None) -> str:
     """One line naming a taxon's trait heads, most frequent first, e.g. "Scott Oriole: head 1: crown (92%), head 11:
-    belly (85%)" (the part and the share of images where the head points to it), or "head 1 (92% of images)"
-    without ground truth."""
+    belly (85%)" (the part and the share of images where the head points to it), or, without ground truth, where
+    the head looks: "head 1: upper left of the image, spread 0.12 (92% of images)"."""
     rows = top_traits(traits, taxon, n=n or len(traits))
     cells = [f"head {r.head}: {r.part} ({r.part_share:.0%})" if isinstance(r.part, str) and r.part
-             else f"head {r.head} ({r.frequency:.0%} of images)" for r in rows.itertuples(index=False)]
+             else f"head {r.head}: {image_region(r.peak_x, r.peak_y)} of the image, spread {r.spread:.2f} "
+                  f"({r.frequency:.0%} of images)" for r in rows.itertuples(index=False)]
     return f"{taxon}: " + ", ".join(cells)
 
 
