@@ -28,6 +28,7 @@ include: "workflow/rules/masking.smk"
 include: "workflow/rules/traits.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/summary.smk"
+include: "workflow/rules/key.smk"
 include: "workflow/rules/evaluation.smk"
 
 

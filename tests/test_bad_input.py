@@ -226,6 +226,11 @@ def test_a_rank_with_a_single_taxon_is_skipped_with_a_warning(tmp_path, caplog):
         assert f"{rank} has a single taxon: nothing to contrast, no model is trained at this rank" in output(out)
     trained = re.findall(r"rule train:\n(?:\s+.*\n)*?\s+wildcards: rank=(\w+)", output(out))
     assert trained == ["species"]
+    # a Newick tree: a single-child root is collapsed (taxotrait.taxonomy), so its top rank has two taxa at least;
+    # counted on the whole tree (every leaf needs images), here with a monotypic genus: no rank is dropped
+    (tmp_path / "tree.nwk").write_text("((('Sp a1','Sp a2')'Genus a')'Ordo A',(('Sp b1')'Genus b')'Ordo B');")
+    data = {"synthetic": None, "images": str(tree(tmp_path / "three")), "tree": str(tmp_path / "tree.nwk")}
+    assert ranks_to_train({"ranks": RANKS, "data": data}, warn=False) == RANKS
     config = {"ranks": ["order", "family", "genus", "species"], "data": {"synthetic": {
         "n_orders": 1, "families_per_order": 1, "genera_per_family": 2, "species_per_genus": 2}}}
     assert ranks_to_train(config, warn=False) == ["genus", "species"]  # the demo's shape decides there
@@ -306,7 +311,7 @@ def test_traits_without_ground_truth_say_where_the_head_looks():
     traits = pd.DataFrame({"rank": "species", "taxon": "Turdus merula", "head": [3, 5], "n_images": [9, 6],
                            "frequency": [0.9, 0.6], "mean_importance": [1.0, 0.5], "peak_x": [0.1, 0.5],
                            "peak_y": [0.2, 0.9], "spread": [0.12, 0.3], "part": pd.Series(["", ""], dtype="string"),
-                           "part_share": np.nan})
+                           "part_share": np.nan, "prompt": "Turdus merula", "contrast": "siblings"})
     assert describe_traits(traits, "Turdus merula") == ("Turdus merula: head 3: upper left of the image, spread 0.12 "
                                                         "(90% of images), head 5: lower centre of the image, spread "
                                                         "0.30 (60% of images)")

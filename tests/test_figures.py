@@ -146,7 +146,10 @@ def test_gallery_layout(products):
     top = traits[traits["taxon"] == taxon].head(2)
     with figures.AttentionFile(products["attention"][rank]) as attention:
         rows = attention.correct_rows(taxon)[:3]
-        maps = np.stack([attention.maps(r)[0] for r in rows])
+        maps = np.stack([attention.head_maps(r, top["prompt"].tolist(), top["head"].tolist()) for r in rows])
+        # each trait row's map is its own prompt's head: the true class's slot for the taxon's own prompt
+        own = top["prompt"] == taxon
+        assert np.array_equal(maps[:, own.to_numpy()], np.stack([attention.maps(r)[0, top["head"][own]] for r in rows]))
     images = [np.random.default_rng(0).uniform(size=(32, 32, 3)) for _ in rows]
     fig = figures.trait_gallery(taxon, top, images, maps, rank=rank)
     axes = fig.get_axes()
@@ -250,3 +253,29 @@ def test_only_correctly_classified_images_are_shown(products, tmp_path):
     with figures.AttentionFile(path) as attention:
         assert attention.correct_rows(taxon).tolist() == [r for r in before if r != 0]
         assert len(attention.correct_rows("no such taxon")) == 0
+
+
+def test_key_figure_draws_every_taxon_at_its_place_in_the_tree(products):
+    from taxotrait.traits import key_table
+
+    rows = [("genus", i, g, "") for i, g in enumerate(sorted(set(TAXONOMY.values())))]
+    rows += [("species", i, s, TAXONOMY[s]) for i, s in enumerate(sorted(TAXONOMY))]
+    classes = pd.DataFrame(rows, columns=["rank", "class_index", "taxon", "parent"])
+    position = figures.leaf_order(classes, RANKS)
+    # leaves 0..3 in depth-first order, each genus at the mean of its species
+    assert sorted(position[("species", s)] for s in TAXONOMY) == [0, 1, 2, 3]
+    for genus in set(TAXONOMY.values()):
+        kids = [position[("species", s)] for s, g in TAXONOMY.items() if g == genus]
+        assert position[("genus", genus)] == pytest.approx(np.mean(kids)) and max(kids) - min(kids) == 1
+    key = key_table([pd.read_parquet(products["traits"][r]) for r in RANKS], classes, RANKS)
+    manifest = pd.read_parquet(products["manifest"])
+    files = {rank: figures.AttentionFile(products["attention"][rank]) for rank in RANKS}
+    try:
+        images = figures.ImageSource(manifest, 32, 36)
+        fig = figures.key_figure(key, classes, RANKS, files, images)
+    finally:
+        for f in files.values():
+            f.close()
+    titles = [ax.get_title() for ax in fig.get_axes()[1:]]
+    assert len(titles) == len(classes)  # one panel per taxon
+    assert all(any(title.startswith(figures._short(t, 18)) for title in titles) for t in classes["taxon"])

@@ -93,6 +93,7 @@ def heads_table(rows, rank="species"):
     """rows: (image_id, taxon, head, trait, peak_x, peak_y)"""
     frame = pd.DataFrame(rows, columns=["image_id", "taxon", "head", "is_trait_head", "peak_x", "peak_y"])
     frame = frame.assign(rank=rank, removal_step=frame["head"], score_before_removal=1.0, score_after_removal=0.5,
+                         margin_before_removal=1.0, margin_after_removal=0.5, prompt=frame["taxon"], contrast="rank",
                          spread=0.1)
     return frame.astype(HEADS_COLUMNS)[list(HEADS_COLUMNS)]
 

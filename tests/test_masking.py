@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_vit
-from taxotrait.masking import greedy_head_masking, trait_heads
+from taxotrait.masking import greedy_head_masking
 from taxotrait.naive import naive_forward, naive_greedy_head_masking
 from test_model import build
 
@@ -40,21 +40,3 @@ def test_greedy_keeps_the_score_highest():
                            for h in range(4)], 1)
     assert torch.allclose(result.score_after[:, 0], singles.max(1).values)
     assert torch.equal(result.removal_order[:, 0], singles.argmax(1))
-
-
-def test_trait_heads_stop_before_the_prediction_changes():
-    score_after = torch.tensor([[5.0, 4.0, 2.0, 1.0], [5.0, 4.5, 4.2, 4.1], [0.5, 0.4, 0.3, 0.2]])
-    order = torch.tensor([[2, 0, 3, 1], [0, 1, 2, 3], [3, 2, 1, 0]])
-    step = order.argsort(1)
-    runner_up = torch.tensor([3.0, 1.0, 1.0])
-    traits = trait_heads(score_after, step, runner_up)
-    # image 0: the removal at step 2 would flip -> heads removed at steps 2, 3 (heads 3, 1) are traits
-    assert traits[0].tolist() == [False, True, False, True]
-    # image 1: never flips -> only the last head left
-    assert traits[1].tolist() == [False, False, False, True]
-    # image 2: not predicted to begin with -> every head counts
-    assert traits[2].all()
-    top2 = trait_heads(score_after, step, runner_up, "top_k", 2)
-    assert top2[0].tolist() == [False, True, False, True] and top2[1].tolist() == [False, False, True, True]
-    with pytest.raises(ValueError, match="top_k"):
-        trait_heads(score_after, step, runner_up, "top_k", 5)

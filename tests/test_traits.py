@@ -13,7 +13,10 @@ def heads_table(rows):
     """rows: (image_id, taxon, head, step, before, after, trait, peak_x, peak_y)"""
     frame = pd.DataFrame(rows, columns=["image_id", "taxon", "head", "removal_step", "score_before_removal",
                                         "score_after_removal", "is_trait_head", "peak_x", "peak_y"])
-    return frame.assign(rank="genus", spread=0.1).astype(HEADS_COLUMNS)[list(HEADS_COLUMNS)]
+    frame = frame.assign(rank="genus", spread=0.1, prompt=frame["taxon"], contrast="rank",
+                         margin_before_removal=frame["score_before_removal"] - 1.0,
+                         margin_after_removal=frame["score_after_removal"] - 1.0)  # rank contrast: a fixed rival
+    return frame.astype(HEADS_COLUMNS)[list(HEADS_COLUMNS)]
 
 
 HEADS = heads_table([

@@ -15,7 +15,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 RANKS = ["order", "family", "genus", "species"]
-N_SPECIES, PER_SPECIES, N_TEST = 4, 12 + 3 + 4, 4
+N_SPECIES, PER_SPECIES, N_TEST = 16, 6 + 1 + 2, 2
+NUM_CLASSES = {"order": 2, "family": 4, "genus": 8, "species": 16}  # two children under every parent
 
 
 def snakemake(*args, cwd=REPO, check=True):
@@ -38,9 +39,9 @@ def test_tables(results):
     manifest = pd.read_parquet(results / "manifest.parquet")
     assert list(manifest.columns[:7]) == ["image_id", "path", "split", *RANKS]
     assert len(manifest) == N_SPECIES * PER_SPECIES and manifest["image_id"].is_unique
-    assert manifest["split"].value_counts().to_dict() == {"train": 48, "val": 12, "test": 16}
+    assert manifest["split"].value_counts().to_dict() == {"train": 96, "val": 16, "test": 32}
     classes = pd.read_parquet(results / "classes.parquet")
-    assert classes.groupby("rank").size().to_dict() == {"order": 2, "family": 2, "genus": 2, "species": 4}
+    assert classes.groupby("rank").size().to_dict() == NUM_CLASSES
     assert (classes["n_train"] > 0).all() and classes.dtypes["n_test"] == "int64"
     assert pd.read_parquet(results / "rejects.parquet").empty
 
@@ -53,27 +54,41 @@ def test_rank_outputs(results, rank):
     log = pd.read_parquet(folder / "train_log.parquet")
     assert log["epoch"].tolist() == [1, 2, 3] and log["loss"].notna().all()
     metrics = pd.read_parquet(folder / "metrics.parquet")
+    assert list(metrics.columns) == ["rank", "split", "taxon", "n_images", "top1", "top5", "sibling_top1",
+                                     "top_down_top1", "contrast"]
     overall = metrics[metrics["taxon"] == "__all__"].set_index("split")
-    assert overall.loc["test", "n_images"] == N_SPECIES * N_TEST and 0 <= overall.loc["test", "top1"] <= 1
-    num_classes = {"order": 2, "family": 2, "genus": 2, "species": 4}[rank]
-    slots = 2 + {"order": 1, "family": 0, "genus": 0, "species": 1}[rank]  # true, predicted, siblings
+    assert overall.loc["test", "n_images"] == N_SPECIES * N_TEST and (metrics["contrast"] == "siblings").all()
+    assert metrics[["top1", "top5", "sibling_top1", "top_down_top1"]].stack().between(0, 1).all()
+    # one fork of two: among siblings is the easier question; top-down needs every rank above right too
+    assert (overall["sibling_top1"] >= overall["top1"] - 1e-9).all()
+    if rank == RANKS[0]:
+        assert (overall["top_down_top1"] == overall["sibling_top1"]).all()
+    num_classes = NUM_CLASSES[rank]
+    slots = 2 + 1  # true, predicted, the sibling (attention.extra_classes: 1)
     with h5py.File(folder / "attention.h5") as h5:
         n = N_SPECIES * N_TEST
         assert h5["attention"].shape == (n, slots, 6, 8, 8) and h5["attention"].dtype == np.float16
         assert h5["logits"].shape == (n, num_classes) and h5["classes"].shape == (n, slots)
         assert h5.attrs["rank"] == rank and list(h5.attrs["grid"]) == [8, 8]
         assert list(h5.attrs["class_names"]) == sorted(pd.read_parquet(results / "manifest.parquet")[rank].unique())
-        assert np.array_equal(h5["prediction"][:], h5["logits"][:].argmax(1))
+        # the prediction given the true parent: the better of the true class and its sibling
+        logits, label, sibling = h5["logits"][:], h5["label"][:], h5["classes"][:, 2]
+        pair = np.stack([logits[np.arange(n), label], logits[np.arange(n), sibling]], 1)
+        assert np.array_equal(h5["prediction"][:], np.where(pair.argmax(1) == 0, label, sibling))
+        assert h5.attrs["contrast"] == "siblings"
         rows = h5["attention"][:, 0].astype(np.float64).sum(axis=(-1, -2))  # the patch share of each head's row
         assert ((rows > 0) & (rows <= 1.001)).all()
         correct = int((h5["label"][:] == h5["prediction"][:]).sum())
     heads = pd.read_parquet(folder / "heads.parquet")
-    assert len(heads) == correct * 6 and heads["image_id"].nunique() == correct
+    # the heads of the true class's prompt and of its sibling's: whose prompt each row is
+    assert len(heads) == correct * 2 * 6 and heads["image_id"].nunique() == correct
+    assert (heads.groupby("image_id")["prompt"].nunique() == 2).all() and (heads["contrast"] == "siblings").all()
+    assert (heads.groupby("image_id")["removal_step"].agg(sorted).map(list) == [list(range(12))] * correct).all()
     assert (heads.groupby("image_id")["is_trait_head"].sum() >= 1).all()
     assert heads.dtypes["removal_step"] == "int64" and heads["peak_x"].between(0, 1).all()
     traits = pd.read_parquet(folder / "traits.parquet")
     assert list(traits.columns) == ["rank", "taxon", "head", "n_images", "frequency", "mean_importance",
-                                    "peak_x", "peak_y", "spread", "part", "part_share"]
+                                    "peak_x", "peak_y", "spread", "part", "part_share", "prompt", "contrast"]
     assert traits["frequency"].between(0, 1).all() and (traits["n_images"] >= 1).all()
     # named traits: the planted-trait mask (or the background) each trait head points to
     assert set(traits["part"]) <= {"order", "family", "genus", "species", "distractor", "background"}
@@ -114,7 +129,61 @@ def test_hierarchy_and_summary(results):
     assert body["hit_rate"] > body["random_rate"] + 0.3
     # the body's exclusive region leaves out the traits planted on it: fewer patches overlap it
     assert pointing.loc[("exclusive", "order", "order"), "random_rate"] < body["random_rate"]
-    assert "## Targets" in (results / "summary.md").read_text()
+    assert pointing[["tolerance_hit_rate", "tolerance_random_rate", "centre_rate"]].stack().between(0, 1).all()
+    assert (pointing["contrast"] == "siblings").all()
+    # every image's peak is under exactly one exclusive region or the background
+    assert (pointing.loc["exclusive"].groupby("rank")["centre_rate"].sum() <= 1 + 1e-9).all()
+    summary = (results / "summary.md").read_text()
+    assert "## Targets" in summary and "top-1 (top-down) >= 0.90" in summary
+    assert summary.count("peak within the tolerance") == len(RANKS)
+
+
+def test_key(results):
+    """key.parquet: the traits of every fork; key.md: one couplet per fork; the key figure."""
+    from taxotrait.traits import ROOT, load_key
+
+    key = load_key(results)
+    assert list(key.columns[:3]) == ["node_rank", "node", "n_children"]
+    assert list(key.columns[3:]) == list(pd.read_parquet(results / "order" / "traits.parquet").columns)
+    classes = pd.read_parquet(results / "classes.parquet")
+    parent_of = dict(zip(classes["taxon"], classes["parent"]))
+    assert all(node == (parent_of[taxon] or ROOT) for node, taxon in zip(key["node"], key["taxon"]))
+    assert (key["n_children"] == 2).all() and set(key["node_rank"]) == {"", *RANKS[:-1]}
+    # a sibling's prompt only ever comes from the same fork
+    assert all(parent_of[prompt] == parent_of[taxon] for prompt, taxon in zip(key["prompt"], key["taxon"]))
+    assert len(load_key(results, ROOT)) == (key["rank"] == "order").sum()
+    text = (results / "key.md").read_text()
+    forks = classes.groupby(["rank", "parent"]).ngroups
+    assert text.count("\n## ") == forks and "## (root) → Ordo_A vs Ordo_B (order)" in text
+    assert "## Familia_A1 → Genus_A1a vs Genus_A1b (genus)" in text and "of images" in text
+    figure = np.asarray(Image.open(results / "figures" / "key.png").convert("RGB"), dtype=np.float64)
+    assert figure.std() > 10 and figure.shape[1] > figure.shape[0]  # a wide tree, not blank
+
+
+def test_rank_contrast_end_to_end(results, tmp_path):
+    """contrast: rank (the paper's set-up) through the workflow on the same caches: every output says so, masking
+    uses the class's own prompt only, and nothing before training reruns."""
+    import shutil
+
+    copy = tmp_path / "run"  # a copy has no Snakemake provenance (params): what the contrast changes is left out
+    shutil.copytree(results.parent, copy, symlinks=True, ignore=shutil.ignore_patterns("*.h5", "figures", "model.pt"))
+    changed = write_config(tmp_path / "rank.yaml", "contrast: rank\nevaluation: {enabled: false}\n")
+    jobs = dry_run(copy / "tiny", tmp_path, "contrast: rank\nevaluation: {enabled: false}\n")
+    assert not {"synthetic_data", "prepare", "cache_tokens"} & {job["rule"] for job in jobs}
+    snakemake("--configfile", "tests/data/tiny.yaml", changed, "--config", f"results={copy}")
+    run = copy / "tiny"
+    for rank in RANKS:
+        heads = pd.read_parquet(run / rank / "heads.parquet")
+        assert (heads["prompt"] == heads["taxon"]).all() and (heads["contrast"] == "rank").all()
+        assert (heads.groupby("image_id").size() == 6).all()
+        metrics = pd.read_parquet(run / rank / "metrics.parquet")
+        assert (metrics["contrast"] == "rank").all()
+        with h5py.File(run / rank / "attention.h5") as h5:
+            assert h5.attrs["contrast"] == "rank"
+            assert np.array_equal(h5["prediction"][:], h5["logits"][:].argmax(1))
+    assert set(pd.read_parquet(run / "key.parquet")["contrast"]) == {"rank"}
+    assert "(contrast: rank)" in (run / "key.md").read_text()
+    assert "top-1 (flat) >= 0.90" in (run / "summary.md").read_text()
 
 
 def test_evaluation(results):

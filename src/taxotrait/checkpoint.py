@@ -72,7 +72,8 @@ def model_from_payload(payload: dict, backbone: VisionTransformer, source: str =
         )
     prompts = PromptConfig(config["variant"], config["prompt_depth"], config["num_prompts"])
     mean, std = config["normalisation"]
-    model = PromptCAM(backbone, config["class_names"], prompts, (mean, std), config["backbone"])
+    model = PromptCAM(backbone, config["class_names"], prompts, (mean, std), config["backbone"],
+                      config.get("class_parents"))
     model._backbone_digest = digest
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     missing = [key for key in missing if not key.startswith("backbone.")]

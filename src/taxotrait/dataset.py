@@ -511,6 +511,11 @@ def class_names(classes: pd.DataFrame, rank: str) -> list[str]:
     return classes[classes["rank"] == rank].sort_values("class_index")["taxon"].tolist()
 
 
+def class_parents(classes: pd.DataFrame, rank: str) -> list[str]:
+    """Parent taxon of each class of `rank` in class-index order ('' at the top rank: one group of siblings)."""
+    return classes[classes["rank"] == rank].sort_values("class_index")["parent"].fillna("").astype(str).tolist()
+
+
 def labels(manifest: pd.DataFrame, classes: pd.DataFrame, rank: str) -> pd.Series:
     """Class index of every manifest row at `rank`."""
     index = {taxon: i for i, taxon in enumerate(class_names(classes, rank))}
@@ -526,6 +531,11 @@ def prepare_files(inputs: dict, outputs: dict, config: dict) -> None:
     else:
         images, source = read_manifest(inputs["manifest"]), inputs["manifest"]
     taxonomy = read_taxonomy(inputs["taxonomy"], ranks) if inputs.get("taxonomy") else None
+    if inputs.get("tree"):
+        from .taxonomy import check_leaves, tree_taxonomy
+
+        taxonomy = tree_taxonomy(inputs["tree"], ranks)
+        check_leaves(taxonomy, images[ranks[-1]], str(inputs["tree"]))
     manifest, classes, rejects = prepare_dataset(images, taxonomy, ranks, source, data.get("max_reject_fraction", 0.01))
     for table, key in ((manifest, "manifest"), (classes, "classes"), (rejects, "rejects")):
         write_parquet(table, outputs[key])
@@ -535,8 +545,9 @@ def prepare_files(inputs: dict, outputs: dict, config: dict) -> None:
 
 
 def taxa_per_rank(data: dict, ranks: list[str]) -> dict[str, int]:
-    """How many taxa each rank has in a user's dataset (`data.images` with `data.taxonomy`, or `data.manifest`),
-    read from its tables and the tree's folder names alone (no image is opened), before any job runs."""
+    """How many taxa each rank has in a user's dataset (`data.images` or `data.manifest`, with `data.taxonomy` or
+    `data.tree`), read from its tables and the image tree's folder names alone (no image is opened), before any job
+    runs."""
     species = ranks[-1]
     if data.get("images"):
         table, present = None, species_folders(data["images"])
@@ -546,6 +557,10 @@ def taxa_per_rank(data: dict, ranks: list[str]) -> dict[str, int]:
     if data.get("taxonomy"):
         table = read_taxonomy(data["taxonomy"], ranks)
         table = table[table[species].isin(present)]
+    elif data.get("tree"):  # every leaf must have images (taxonomy.check_leaves): the whole tree counts
+        from .taxonomy import tree_taxonomy
+
+        table = tree_taxonomy(data["tree"], ranks)
     return {rank: table[rank].map(taxon_name).nunique() for rank in ranks if rank in table}
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .runner import free_port, stop_process
 
@@ -50,23 +49,24 @@ class DataParallel:
         empty when the batch has fewer items than processes)."""
         return batch.tensor_split(self.world)[self.rank] if self.active else batch
 
-    def loss(self, scores: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0):
-        """(loss to back-propagate, global batch's mean loss, global batch size, correct predictions in it).
+    def loss(self, losses: torch.Tensor, counted: torch.Tensor, correct: torch.Tensor):
+        """(loss to back-propagate, global batch's mean loss, images counted in it, correct predictions among them).
 
-        One process: the mean cross-entropy. Several: this process's summed cross-entropy over the global batch
-        size, so that the gradients summed by `sum_gradients` are those of the global mean; the statistics are
-        summed across processes (every process sees the same values, and stops together on a non-finite loss).
+        losses [b]: this process's per-image losses; counted [b] bool: the images that count (a monotypic taxon's
+        add no loss, `taxotrait.train.contrast_loss`); correct [b] bool. One process: the mean over the counted
+        images. Several: this process's summed loss over the global count, so that the gradients summed by
+        `sum_gradients` are those of the global mean; the statistics are summed across processes (every process
+        sees the same values, and stops together on a non-finite loss).
         """
-        correct = (scores.argmax(1) == labels).sum()
+        total = losses[counted].sum()
+        count, right = counted.sum(), (correct & counted).sum()
         if not self.active:
-            loss = F.cross_entropy(scores, labels, label_smoothing=label_smoothing)
-            return loss, loss.item(), len(labels), correct.item()
-        total = F.cross_entropy(scores, labels, reduction="sum", label_smoothing=label_smoothing)
-        stats = torch.stack([total.detach().double(), torch.tensor(float(len(labels)), device=scores.device,
-                                                                   dtype=torch.float64), correct.double()])
+            n = int(count)
+            return total / max(n, 1), total.item() / max(n, 1), n, int(right)
+        stats = torch.stack([total.detach().double(), count.double(), right.double()])
         dist.all_reduce(stats)
-        value, count, right = stats.tolist()
-        return total / count, value / count, int(count), int(right)
+        value, n, right = stats.tolist()
+        return total / max(n, 1.0), value / max(n, 1.0), int(n), int(right)
 
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Sum the gradients of `params` across processes (one all-reduce of their concatenation)."""

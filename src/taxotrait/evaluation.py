@@ -184,6 +184,13 @@ def stratified_order(groups) -> np.ndarray:
     return np.lexsort((first, occurrence))
 
 
+def own_prompt_heads(path) -> pd.DataFrame:
+    """The rows of heads.parquet at `path` of each image's own class prompt: Prompt-CAM's maps are that prompt's
+    (under contrast 'siblings' a sibling's prompt may also hold trait heads; those are not its maps)."""
+    heads = pd.read_parquet(path)
+    return heads[heads["prompt"] == heads["taxon"]].reset_index(drop=True)
+
+
 def class_trait_heads(heads: pd.DataFrame, names: list[str], num_heads: int, min_frequency: float = 0.5) -> np.ndarray:
     """bool [C, heads]: each class's trait heads (trait heads on >= `min_frequency` of its correctly classified
     images, else its most frequent one; every head for a class without any)."""
@@ -262,7 +269,7 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
     sub_ids, sub_label, sub_prediction = ids[order], label[order], prediction[order]
     rows = manifest.loc[sub_ids]
     true_heads, predicted_heads = trait_head_masks(sub_ids, sub_label, sub_prediction,
-                                                   pd.read_parquet(inputs["heads"]), names, num_heads)
+                                                   own_prompt_heads(inputs["heads"]), names, num_heads)
     maps = np.zeros((len(order), len(METHODS), 2, *grid), dtype=np.float32)
     maps[:, 0, 0] = combine_heads(attention[:, 0], true_heads)
     maps[:, 0, 1] = combine_heads(attention[:, 1], predicted_heads)
@@ -439,7 +446,7 @@ def localization_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
         return
     sal = read_saliency(inputs["saliency"])
     rows = localization_rows(rank, sal["maps"][:, :, 0], sal["methods"], sal["image_id"], truth, img_size, tolerance)
-    heads = head_part_table(rank, inputs["attention"], pd.read_parquet(inputs["heads"]), truth, img_size,
+    heads = head_part_table(rank, inputs["attention"], own_prompt_heads(inputs["heads"]), truth, img_size,
                             float(loc["consistency"]))
     if len(heads):
         images = int(heads.groupby("taxon")["n_images"].max().sum())

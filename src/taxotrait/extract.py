@@ -2,13 +2,15 @@
 
 `attention.h5` (one per rank; datasets along N images, written batch by batch so memory does not grow with N):
 
-- ``image_id`` [N] str, ``label`` [N] int64, ``prediction`` [N] int64, ``logits`` [N, C] float32
+- ``image_id`` [N] str, ``label`` [N] int64, ``prediction`` [N] int64 (the best of the true class's rivals: its
+  siblings under contrast 'siblings', i.e. the prediction given the true parent; every class under 'rank'),
+  ``logits`` [N, C] float32
 - ``classes`` [N, K] int64: the class of each map: slot 0 the true class, slot 1 the predicted class, then extra
   classes (siblings of the true class in the taxonomy; -1 where there are fewer)
 - ``attention`` [N, K, heads, h, w] float16: last-block attention of those class prompts over the patch grid,
   chunked one image per chunk, gzip-compressed
 - attributes: rank, class_names, grid (h, w), heads, backbone, backbone_digest, variant, prompt_depth, img_size,
-  class_slots ("true, predicted, extra...")
+  class_slots ("true, predicted, extra..."), contrast ("siblings" or "rank")
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def extract_attention(
             "rank": rank, "class_names": model.class_names, "grid": grid, "heads": heads,
             "backbone": config["backbone"], "backbone_digest": model.backbone_digest,
             "variant": config["variant"], "prompt_depth": config["prompt_depth"], "img_size": config["img_size"],
-            "class_slots": "true, predicted, extra...",
+            "class_slots": "true, predicted, extra...", "contrast": model.contrast,
         })
         image_ids = h5.create_dataset("image_id", (num_images,), dtype=h5py.string_dtype())
         label_ds = h5.create_dataset("label", (num_images,), dtype="int64")
@@ -81,7 +83,7 @@ def extract_attention(
             for ids, tokens, labels in batches:
                 image_tokens = model.last_block_input(tokens.float())
                 logits, _ = model.class_scores(image_tokens, chunk_size=chunk_size)
-                predictions = logits.argmax(1)
+                predictions = model.sibling_prediction(logits, labels)
                 slots = torch.full((len(ids), num_slots), -1, dtype=torch.long)
                 for row, (label, prediction) in enumerate(zip(labels.tolist(), predictions.tolist())):
                     chosen = [label, prediction, *extra_classes[label]]
@@ -123,7 +125,8 @@ def map_statistics(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 HEADS_COLUMNS = {
     "image_id": "string", "rank": "string", "taxon": "string", "head": "int64", "removal_step": "int64",
     "score_before_removal": "float64", "score_after_removal": "float64", "is_trait_head": "bool",
-    "peak_x": "float64", "peak_y": "float64", "spread": "float64",
+    "peak_x": "float64", "peak_y": "float64", "spread": "float64", "prompt": "string",
+    "margin_before_removal": "float64", "margin_after_removal": "float64", "contrast": "string",
 }
 
 
@@ -136,46 +139,55 @@ def mask_heads(
     stopping: str = "prediction",
     top_k: int = 1,
     chunk_size: int | None = None,
+    sibling_prompts: int = 2,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Greedy head masking on the correctly classified images: one row per (image, head), see HEADS_COLUMNS.
-
-    Peaks and spread come from the true-class maps of `attention_path` (written by `extract_attention`).
-    """
+    """Greedy head masking (`taxotrait.masking`) on the correctly classified images whose class has a rival: one row
+    per (image, candidate head), see HEADS_COLUMNS. An image of a monotypic taxon (no sibling under contrast
+    'siblings') has nothing to be told from and no rows. Peaks and spread come from each head's own prompt's map."""
     with h5py.File(attention_path, "r") as h5:
         ids = h5["image_id"].asstr()[:]
         correct = h5["label"][:] == h5["prediction"][:]
-        row_of = {image_id: row for row, image_id in enumerate(ids)}
-        frames = []
-        for batch_ids, tokens, labels in tqdm(batches, desc=f"masking {rank}", disable=not progress):
-            rows = np.array([row_of[i] for i in batch_ids])
-            keep = correct[rows]
-            if not keep.any():
-                continue
-            result = greedy_head_masking(model, tokens[torch.from_numpy(keep)].float(), labels[torch.from_numpy(keep)],
-                                         blur_mode, stopping, top_k, chunk_size)
-            maps = np.stack([h5["attention"][row, 0] for row in rows[keep]])  # true-class maps [b, H, h, w]
-            frames.append(heads_frame([i for i, k in zip(batch_ids, keep) if k], rank, model.class_names, result, maps))
+    row_of = {image_id: row for row, image_id in enumerate(ids)}
+    has_rival = torch.bincount(model.groups, minlength=1)[model.groups].cpu() > 1
+    frames = []
+    for batch_ids, tokens, labels in tqdm(batches, desc=f"masking {rank}", disable=not progress):
+        keep = torch.from_numpy(correct[[row_of[i] for i in batch_ids]]) & has_rival[labels]
+        if not keep.any():
+            continue
+        result = greedy_head_masking(model, tokens[keep].float(), labels[keep], blur_mode, stopping, top_k,
+                                     chunk_size, sibling_prompts)
+        kept_ids = [i for i, k in zip(batch_ids, keep.tolist()) if k]
+        frames.append(heads_frame(kept_ids, rank, model.class_names, result, model.contrast))
     if not frames:
         return empty_table(HEADS_COLUMNS)
     return pd.concat(frames, ignore_index=True)
 
 
-def heads_frame(image_ids, rank, class_names, result, maps) -> pd.DataFrame:
-    """Rows of heads.parquet for one batch of masking results."""
-    num_images, num_heads = result.removal_order.shape
-    before = torch.cat([result.score[:, None], result.score_after[:, :-1]], dim=1)  # s[c] before each step
+def heads_frame(image_ids, rank, class_names, result, contrast: str) -> pd.DataFrame:
+    """Rows of heads.parquet for one batch of masking results (candidates of absent slots left out)."""
+    num_images, size = result.removal_order.shape
+    num_slots = result.prompts.shape[1]
+    num_heads = size // num_slots
     step = result.removal_step
-    peak_x, peak_y, spread = map_statistics(maps)
+    margin_before = torch.cat([result.margin[:, None], result.margin_after[:, :-1]], dim=1)  # before each step
+    peak_x, peak_y, spread = map_statistics(result.maps.float().cpu().numpy())  # [B, K, H] each
+    names = np.array(class_names, dtype=object)
+    prompts = result.prompts.cpu().numpy()
     frame = pd.DataFrame({
-        "image_id": np.repeat(image_ids, num_heads),
+        "image_id": np.repeat(image_ids, size),
         "rank": rank,
-        "taxon": np.repeat([class_names[c] for c in result.classes.tolist()], num_heads),
-        "head": np.tile(np.arange(num_heads), num_images),
-        "removal_step": step.flatten().numpy(),
-        "score_before_removal": before.gather(1, step).flatten().double().numpy(),
-        "score_after_removal": result.score_after.gather(1, step).flatten().double().numpy(),
-        "is_trait_head": result.is_trait.flatten().numpy(),
+        "taxon": np.repeat(names[result.classes.cpu().numpy()], size),
+        "head": np.tile(np.arange(size) % num_heads, num_images),
+        "removal_step": step.flatten().cpu().numpy(),
+        "score_before_removal": result.score_before.gather(1, step).flatten().double().cpu().numpy(),
+        "score_after_removal": result.score_after.gather(1, step).flatten().double().cpu().numpy(),
+        "is_trait_head": result.is_trait.flatten().cpu().numpy(),
         "peak_x": peak_x.ravel(), "peak_y": peak_y.ravel(), "spread": spread.ravel(),
+        "prompt": names[prompts.clip(min=0)].repeat(num_heads, axis=1).ravel(),
+        "margin_before_removal": margin_before.gather(1, step).flatten().double().cpu().numpy(),
+        "margin_after_removal": result.margin_after.gather(1, step).flatten().double().cpu().numpy(),
+        "contrast": contrast,
     })
-    return frame.astype(HEADS_COLUMNS)
+    frame = frame[result.present.flatten().cpu().numpy()]
+    return frame.astype(HEADS_COLUMNS).reset_index(drop=True)

@@ -167,9 +167,10 @@ def _short(text: str, n: int = 28) -> str:
 def trait_gallery(taxon: str, traits: pd.DataFrame, images: list[np.ndarray], maps: np.ndarray,
                   image_ids: list[str] | None = None, rank: str | None = None) -> Figure:
     """Gallery of one taxon: first row the plain example images, then one row per trait head (rows of `traits`, in
-    order: columns head, frequency), each cell that head's true-class attention map over the image.
+    order: columns head, frequency, and prompt when the head is a sibling's prompt), each cell that head's attention
+    map over the image.
 
-    maps: [n_images, heads, h, w], the true-class maps of the images.
+    maps: [n_images, len(traits), h, w], each trait row's map on each image (`AttentionFile.head_maps`).
     """
     traits = traits.reset_index(drop=True)
     n_images, n_heads = len(images), len(traits)
@@ -184,9 +185,10 @@ def trait_gallery(taxon: str, traits: pd.DataFrame, images: list[np.ndarray], ma
         head = int(trait["head"])
         for j, image in enumerate(images):
             ax = axes[i + 1, j]
-            overlay(ax, image, maps[j, head])
+            overlay(ax, image, maps[j, i])
             ax.set_gid(f"head:{head}")
-        axes[i + 1, 0].set_ylabel(f"head {head}\nfreq {trait['frequency']:.0%}", fontsize=9)
+        whose = f"\nof {_short(str(trait['prompt']), 18)}" if trait.get("prompt", taxon) != taxon else ""
+        axes[i + 1, 0].set_ylabel(f"head {head}{whose}\nfreq {trait['frequency']:.0%}", fontsize=9)
     prefix = f"{rank} " if rank else ""
     fig.suptitle(f"{prefix}{taxon}: top {n_heads} trait head{'s' * (n_heads > 1)} (rows, by frequency)\n"
                  f"on {n_images} correctly classified image{'s' * (n_images > 1)}", fontsize=10)
@@ -324,6 +326,18 @@ class AttentionFile:
         """Maps of one image, [K slots, heads, h, w] float32 (slot 0: true class, 1: predicted, then siblings)."""
         return self.h5["attention"][int(row)].astype(np.float32)
 
+    def head_maps(self, row: int, prompts: list[str], heads: list[int]) -> np.ndarray:
+        """[n, h, w]: on one image, head heads[i] of the prompt of class prompts[i] (a trait table's prompt and head
+        columns); zeros where attention.h5 holds no map of that prompt for the image (see attention.extra_classes)."""
+        maps = self.maps(row)
+        slot_of = {int(c): slot for slot, c in reversed(list(enumerate(self.classes[int(row)]))) if c >= 0}
+        out = np.zeros((len(heads), *maps.shape[-2:]), dtype=np.float32)
+        for i, (prompt, head) in enumerate(zip(prompts, heads)):
+            slot = slot_of.get(self.index_of.get(str(prompt), -1))
+            if slot is not None:
+                out[i] = maps[slot, int(head)]
+        return out
+
 
 class ImageSource:
     """Eval crops of manifest images by image_id (the last `cache_size` kept: memory stays bounded)."""
@@ -357,7 +371,8 @@ def shared_examples(attention: AttentionFile, traits: pd.DataFrame, images: Imag
     """Up to `n_pairs` (image, taxon, sibling) examples with distinct taxon pairs: correctly classified images whose
     attention.h5 row maps a sibling class (extra slots), for taxa with traits."""
     examples, seen = [], set()
-    by_taxon = dict(list(traits.groupby(traits["taxon"].astype(str))))
+    own = traits[traits["prompt"] == traits["taxon"]]  # a taxon's traits through its own prompt
+    by_taxon = dict(list(own.groupby(own["taxon"].astype(str))))
     for taxon in sorted(by_taxon, key=lambda t: attention.index_of.get(t, len(attention.class_names))):
         top = _top(by_taxon[taxon], max_heads)
         for row in attention.correct_rows(taxon):
@@ -403,7 +418,7 @@ def rank_figures(rank: str, attention_h5, traits_parquet, manifest_parquet, out_
                             attention_h5)
                 continue
             ids = [attention.image_ids[r] for r in rows]
-            maps = np.stack([attention.maps(r)[0] for r in rows])
+            maps = np.stack([attention.head_maps(r, top["prompt"].tolist(), top["head"].tolist()) for r in rows])
             fig = trait_gallery(taxon, top, [images(i) for i in ids], maps, ids, rank)
             name = unique_name(f"gallery_{safe_name(taxon)}", used)
             written.append(save_figure(fig, out_dir / f"{name}.png"))
@@ -446,7 +461,7 @@ def species_columns(species: str, files: list[AttentionFile], table: pd.DataFram
         here = _top(rows[rows["rank"] == attention.rank], max_heads)
         heads = here["head"].astype(int).tolist()
         taxon = str(here["taxon"].iloc[0]) if len(here) else attention.class_names[attention.labels[row]]
-        maps = attention.maps(row)[0, heads] if heads else None
+        maps = attention.head_maps(row, here["prompt"].tolist(), heads) if heads else None
         columns.append(HierarchyColumn(attention.rank, taxon, heads, here["frequency"].astype(float).tolist(), maps,
                                        bool(attention.correct[row])))
     return image_id, columns
@@ -487,3 +502,111 @@ def hierarchy_figures(attention_h5_by_rank: dict, hierarchy_parquet, manifest_pa
                                    out_dir / NO_IMAGES, tight=False))
     log.info("hierarchy: %d figures in %s", len(written), out_dir)
     return written
+
+
+# ------------------------------------------------------------------------------------------------ the key
+KEY_MAX_TAXA = 48  # ranks with more taxa than this are left out of the key figure (it would be unreadable)
+
+
+def leaf_order(classes: pd.DataFrame, ranks: list[str]) -> dict[tuple[str, str], float]:
+    """x position of every (rank, taxon) in a drawing of the tree: leaves 0, 1, ... in depth-first order, each
+    internal taxon at the mean of its children."""
+    children: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for depth, rank in enumerate(ranks):
+        rows = classes[classes["rank"] == rank].sort_values("class_index")
+        for taxon, parent in zip(rows["taxon"].astype(str), rows["parent"].fillna("").astype(str)):
+            above = (ranks[depth - 1], parent) if depth else ("", "")
+            children.setdefault(above, []).append((rank, taxon))
+    position: dict[tuple[str, str], float] = {}
+
+    def place(node) -> float:
+        kids = children.get(node, [])
+        if not kids:
+            position[node] = float(sum(1 for n in position if not children.get(n)))
+        else:
+            position[node] = float(np.mean([place(kid) for kid in kids]))
+        return position[node]
+
+    place(("", ""))
+    position.pop(("", ""))
+    return position
+
+
+def key_figure(key: pd.DataFrame, classes: pd.DataFrame, ranks: list[str], attention: dict[str, AttentionFile],
+               images: ImageSource) -> Figure:
+    """The key as a tree (the Prompt-CAM paper's Figure 9 for every fork at once): one row per rank, each taxon at its
+    place in the tree, linked to its parent, showing its top trait head's map on a correctly classified image of it
+    (a monotypic taxon: the image alone). Ranks with more than KEY_MAX_TAXA taxa are left out."""
+    shown = [r for r in ranks if (classes["rank"] == r).sum() <= KEY_MAX_TAXA] or ranks[:1]
+    position = leaf_order(classes, ranks)
+    x_of = {node: x for node, x in position.items() if node[0] in shown}
+    span = max(x_of.values()) - min(x_of.values()) + 1 if x_of else 1
+    cell = 1.25
+    fig = Figure(figsize=(max(span * cell, 6.0), len(shown) * 1.95 + 0.7), dpi=DPI)
+    FigureCanvasAgg(fig)
+    low = min(x_of.values()) if x_of else 0.0
+    tree = fig.add_axes([0, 0, 1, 1])
+    tree.set_xlim(0, fig.get_figwidth())
+    tree.set_ylim(0, fig.get_figheight())
+    tree.axis("off")
+    size = cell * 0.82
+    parents = dict(zip(zip(classes["rank"], classes["taxon"].astype(str)), classes["parent"].fillna("").astype(str)))
+    centre = {}
+    for depth, rank in enumerate(shown):
+        y = fig.get_figheight() - 0.55 - (depth + 1) * 1.95 + 0.25
+        for (node_rank, taxon), x in x_of.items():
+            if node_rank == rank:
+                centre[(rank, taxon)] = ((x - low + 0.5) * cell + (fig.get_figwidth() - span * cell) / 2, y)
+    for (rank, taxon), (cx, cy) in centre.items():
+        depth = ranks.index(rank)
+        above = (ranks[depth - 1], parents[(rank, taxon)]) if depth else None
+        if above in centre:
+            px, py = centre[above]
+            tree.plot([px, px, cx, cx], [py - 0.02, (py + cy + size) / 2, (py + cy + size) / 2, cy + size + 0.28],
+                      color="0.55", lw=0.8)
+    for (rank, taxon), (cx, cy) in centre.items():
+        ax = fig.add_axes([(cx - size / 2) / fig.get_figwidth(), cy / fig.get_figheight(),
+                           size / fig.get_figwidth(), size / fig.get_figheight()])
+        file = attention[rank]
+        rows = file.correct_rows(taxon)
+        top = _top(key[(key["rank"] == rank) & (key["taxon"] == taxon)], 1)
+        if not len(rows):
+            _clean(ax)
+            ax.set_title(_short(taxon, 18), fontsize=7)
+            ax.text(0.5, 0.5, "no correctly\nclassified image", ha="center", va="center", fontsize=6,
+                    transform=ax.transAxes)
+            continue
+        image = images(file.image_ids[rows[0]])
+        if len(top):
+            trait = top.iloc[0]
+            whose = "" if trait["prompt"] == taxon else f" of {_short(str(trait['prompt']), 12)}"
+            where = f" · {trait['part']}" if isinstance(trait["part"], str) and trait["part"] else ""
+            overlay(ax, image, file.head_maps(rows[0], [trait["prompt"]], [int(trait["head"])])[0],
+                    title=f"{_short(taxon, 18)}\nh{int(trait['head'])}{whose}{where} {trait['frequency']:.0%}",
+                    fontsize=6)
+        else:
+            show_image(ax, image, f"{_short(taxon, 18)}\n(monotypic)", fontsize=6)
+    for depth, rank in enumerate(shown):
+        y = fig.get_figheight() - 0.55 - (depth + 1) * 1.95 + 0.25
+        tree.text(0.08, y + size / 2, rank, rotation=90, ha="left", va="center", fontsize=9, color="0.3")
+    left_out = [r for r in ranks if r not in shown]
+    fig.suptitle("Key: at each fork, each child's top trait head on one of its images"
+                 + (f" (not drawn: {', '.join(left_out)}, more than {KEY_MAX_TAXA} taxa)" if left_out else ""),
+                 fontsize=10, y=1 - 0.25 / fig.get_figheight())
+    return fig
+
+
+def key_figures(key_parquet, classes_parquet, attention_h5_by_rank: dict, manifest_parquet, out_path,
+                config: dict) -> Path:
+    """Write the key figure (`key_figure`) of a run to `out_path`."""
+    ranks = [r for r in config["ranks"] if r in attention_h5_by_rank]
+    manifest = pd.read_parquet(manifest_parquet)
+    files = {rank: AttentionFile(attention_h5_by_rank[rank]) for rank in ranks}
+    try:
+        images = ImageSource(manifest, files[ranks[0]].img_size, figure_settings(config)["resize"],
+                             str(manifest_parquet))
+        fig = key_figure(pd.read_parquet(key_parquet), pd.read_parquet(classes_parquet), ranks, files, images)
+        return save_figure(fig, out_path, tight=False)
+    finally:
+        for f in files.values():
+            f.close()

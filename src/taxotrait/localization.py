@@ -21,7 +21,9 @@ import numpy as np
 import pandas as pd
 
 POINTING_COLUMNS = {"rank": "string", "mask": "string", "region": "string", "hit_rate": "float64",
-                    "random_rate": "float64", "n_images": "int64"}
+                    "random_rate": "float64", "n_images": "int64", "tolerance_hit_rate": "float64",
+                    "tolerance_random_rate": "float64", "centre_rate": "float64", "contrast": "string"}
+TOLERANCE_AT_224 = 15.0  # the pointing game's standard tolerance, in pixels of a 224 px input
 PLANTED, EXCLUSIVE = "planted", "exclusive"  # the values of `region`
 
 
@@ -78,14 +80,26 @@ def exclusive_masks(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def pointing_game(heads: pd.DataFrame, manifest: pd.DataFrame, load_masks, grid: tuple[int, int], resize: int,
-                  img_size: int) -> pd.DataFrame:
-    """Hit rate of each image's top trait head on every ground-truth mask, as planted and as its exclusive region,
-    with the random-patch baseline.
+                  img_size: int, tolerance: float = TOLERANCE_AT_224) -> pd.DataFrame:
+    """Where each image's top trait head peaks, scored on every ground-truth mask, as planted and as its exclusive
+    region, with random baselines. One row per (rank, mask, region); see POINTING_COLUMNS:
 
-    load_masks(mask_path) -> {name: bool array [H, W]}. One row per (rank, mask, region); see POINTING_COLUMNS.
+    - hit_rate: the peak's patch overlaps the mask (strict patch hit); random_rate: the share of patches that do;
+    - tolerance_hit_rate: the peak (the patch centre, in the eval crop) lies within `tolerance` pixels at 224 px
+      (scaled with img_size) of the mask, the literature's pointing game; tolerance_random_rate: the share of patch
+      centres that do;
+    - centre_rate: the pixel under the peak lies in the mask (for exclusive regions: the region under the peak).
+
+    load_masks(mask_path) -> {name: bool array [H, W]}.
     """
+    from scipy.ndimage import distance_transform_edt
+
     tops = top_trait_heads(heads).merge(manifest[["image_id", "mask_path"]], on="image_id")
     h, w = grid
+    radius = tolerance * img_size / 224
+    centres = (np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2) + 0.5) \
+        * np.array([img_size / h, img_size / w])  # (row, col) of each patch centre in crop pixels
+    cells = np.clip(centres.astype(int), 0, img_size - 1)
     rows = []
     for top in tops.itertuples(index=False):
         masks = load_masks(top.mask_path)
@@ -95,11 +109,18 @@ def pointing_game(heads: pd.DataFrame, manifest: pd.DataFrame, load_masks, grid:
         for region, regions in ((PLANTED, masks), (EXCLUSIVE, exclusive_masks(masks))):
             for name, mask in regions.items():
                 hits = box_hits(mask, boxes)
-                rows.append((top.rank, name, region, float(hits[peak]), float(hits.mean())))
-    table = pd.DataFrame(rows, columns=["rank", "mask", "region", "hit", "random"])
+                inside = crop_mask(mask, resize, img_size)
+                near = distance_transform_edt(~inside)[cells[:, 0], cells[:, 1]] <= radius if inside.any() \
+                    else np.zeros(len(cells), bool)
+                rows.append((top.rank, name, region, float(hits[peak]), float(hits.mean()), float(near[peak]),
+                             float(near.mean()), float(inside[cells[peak, 0], cells[peak, 1]])))
+    table = pd.DataFrame(rows, columns=["rank", "mask", "region", "hit", "random", "near", "near_random", "centre"])
     summary = table.groupby(["rank", "mask", "region"], sort=False).agg(
-        hit_rate=("hit", "mean"), random_rate=("random", "mean"), n_images=("hit", "size")).reset_index()
-    return summary.astype(POINTING_COLUMNS)
+        hit_rate=("hit", "mean"), random_rate=("random", "mean"), n_images=("hit", "size"),
+        tolerance_hit_rate=("near", "mean"), tolerance_random_rate=("near_random", "mean"),
+        centre_rate=("centre", "mean")).reset_index()
+    contrast = heads["contrast"].iloc[0] if len(heads) else ""
+    return summary.assign(contrast=contrast).astype(POINTING_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,16 @@
-"""Greedy head masking: which attention heads of a class prompt carry the traits that make the class win.
+"""Greedy head masking: which attention heads carry the traits that make a class win against its rivals.
 
-For an image and class c, repeatedly blur (make uniform) the head, among those not yet blurred, whose blurring
-leaves s[c] highest, until every head is blurred; the removal order and the score after each step are recorded. The
-heads still unblurred when one more removal would change the prediction from c are the class's trait heads.
+For an image of class c, the candidate heads are those of c's prompt and, under contrast 'siblings', of its best
+sibling prompts too (`rival_prompts`). Repeatedly blur (make uniform) the candidate head whose blurring leaves the
+margin s[c] - max(rivals' scores) highest, until every candidate is blurred; the removal order, each step's margin
+and the scores are recorded. The heads still unblurred when one more removal would let a rival win (the margin
+drops below 0) are the trait heads: of c's own prompt (evidence for c) or of a sibling's (the sibling's prompt
+looking for its own trait, absent here: the "mark yellow / mark not yellow" couplet of a key). Under contrast
+'rank' (the paper) the rivals are every other class and only c's prompt is a candidate, so the margin's change is
+the change of s[c].
 
-Batched: the image tokens entering the last block are computed once; each step then scores every candidate head of
-every image in one pass over the class-c row of the last block only (no full forward per candidate).
+Batched: the image tokens entering the last block are computed once; each step scores every candidate head of every
+image in one pass over the candidates' rows of the last block only (no full forward per candidate).
 """
 
 from __future__ import annotations
@@ -21,40 +26,67 @@ STOPPING = ("prediction", "top_k")
 
 @dataclass
 class MaskingResult:
-    """Greedy head masking of B images, H heads, each for its own class.
+    """Greedy head masking of B images over K prompt slots of H heads each; candidate j is head j % H of slot j // H.
 
-    removal_order [B, H]: head removed at each step. score_after [B, H]: s[c] after each step's removal.
-    removal_step [B, H]: the step at which each head was removed. is_trait [B, H]: the class's trait heads.
-    score [B]: s[c] with no head blurred. runner_up [B]: the best score of any other class.
+    classes [B]: each image's class. prompts [B, K]: the class of each slot (slot 0: the image's class; then rival
+    classes whose heads are candidates too; -1 where an image has fewer). removal_order [B, K*H]: the candidate
+    removed at each step (absent slots' candidates last). margin_after [B, K*H]: the margin after each step;
+    score_before / score_after [B, K*H]: the removed head's own prompt score before and after its step.
+    removal_step [B, K*H]: the step of each candidate. is_trait [B, K*H]: the trait heads. margin [B]: the margin
+    with no head blurred. score [B]: s[c] with no head blurred. runner_up [B]: the best rival's score. maps
+    [B, K, H, h, w]: the slots' attention over the patch grid.
     """
 
     classes: torch.Tensor
+    prompts: torch.Tensor
     removal_order: torch.Tensor
+    margin_after: torch.Tensor
+    score_before: torch.Tensor
     score_after: torch.Tensor
     removal_step: torch.Tensor
     is_trait: torch.Tensor
+    margin: torch.Tensor
     score: torch.Tensor
     runner_up: torch.Tensor
+    maps: torch.Tensor
+
+    @property
+    def present(self) -> torch.Tensor:
+        """bool [B, K*H]: candidates of a slot that exists."""
+        heads = self.removal_order.shape[1] // self.prompts.shape[1]
+        return (self.prompts >= 0).repeat_interleave(heads, dim=1)
 
 
-def trait_heads(score_after: torch.Tensor, removal_step: torch.Tensor, runner_up: torch.Tensor,
+def trait_heads(margin_after: torch.Tensor, removal_step: torch.Tensor, num_present: torch.Tensor,
                 stopping: str = "prediction", top_k: int = 1) -> torch.Tensor:
-    """Which heads are trait heads [B, H], given the greedy removal record.
+    """Which candidates are trait heads [B, K*H], given the greedy removal record of `num_present` [B] candidates.
 
-    ``prediction`` (the paper): the heads left just before the first removal that would let another class win (s[c]
-    below `runner_up`); at least the last head. ``top_k``: the last `top_k` heads in removal order.
+    ``prediction`` (the paper): the heads left just before the first removal that would let a rival win (the margin
+    below 0); at least the last head. ``top_k``: the last `top_k` heads in removal order.
     """
-    num_heads = score_after.shape[1]
+    steps = torch.arange(margin_after.shape[1], device=margin_after.device)
     if stopping == "top_k":
-        if not 1 <= top_k <= num_heads:
-            raise ValueError(f"top_k must be in 1..{num_heads}, got {top_k}")
-        first_kept = torch.full_like(runner_up, num_heads - top_k, dtype=torch.long)
+        if not 1 <= top_k <= int(num_present.min()):
+            raise ValueError(f"top_k must be in 1..{int(num_present.min())}, got {top_k}")
+        first_kept = num_present - top_k
     elif stopping == "prediction":
-        flips = score_after < runner_up[:, None]
-        first_kept = torch.where(flips.any(1), flips.float().argmax(1), num_heads - 1)
+        flips = (margin_after < 0) & (steps[None] < num_present[:, None])
+        first_kept = torch.where(flips.any(1), flips.float().argmax(1), num_present - 1)
     else:
         raise ValueError(f"stopping must be one of {STOPPING}, got {stopping!r}")
-    return removal_step >= first_kept[:, None]
+    return (removal_step >= first_kept[:, None]) & (removal_step < num_present[:, None])
+
+
+def rival_prompts(model: PromptCAM, scores: torch.Tensor, classes: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, count]: each image's `count` best-scoring rivals (-1 where it has fewer) whose heads are masking
+    candidates beside its own class's; none under contrast 'rank' (the paper)."""
+    if model.contrast == "rank" or count == 0:
+        return classes.new_empty(len(classes), 0)
+    rivals = model.rivals(classes)
+    rivals[torch.arange(len(classes), device=classes.device), classes] = False
+    count = min(count, scores.shape[1])
+    best = scores.masked_fill(~rivals, float("-inf")).topk(count, dim=1)
+    return torch.where(torch.isfinite(best.values), best.indices, -1)
 
 
 @torch.no_grad()
@@ -66,45 +98,89 @@ def greedy_head_masking(
     stopping: str = "prediction",
     top_k: int = 1,
     chunk_size: int | None = None,
+    sibling_prompts: int = 2,
 ) -> MaskingResult:
-    """Greedy head masking of each image for its class, batched over images and candidate heads.
+    """Greedy head masking of each image for its class against its rivals, batched over images and candidates.
 
     tokens: frozen tokens [B, T, D] (`PromptCAM.frozen_tokens`); classes: [B] class index per image. chunk_size
-    bounds the classes scored at once when computing the runner-up score.
+    bounds the classes scored at once. sibling_prompts: under contrast 'siblings', how many of the best-scoring
+    siblings' prompts have candidate heads too (`rival_prompts`).
     """
     image_tokens = model.last_block_input(tokens)
     all_scores, _ = model.class_scores(image_tokens, chunk_size=chunk_size)
     batch = torch.arange(len(classes), device=classes.device)
-    score = all_scores[batch, classes]
-    runner_up = all_scores.scatter(1, classes[:, None], float("-inf")).max(1).values
+    prompts = torch.cat([classes[:, None], rival_prompts(model, all_scores, classes, sibling_prompts)], dim=1)
+    present = prompts >= 0  # [B, K]
+    rivals = model.rivals(classes)
+    rivals[batch[:, None], prompts.clamp(min=0)] &= ~present  # rivals whose heads are not candidates keep their score
+    rival_fixed = all_scores.masked_fill(~rivals, float("-inf")).max(1).values  # [B]
 
-    queries = model.class_prompts[classes].to(image_tokens.dtype)[:, None]  # [B, 1, D]
+    queries = model.class_prompts[prompts.clamp(min=0)].to(image_tokens.dtype)  # [B, K, D]
     q, k, v = model.class_queries_keys_values(model.image_keys_values(image_tokens), queries)
-    attention = model.attention_weights(q, k)  # [B, H, 1, keys]
-    kept = (attention @ v)[:, :, 0]  # per-head outputs [B, H, d]
+    attention = model.attention_weights(q, k)  # [B, H, K, keys]
+    kept = (attention @ v).transpose(1, 2)  # per-head outputs [B, K, H, d]
     blurred = model.uniform_row(attention, blur_mode) @ v  # [B, H, d]
+    grid = model.grid_size(image_tokens.shape[1])
+    maps = attention[..., -grid[0] * grid[1]:].transpose(1, 2).unflatten(-1, grid)  # [B, K, H, h, w]
 
-    num_images, num_heads = kept.shape[:2]
-    candidates = torch.eye(num_heads, dtype=torch.bool, device=kept.device)  # candidate j blurs head j
-    removed = torch.zeros(num_images, num_heads, dtype=torch.bool, device=kept.device)
-    removal_order = torch.empty(num_images, num_heads, dtype=torch.long, device=kept.device)
-    score_after = torch.empty(num_images, num_heads, dtype=score.dtype, device=kept.device)
-    for step in range(num_heads):
-        blur = removed[:, None, :] | candidates  # [B, candidate, head]
-        mixed = torch.where(blur[..., None], blurred[:, None], kept[:, None])  # [B, candidate, head, d]
-        scores = model.scores_from_head_outputs(queries, mixed.transpose(1, 2))  # [B, candidate]
-        best = scores.masked_fill(removed, float("-inf")).argmax(1)
+    num_images, num_slots, num_heads = kept.shape[:3]
+    current = all_scores.gather(1, prompts.clamp(min=0)).masked_fill(~present, float("-inf"))  # [B, K]
+    candidates = torch.eye(num_heads, dtype=torch.bool, device=kept.device)  # candidate h blurs head h
+    removed = torch.zeros(num_images, num_slots, num_heads, dtype=torch.bool, device=kept.device)
+    not_self = ~torch.eye(num_slots, dtype=torch.bool, device=kept.device)[None]  # [1, K, K]
+    size = num_slots * num_heads
+    removal_order = torch.empty(num_images, size, dtype=torch.long, device=kept.device)
+    margin_after, score_before, score_after = (torch.empty(num_images, size, dtype=current.dtype,
+                                                           device=kept.device) for _ in range(3))
+    flat_queries = queries.repeat_interleave(num_heads, dim=1)  # [B, K*H, D]
+
+    def margins(own: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+        """own - the best of `others` and the fixed rivals, per image (leading dimension)."""
+        return own - torch.maximum(others, rival_fixed.view(-1, *[1] * (others.dim() - 1)))
+
+    margin = margins(current[:, :1], current[:, 1:].max(1, keepdim=True).values if num_slots > 1
+                     else rival_fixed[:, None].clone().fill_(float("-inf")))[:, 0]
+    for step in range(size):
+        blur = removed[:, :, None, :] | candidates  # [B, K, candidate, head]
+        mixed = torch.where(blur[..., None], blurred[:, None, None], kept[:, :, None])  # [B, K, cand, H, d]
+        scores = model.scores_from_head_outputs(flat_queries, mixed.flatten(1, 2).transpose(1, 2))
+        scores = scores.view(num_images, num_slots, num_heads)  # each candidate's new score of its own slot
+        # the best other slot when slot k changes: slot 0 against slots 1.., slot k >= 1 against the others
+        sibling = current.clone()
+        sibling[:, 0] = float("-inf")
+        best_other = sibling[:, None, :].masked_fill(~not_self, float("-inf")).max(-1).values  # [B, K]
+        own_margin = margins(scores[:, 0], best_other[:, :1])  # [B, H]
+        rival_margin = margins(current[:, :1, None],
+                               torch.maximum(best_other[:, 1:, None], scores[:, 1:]))  # [B, K-1, H]
+        candidate_margin = torch.cat([own_margin[:, None], rival_margin], dim=1).flatten(1)  # [B, K*H]
+        taken = removed.flatten(1)
+        absent = ~present.repeat_interleave(num_heads, dim=1)
+        key = candidate_margin.masked_fill(absent, torch.finfo(current.dtype).min).masked_fill(taken, float("-inf"))
+        best = key.argmax(1)
+        slot, head = best // num_heads, best % num_heads
         removal_order[:, step] = best
-        score_after[:, step] = scores[batch, best]
-        removed[batch, best] = True
+        score_before[:, step] = current[batch, slot]
+        new_score = scores[batch, slot, head]
+        score_after[:, step] = new_score
+        margin_after[:, step] = candidate_margin[batch, best]
+        current[batch, slot] = torch.where(present[batch, slot], new_score, current[batch, slot])
+        removed[batch, slot, head] = True
 
     removal_step = removal_order.argsort(1)
+    num_present = present.sum(1) * num_heads
     return MaskingResult(
         classes=classes,
+        prompts=prompts,
         removal_order=removal_order,
+        margin_after=margin_after,
+        score_before=score_before,
         score_after=score_after,
         removal_step=removal_step,
-        is_trait=trait_heads(score_after, removal_step, runner_up, stopping, top_k),
-        score=score,
-        runner_up=runner_up,
+        is_trait=trait_heads(margin_after, removal_step, num_present, stopping, top_k),
+        margin=margin,
+        score=all_scores[batch, classes],
+        runner_up=all_scores.masked_fill(~model.rivals(classes) | (
+            torch.arange(all_scores.shape[1], device=classes.device)[None] == classes[:, None]),
+            float("-inf")).max(1).values,
+        maps=maps,
     )

@@ -25,6 +25,13 @@ from .backbone import data_normalisation, tokens_entering, weights_digest
 
 VARIANTS = ("reference", "scalable")
 BLUR_MODES = ("uniform_patches", "zero_logits")
+CONTRASTS = ("siblings", "rank")
+
+
+def sibling_groups(parents: list[str]) -> torch.Tensor:
+    """Group index [C] of each class: classes with the same parent share one (the siblings of a taxonomy)."""
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(parent, len(index)) for parent in parents], dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -58,12 +65,19 @@ class PromptCAM(nn.Module):
         prompts: PromptConfig = PromptConfig(),
         normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
         backbone_name: str | None = None,
+        class_parents: list[str] | None = None,
     ):
         super().__init__()
         if not all(type(block) is Block for block in backbone.blocks):
             raise TypeError("PromptCAM needs a timm VisionTransformer made of standard pre-norm `Block`s")
         self.backbone = backbone.requires_grad_(False).eval()
         self.class_names = list(class_names)
+        if class_parents is not None and len(class_parents) != len(self.class_names):
+            raise ValueError(f"{len(class_parents)} class parents given for {len(self.class_names)} classes")
+        self.class_parents = None if class_parents is None else [str(p) for p in class_parents]
+        # contrast 'siblings': a class competes only with the classes of its parent; 'rank': with every class
+        self.register_buffer("groups", sibling_groups(self.class_parents or [""] * len(self.class_names)),
+                             persistent=False)
         num_blocks, dim = len(backbone.blocks), backbone.embed_dim
         self.prompt_config = prompts.resolved(num_blocks, len(self.class_names))
         pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
@@ -86,6 +100,21 @@ class PromptCAM(nn.Module):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def contrast(self) -> str:
+        """'siblings' when each class competes only with its siblings (class_parents given), else 'rank'."""
+        return "rank" if self.class_parents is None else "siblings"
+
+    def rivals(self, classes: torch.Tensor) -> torch.Tensor:
+        """bool [B, C]: the classes each class of `classes` [B] competes with, itself included (its siblings under
+        contrast 'siblings', every class under 'rank')."""
+        groups = self.groups.to(classes.device)
+        return groups[None, :] == groups[classes][:, None]
+
+    def sibling_prediction(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The best class [B] among the rivals of each true class `labels` (given the true parent)."""
+        return scores.masked_fill(~self.rivals(labels.to(scores.device)), float("-inf")).argmax(1)
 
     @property
     def num_heads(self) -> int:
@@ -128,6 +157,7 @@ class PromptCAM(nn.Module):
             "img_size": int(self.backbone.patch_embed.img_size[0]),
             "class_names": self.class_names,
             "normalisation": [list(self.normalisation[0]), list(self.normalisation[1])],
+            "class_parents": self.class_parents,
             **asdict(self.prompt_config),
         }
 

@@ -115,8 +115,21 @@ def check_config(config: dict) -> None:
     for key in ("images", "manifest", "taxonomy"):
         if data.get(key) and not Path(data[key]).exists():
             raise ConfigError(f"data.{key}: {data[key]} does not exist")
-    if data.get("images") and not data.get("taxonomy"):
-        raise ConfigError("data.taxonomy: an image tree needs a taxonomy table (one row per species, a column per rank)")
+    if data.get("images") and not (data.get("taxonomy") or data.get("tree")):
+        raise ConfigError("data.taxonomy: an image tree needs a taxonomy table (one row per species, a column per rank) "
+                          "or a Newick tree (data.tree)")
+    if data.get("taxonomy") and data.get("tree"):
+        raise ConfigError("data.tree: give either a taxonomy table (data.taxonomy) or a tree (data.tree), not both")
+    if data.get("tree"):
+        from .dataset import DatasetError
+        from .taxonomy import check_tree_ranks
+
+        if not Path(data["tree"]).exists():
+            raise ConfigError(f"data.tree: {data['tree']} does not exist")
+        try:
+            check_tree_ranks(data["tree"], config["ranks"])
+        except DatasetError as err:
+            raise ConfigError(f"data.tree: {err}") from None
     parts = (config.get("evaluation") or {}).get("parts")
     if parts and not Path(parts).exists():
         raise ConfigError(f"evaluation.parts: {parts} does not exist")

@@ -63,6 +63,20 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int, step: int) -> float
     return config.lr * (0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress)
 
 
+def contrast_loss(scores: torch.Tensor, labels: torch.Tensor, rivals: torch.Tensor,
+                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each image over its rivals only, and which images count.
+
+    scores [B, C], labels [B], rivals bool [B, C] (`PromptCAM.rivals`: the true class's siblings under contrast
+    'siblings', every class under 'rank'). Returns the per-image losses [B] and counted [B]: an image whose class has
+    no rival (a monotypic taxon: nothing to tell it from) adds no loss. With every class a rival this is
+    `F.cross_entropy` (label smoothing spread over the rivals)."""
+    log_p = scores.masked_fill(~rivals, float("-inf")).log_softmax(1)
+    nll = -log_p.gather(1, labels[:, None]).squeeze(1)
+    smooth = -log_p.masked_fill(~rivals, 0.0).sum(1) / rivals.sum(1)
+    return (1 - label_smoothing) * nll + label_smoothing * smooth, rivals.sum(1) > 1
+
+
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     """Fraction of rows whose label is among the k highest logits."""
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
@@ -216,6 +230,8 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
     if config.optimizer not in ("sgd", "adamw") or config.schedule not in ("cosine", "onecycle") \
             or config.prompt_init not in ("uniform", "cls_mean"):
         raise ValueError(f"unknown optimizer, schedule or prompt_init in {config}")
+    if not (torch.bincount(model.groups) > 1).any():
+        raise ValueError(f"nothing to contrast: every class is alone among its rivals (contrast '{model.contrast}')")
     device = resolve_device(config.device, "train.device")
     model.to(device)
     parallel = DataParallel()
@@ -245,7 +261,7 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
             train_data.set_epoch(epoch, config.seed)
             order = torch.randperm(n, generator=derived_generator(config.seed, epoch, 0))
             model.train()
-            loss_sum = correct = 0.0
+            loss_sum = correct = seen = 0.0
             for i, (x, y) in enumerate(_batches(train_data, order, config.batch_size, device, config.num_workers,
                                                 parallel.shard)):
                 lr = learning_rate(config, steps, (epoch - 1) * steps + i)
@@ -253,7 +269,10 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
                     group["lr"] = lr
                 with mixed_precision(device):
                     scores = forward(x, chunk_size=config.class_chunk)
-                loss, value, count, right = parallel.loss(scores.float(), y, config.label_smoothing)
+                scores = scores.float()
+                rivals = model.rivals(y)
+                losses, counted = contrast_loss(scores, y, rivals, config.label_smoothing)
+                loss, value, count, right = parallel.loss(losses, counted, model.sibling_prediction(scores, y) == y)
                 if not math.isfinite(value):
                     _diverged(f"the loss is {value} at epoch {epoch} (step {i + 1}, lr {lr:g})", history,
                               checkpoint_path)
@@ -263,15 +282,17 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
                 optimizer.step()
                 loss_sum += value * count
                 correct += right
+                seen += count
                 bar.update()
                 bar.set_postfix(epoch=epoch, loss=f"{value:.4f}")
             if not all(torch.isfinite(p).all() for p in params):
                 _diverged(f"the parameters became non-finite at epoch {epoch} (lr {lr:g})", history, checkpoint_path)
             val_top1 = float("nan")
             if val_data is not None:
-                val_top1 = top_k_accuracy(predict(model, val_data, config.batch_size, chunk_size=config.class_chunk,
-                                                  num_workers=config.num_workers), val_data.labels)
-            history.append({"epoch": epoch, "lr": lr, "loss": loss_sum / n, "train_top1": correct / n,
+                val_scores = predict(model, val_data, config.batch_size, chunk_size=config.class_chunk,
+                                     num_workers=config.num_workers)
+                val_top1 = (model.sibling_prediction(val_scores, val_data.labels) == val_data.labels).double().mean().item()
+            history.append({"epoch": epoch, "lr": lr, "loss": loss_sum / seen, "train_top1": correct / seen,
                             "val_top1": val_top1, "seconds": time.perf_counter() - t0})
             log.info("epoch %d/%d: loss %.4f, train top-1 %.3f, val top-1 %.3f, lr %.3g, %.1f s", epoch, config.epochs,
                      history[-1]["loss"], history[-1]["train_top1"], val_top1, lr, history[-1]["seconds"])

@@ -16,11 +16,12 @@ import torch
 from .backbone import create_backbone
 from .checkpoint import atomic_save, checkpoint_payload, load_checkpoint
 from .data import AugmentConfig, TokenCache, TokenDataset, build_token_cache, derived_seed
-from .dataset import class_names, labels
+from .dataset import class_names, class_parents, labels
 from .distributed import DataParallel, launch
 from .extract import extract_attention, mask_heads, sibling_classes
 from .model import PromptCAM, PromptConfig
 from .runner import ConfigError, write_parquet
+from .taxonomy import top_down_prediction
 from .train import TrainConfig, predict, top_k_accuracy, train
 
 log = logging.getLogger("taxotrait")
@@ -38,11 +39,19 @@ def backbone_of(config: dict):
     return _backbone(b["name"], b.get("weights"), b["img_size"], b.get("antialias", True))
 
 
-def new_model(config: dict, names: list[str]) -> PromptCAM:
-    """An untrained PromptCAM for `names` on the configured backbone."""
+def new_model(config: dict, names: list[str], parents: list[str] | None = None) -> PromptCAM:
+    """An untrained PromptCAM for `names` on the configured backbone; with `parents` (contrast 'siblings') each
+    class competes only with the classes of its parent."""
     m = config["model"]
     prompts = PromptConfig(m.get("variant", "scalable"), m.get("prompt_depth", 1), m.get("num_prompts", 8))
-    return PromptCAM(backbone_of(config), names, prompts, backbone_name=config["backbone"]["name"])
+    return PromptCAM(backbone_of(config), names, prompts, backbone_name=config["backbone"]["name"],
+                     class_parents=parents)
+
+
+def rank_model(config: dict, classes: pd.DataFrame, rank: str) -> PromptCAM:
+    """An untrained PromptCAM for the classes of `rank`, with the configured contrast (`contrast`)."""
+    parents = class_parents(classes, rank) if config["contrast"] == "siblings" else None
+    return new_model(config, class_names(classes, rank), parents)
 
 
 def trained_model(path, config: dict) -> PromptCAM:
@@ -113,7 +122,7 @@ def train_rank(rank: str, inputs: dict, outputs: dict, config: dict, gpus: int =
     backbone_of(config)  # built (and cached) first, so that the seeded draws below are the model's own
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derived_seed(settings.seed, 0, 4))  # the initial head and prompts follow train.seed
-        model = new_model(config, class_names(classes, rank))
+        model = rank_model(config, classes, rank)
     train_data, _ = token_data(inputs["train_tokens"], manifest, classes, rank, "train")
     val_data = None
     if (manifest["split"] == "val").any():
@@ -129,30 +138,39 @@ def train_rank(rank: str, inputs: dict, outputs: dict, config: dict, gpus: int =
 
 
 METRICS_COLUMNS = {"rank": "string", "split": "string", "taxon": "string", "n_images": "int64",
-                   "top1": "float64", "top5": "float64"}
+                   "top1": "float64", "top5": "float64", "sibling_top1": "float64", "top_down_top1": "float64",
+                   "contrast": "string"}
 
 
 def evaluate(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
-    """metrics.parquet: top-1/top-5 on val and test, overall (taxon '__all__') and per class."""
+    """metrics.parquet: accuracy on val and test, overall (taxon '__all__') and per class: flat top-1/top-5 over
+    every class of the rank, sibling top-1 (among the true parent's children) and top-down top-1 (the top rank's
+    prediction, then the best child of each predicted taxon: `inputs['ancestors']`, the coarser ranks' models)."""
     manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
-    model = trained_model(inputs["model"], config)
+    ranks = config["ranks"][: config["ranks"].index(rank) + 1]
+    models = [trained_model(path, config) for path in [*inputs["ancestors"], inputs["model"]]]
+    model = models[-1]
     rows = []
     for split in ("val", "test"):
-        data, split_rows = token_data(inputs["eval_tokens"], manifest, classes, rank, split)
-        if not len(data):
+        split_rows = manifest[manifest["split"] == split]
+        if split_rows.empty:
             continue
-        logits = predict(model, data, chunk_size=config["model"].get("class_chunk"))
-        truth = data.labels
-        rows.append((rank, split, "__all__", len(truth), top_k_accuracy(logits, truth, 1), top_k_accuracy(logits, truth, 5)))
-        for index, taxon in enumerate(model.class_names):
-            pick = truth == index
+        scores = [predict(m, token_data(inputs["eval_tokens"], manifest, classes, r, split)[0],
+                          chunk_size=config["model"].get("class_chunk")) for m, r in zip(models, ranks)]
+        logits, truth = scores[-1], torch.as_tensor(labels(split_rows, classes, rank).to_numpy())
+        sibling = model.sibling_prediction(logits, truth) == truth
+        top_down = top_down_prediction(scores, [class_parents(classes, r) for r in ranks],
+                                       [class_names(classes, r) for r in ranks]) == truth
+        for taxon, pick in [("__all__", torch.ones_like(truth, dtype=torch.bool)),
+                            *((name, truth == index) for index, name in enumerate(model.class_names))]:
             if pick.any():
                 rows.append((rank, split, taxon, int(pick.sum()), top_k_accuracy(logits[pick], truth[pick], 1),
-                             top_k_accuracy(logits[pick], truth[pick], 5)))
+                             top_k_accuracy(logits[pick], truth[pick], 5), sibling[pick].double().mean().item(),
+                             top_down[pick].double().mean().item(), model.contrast))
     metrics = pd.DataFrame(rows, columns=list(METRICS_COLUMNS)).astype(METRICS_COLUMNS)
     write_parquet(metrics, outputs["metrics"])
-    overall = metrics[metrics["taxon"] == "__all__"].set_index("split")["top1"].round(3).to_dict()
-    log.info("%s top-1: %s", rank, overall)
+    overall = metrics[metrics["taxon"] == "__all__"].set_index("split")[["top1", "sibling_top1", "top_down_top1"]]
+    log.info("%s (contrast %s):\n%s", rank, model.contrast, overall.round(3).to_string())
 
 
 def eval_batches(inputs: dict, config: dict, rank: str):
@@ -186,8 +204,8 @@ def mask_rank_heads(rank: str, inputs: dict, outputs: dict, config: dict) -> Non
     model = trained_model(inputs["model"], config)
     batches, _, _ = eval_batches(inputs, config, rank)
     m = config["masking"]
-    heads = mask_heads(model, batches(), inputs["attention"], rank, m.get("blur_mode", "uniform_patches"),
-                       m.get("stopping", "prediction"), m.get("top_k", 1), config["model"].get("class_chunk"))
+    heads = mask_heads(model, batches(), inputs["attention"], rank, m["blur_mode"], m["stopping"], m["top_k"],
+                       config["model"].get("class_chunk"), m["sibling_prompts"])
     write_parquet(heads, outputs["heads"])
     log.info("%s: %d correctly classified images masked, %.2f trait heads per image", rank,
              heads["image_id"].nunique(), heads["is_trait_head"].sum() / max(1, heads["image_id"].nunique()))

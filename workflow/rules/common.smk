@@ -36,8 +36,9 @@ def dataset_inputs(wildcards=None):
     inputs = {}
     if data.get("manifest"):
         inputs["manifest"] = data["manifest"]
-    if data.get("taxonomy"):
-        inputs["taxonomy"] = data["taxonomy"]
+    for key in ("taxonomy", "tree"):
+        if data.get(key):
+            inputs[key] = data[key]
     return inputs
 
 
@@ -59,6 +60,11 @@ def backbone_weights():
 
 def trained_model(wildcards):
     return f"{RESULTS}/{wildcards.rank}/model.pt"
+
+
+def coarser_models(wildcards):
+    """The models of the ranks above `wildcards.rank`, coarse to fine (top-down prediction)."""
+    return [f"{RESULTS}/{rank}/model.pt" for rank in RANKS[: RANKS.index(wildcards.rank)]]
 
 
 def evaluation_config():
@@ -91,7 +97,8 @@ def all_outputs():
     """Every product of the workflow for the configured dataset and ranks."""
     per_rank = ["metrics.parquet", "attention.h5", "heads.parquet", "traits.parquet", "figures"]
     outputs = [f"{RESULTS}/{rank}/{name}" for rank in RANKS for name in per_rank]
-    outputs += [f"{RESULTS}/hierarchy_traits.parquet", f"{RESULTS}/figures/hierarchy", f"{RESULTS}/summary.md"]
+    outputs += [f"{RESULTS}/hierarchy_traits.parquet", f"{RESULTS}/figures/hierarchy", f"{RESULTS}/summary.md",
+                f"{RESULTS}/key.parquet", f"{RESULTS}/key.md", f"{RESULTS}/figures/key.png"]
     if evaluation_config().get("enabled", True):
         outputs += [f"{RESULTS}/faithfulness.parquet", f"{RESULTS}/localization.parquet", f"{RESULTS}/evaluation.md"]
     return outputs

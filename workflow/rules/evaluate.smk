@@ -1,7 +1,8 @@
-# Top-1 / top-5 accuracy overall and per class on every split.
+# Accuracy overall and per class on every split: flat, among siblings, and top-down (with the coarser ranks' models).
 rule evaluate:
     input:
         model=trained_model,
+        ancestors=coarser_models,
         manifest=f"{RESULTS}/manifest.parquet",
         classes=f"{RESULTS}/classes.parquet",
         eval_tokens=f"{RESULTS}/cache/eval.tokens.npy",

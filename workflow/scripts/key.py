@@ -1,0 +1,6 @@
+# Snakemake adapter: key.parquet and key.md from every rank's trait table.
+from taxotrait.runner import run_script
+from taxotrait.traits import write_key
+
+run_script(snakemake, lambda s: write_key(s.input.traits, s.input.classes, s.config["ranks"], s.output.table,
+                                          s.output.markdown))
