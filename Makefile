@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CORES ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-cluster slurm-packages demo bench clean
+.PHONY: install test test-cluster slurm-packages demo bench gpu-wheels gpu-check clean
 
 install: $(STAMP)
 
@@ -40,10 +40,23 @@ test-cluster: install slurm-packages
 
 demo: install
 	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) --report results/demo/report.html
 	@cat results/demo/summary.md
 
 bench: install
 	$(BIN)/python bench/bench_engine.py
+
+# The prepared check for a lent CUDA machine (bench/gpu_check.py). Here, with network: `make gpu-wheels` puts the
+# wheels that machine lacks (snakemake, jsonschema, grad-cam, ...; Python 3.12) into the git-ignored .gpu-wheels/.
+# There, with .gpu-wheels carried: `make gpu-check` installs them, runs the tiny workflow on the GPU and the GPU
+# benchmarks, and appends a dated section to bench/RESULTS.md. Without CUDA it says so and exits 0.
+WHEEL_PYTHON ?= $(firstword $(wildcard $(BIN)/python) python3)
+GPU_PYTHON ?= python3
+gpu-wheels:
+	$(WHEEL_PYTHON) bench/gpu_check.py wheels
+
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV)

@@ -16,6 +16,9 @@ with stopping_at_start(logger.error):
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"  # the landing page of snakemake --report
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/backbone.smk"

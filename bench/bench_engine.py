@@ -314,7 +314,8 @@ def run_all(args) -> dict[str, dict[str, dict[int, str]]]:
     tables, seconds_of = {}, {}
     started = time.perf_counter()
     for task in args.tasks:
-        rows = TRAIN_ROWS if task == "train" else MASK_ROWS
+        rows = {label: spec for label, spec in (TRAIN_ROWS if task == "train" else MASK_ROWS).items()
+                if not args.rows or label in args.rows}
         tables[task] = {label: {} for label in rows}
         for label, spec in rows.items():
             previous = None
@@ -378,6 +379,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--classes", type=int, nargs="+", default=[200, 2000, 10000])
     parser.add_argument("--tasks", nargs="+", choices=("train", "mask"), default=["train", "mask"])
+    parser.add_argument("--rows", nargs="+", help="only these rows (labels of TRAIN_ROWS and MASK_ROWS)")
     parser.add_argument("--num-prompts", type=int, default=8, help="class-agnostic prompts per block (scalable)")
     parser.add_argument("--chunk-size", type=int, default=1000, help="classes per chunk in batched masking")
     parser.add_argument("--repeats", type=int, default=3)

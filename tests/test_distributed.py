@@ -138,7 +138,8 @@ def test_the_train_step_runs_data_parallel_with_train_processes(tmp_path, monkey
     pd.DataFrame(rows).to_parquet(tmp_path / "manifest.parquet")
     pd.DataFrame({"rank": "species", "class_index": [0, 1, 2], "taxon": ["s0", "s1", "s2"], "parent": ""}
                  ).to_parquet(tmp_path / "classes.parquet")
-    config = {"backbone": {"name": "vit_tiny_patch16_224", "weights": str(weights), "img_size": 32, "antialias": False},
+    config = {"contrast": "siblings",
+              "backbone": {"name": "vit_tiny_patch16_224", "weights": str(weights), "img_size": 32, "antialias": False},
               "model": {"variant": "scalable", "prompt_depth": 1, "num_prompts": 2, "class_chunk": None},
               "augment": {"resize": 36, "crop": True, "hflip": True, "views": 1},
               "train": {"epochs": 2, "batch_size": 4, "optimizer": "sgd", "lr": 0.05, "device": "cpu", "seed": 0,

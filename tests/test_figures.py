@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import make_vit
-from taxotrait import figures
+from taxotrait import figures, report
 from taxotrait.data import AugmentConfig, ImageTransform, load_image
 from taxotrait.extract import extract_attention, mask_heads, sibling_classes
 from taxotrait.model import PromptCAM
@@ -137,6 +137,10 @@ def test_rank_figures_write_one_gallery_per_taxon(products, tmp_path):
         assert sorted(written) == sorted(out.iterdir())
         for path in written:
             assert_readable_png(path)
+        # the report's labels: the taxon's own name (not the sanitised file name), the rank and the kind
+        shown = [report.figure_labels(out, path.stem) for path in written]
+        assert {s["taxon"] for s in shown if s["kind"] == "trait gallery"} == set(traits["taxon"])
+        assert [s["kind"] for s in shown].count("shared traits") == 1 and {s["rank"] for s in shown} == {rank}
 
 
 def test_gallery_layout(products):
@@ -222,19 +226,16 @@ def test_missing_image_names_the_path(products, tmp_path):
                                   tmp_path / "hier", CONFIG)
 
 
-def test_no_traits_still_writes_a_figure(products, tmp_path):
+def test_no_traits_writes_no_empty_figure(products, tmp_path, caplog):
     empty = pd.read_parquet(products["traits"]["genus"]).iloc[:0]
     empty.to_parquet(tmp_path / "traits.parquet", index=False)
     written = figures.rank_figures("genus", products["attention"]["genus"], tmp_path / "traits.parquet",
                                    products["manifest"], tmp_path / "out", CONFIG)
-    assert [p.name for p in written] == ["shared_traits.png"]
     pd.read_parquet(products["hierarchy"]).iloc[:0].to_parquet(tmp_path / "hierarchy.parquet", index=False)
     written += figures.hierarchy_figures(products["attention"], tmp_path / "hierarchy.parquet", products["manifest"],
                                          tmp_path / "hier", CONFIG)
-    assert [p.name for p in written][1:] == [figures.NO_IMAGES]
-    for path in written:
-        image = np.asarray(Image.open(path).convert("L"))
-        assert image.std() > 5 and (image < 100).any()  # some text on the page
+    assert written == [] and list((tmp_path / "out").iterdir()) == list((tmp_path / "hier").iterdir()) == []
+    assert "no shared-traits figure" in caplog.text and "no species has trait heads" in caplog.text
 
 
 def test_only_correctly_classified_images_are_shown(products, tmp_path):

@@ -210,7 +210,7 @@ def test_non_ascii_names_and_spaces_end_to_end_without_a_val_split(tmp_path, mon
                 Image.fromarray(pixels.astype(np.uint8)).save(root / split / species / f"photo {i} ñ.png")
     (tmp_path / "taxonomie ä.csv").write_text("\n".join(rows) + "\n")
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config.update(ranks=RANKS, rank_overrides={})
+    config.update(ranks=RANKS, rank_overrides={}, contrast="rank")  # one genus per order: nothing to contrast there
     config["data"] = {"synthetic": None, "images": str(root), "manifest": None,
                       "taxonomy": str(tmp_path / "taxonomie ä.csv"), "max_reject_fraction": 0.0}
     config["backbone"] = {"name": "vit_tiny_patch16_224", "weights": "random", "img_size": 32, "antialias": False}
@@ -224,10 +224,12 @@ def test_non_ascii_names_and_spaces_end_to_end_without_a_val_split(tmp_path, mon
               "train_tokens": out / "cache" / "train.tokens.npy", "eval_tokens": out / "cache" / "eval.tokens.npy"}
     for kind in ("train", "eval"):
         workflow.cache_tokens(kind, tables["manifest"], inputs[f"{kind}_tokens"], config)
-    folder = out / "species"
-    inputs.update(model=folder / "model.pt", attention=folder / "attention.h5")
-    workflow.train_rank("species", inputs, {"model": folder / "model.pt", "log_table": folder / "train_log.parquet"},
-                        config)
+    for rank in RANKS:  # every rank: top-down prediction at the species rank reads the coarser ranks' models
+        folder = out / rank
+        inputs.update(model=folder / "model.pt", attention=folder / "attention.h5")
+        workflow.train_rank(rank, inputs, {"model": folder / "model.pt", "log_table": folder / "train_log.parquet"},
+                            config)
+    inputs["ancestors"] = [out / rank / "model.pt" for rank in RANKS[:-1]]
     assert pd.read_parquet(folder / "train_log.parquet")["val_top1"].isna().all()  # trained without validation
     workflow.evaluate("species", inputs, {"metrics": folder / "metrics.parquet"}, config)
     assert set(pd.read_parquet(folder / "metrics.parquet")["split"]) == {"test"}
@@ -290,7 +292,7 @@ def test_non_ascii_names_and_spaces_end_to_end_without_a_val_split(tmp_path, mon
 
         patch.setattr(Image.Image, "save", broken_save)
         with pytest.raises(OSError, match="disk full"):
-            figures.save_figure(figures.message_figure("x"), failed / "figure.png")
+            figures.save_figure(figures.new_figure(1, 1), failed / "figure.png")
     assert list(failed.iterdir()) == []
 
 

@@ -1,5 +1,7 @@
 """The whole workflow on a tiny synthetic taxonomy, through Snakemake, with the real offline backbone."""
 
+import base64
+import json
 import os
 import re
 import subprocess
@@ -55,7 +57,7 @@ def test_rank_outputs(results, rank):
     assert log["epoch"].tolist() == [1, 2, 3] and log["loss"].notna().all()
     metrics = pd.read_parquet(folder / "metrics.parquet")
     assert list(metrics.columns) == ["rank", "split", "taxon", "n_images", "top1", "top5", "sibling_top1",
-                                     "top_down_top1", "contrast"]
+                                     "top_down_top1", "contrast", "device"]
     overall = metrics[metrics["taxon"] == "__all__"].set_index("split")
     assert overall.loc["test", "n_images"] == N_SPECIES * N_TEST and (metrics["contrast"] == "siblings").all()
     assert metrics[["top1", "top5", "sibling_top1", "top_down_top1"]].stack().between(0, 1).all()
@@ -65,11 +67,12 @@ def test_rank_outputs(results, rank):
         assert (overall["top_down_top1"] == overall["sibling_top1"]).all()
     num_classes = NUM_CLASSES[rank]
     slots = 2 + 1  # true, predicted, the sibling (attention.extra_classes: 1)
+    assert set(log["device"]) == set(metrics["device"]) == {"cpu"}  # where each table was made
     with h5py.File(folder / "attention.h5") as h5:
         n = N_SPECIES * N_TEST
         assert h5["attention"].shape == (n, slots, 6, 8, 8) and h5["attention"].dtype == np.float16
         assert h5["logits"].shape == (n, num_classes) and h5["classes"].shape == (n, slots)
-        assert h5.attrs["rank"] == rank and list(h5.attrs["grid"]) == [8, 8]
+        assert h5.attrs["rank"] == rank and list(h5.attrs["grid"]) == [8, 8] and h5.attrs["device"] == "cpu"
         assert list(h5.attrs["class_names"]) == sorted(pd.read_parquet(results / "manifest.parquet")[rank].unique())
         # the prediction given the true parent: the better of the true class and its sibling
         logits, label, sibling = h5["logits"][:], h5["label"][:], h5["classes"][:, 2]
@@ -187,11 +190,12 @@ def test_rank_contrast_end_to_end(results, tmp_path):
 
 
 def test_evaluation(results):
-    """Faithfulness (CPU settings of tiny.yaml: the finest rank, 2 images, 4 steps) and localization of every method."""
+    """Faithfulness (tiny.yaml: the finest rank, 2 images, 4 steps) and localization of every method."""
     methods = {"prompt_cam_traits", "prompt_cam_all", "grad_cam", "layer_cam", "eigen_cam", "rollout"}
     faithfulness = pd.read_parquet(results / "faithfulness.parquet")
     assert list(faithfulness.columns) == ["rank", "method", "model", "insertion", "deletion", "n_images", "model_top1",
-                                          "pixels_per_step", "seconds"]
+                                          "pixels_per_step", "seconds", "device"]
+    assert set(faithfulness["device"]) == {"cpu"}  # the device the table was made on
     assert set(faithfulness["method"]) == methods and set(faithfulness["rank"]) == {"species"}
     assert (faithfulness["n_images"] == 2).all() and (faithfulness["pixels_per_step"] == 3136).all()
     assert faithfulness[["insertion", "deletion", "model_top1"]].stack().between(0, 1).all()
@@ -301,11 +305,49 @@ def test_killed_training_job_resumes_on_rerun(results, tmp_path, monkeypatch):
     assert not (folder / "train_state.pt").exists()
 
 
-def test_report_collects_the_figures(results, tmp_path):
+def report_data(html: str, name: str):
+    """A JSON value the Snakemake report embeds as `var <name> = ...;` (results, categories, workflow_desc)."""
+    return json.loads(re.search(rf'^\s*var {name} = ([{{"].*);\s*$', html, re.M)[1])
+
+
+def test_report_shows_the_tables_labels_every_result_and_orders_ranks(results, tmp_path):
     snakemake("--configfile", "tests/data/tiny.yaml", "--config", f"results={results.parent}",
               "--report", str(tmp_path / "report.html"))
     html = (tmp_path / "report.html").read_text()
-    assert "gallery_" in html and "Coarse to fine" in html and "summary.md" in html
+    shown, categories = report_data(html, "results"), report_data(html, "categories")
+    # the menu, sorted by name as the report does, is in the workflow's order; ranks coarse to fine
+    assert [name.split(". ", 1)[1] for name in sorted(categories)] == [
+        "Key", "Summary", "Coarse to fine", "Trait galleries", "Evaluation"]
+    galleries = categories[next(name for name in categories if name.endswith("Trait galleries"))]
+    assert [name.split(". ", 1)[1] for name in sorted(galleries)] == RANKS
+    # every result labelled: rank, taxon, kind (the report then lists labels, not paths)
+    manifest = pd.read_parquet(results / "manifest.parquet")
+    for entry in shown.values():
+        assert list(entry["labels"]) == ["rank", "taxon", "kind"] and all(entry["labels"].values()), entry["name"]
+        if entry["labels"]["kind"] == "trait gallery":
+            assert entry["labels"]["taxon"] in set(manifest[entry["labels"]["rank"]])
+    for subcategory, paths in galleries.items():
+        assert {shown[p]["labels"]["rank"] for p in paths} == {subcategory.split(". ", 1)[1]}
+    # the tables: HTML pages the report displays (not Markdown it would download), with the run's settings
+    pages = {entry["filename"]: entry for entry in shown.values() if entry["mime_type"] == "text/html"}
+    assert set(pages) == {"summary.html", "evaluation.html", "key.html"}
+    key = categories[next(name for name in categories if name.endswith("Key"))]
+    assert sorted(shown[p]["filename"] for paths in key.values() for p in paths) == ["key.html", "key.png"]
+    assert not [entry["filename"] for entry in shown.values() if entry["filename"].endswith(".md")]
+    for name, expected in (("summary.html", "<th>top-1 (top-down)</th>"), ("evaluation.html", "Prompt-CAM (trait heads)"),
+                           ("key.html", "<h2>(root) → Ordo_A vs Ordo_B (order)</h2>")):
+        page = base64.b64decode(pages[name]["data_uri"].split("base64,", 1)[1]).decode()
+        assert "<table>" in page and expected in page and "Settings of this run" in page
+        assert "<td>vit_small_patch14_dinov2.lvd142m</td>" in page and "<td>dataset</td><td>tiny</td>" in page
+    # one caption per kind of figure
+    captions = {entry["labels"]["kind"]: entry["caption"] for entry in shown.values()}
+    assert "Trait gallery" in captions["trait gallery"] and "Shared traits" not in captions["trait gallery"]
+    assert "Shared traits" in captions["shared traits"] and "Trait gallery" not in captions["shared traits"]
+    evaluation_captions = [captions[kind] for kind in ("faithfulness", "localization", "example maps")]
+    assert len(set(evaluation_captions)) == 3 and "Localization" in captions["localization"]
+    # the landing page describes the run
+    description = report_data(html, "workflow_desc")
+    assert "order → family → genus → species" in description and "vit_small_patch14_dinov2.lvd142m" in description
 
 
 def write_config(path, text):

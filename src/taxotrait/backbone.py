@@ -18,6 +18,8 @@ from .runner import OFFLINE_WEIGHTS  # noqa: F401  (re-exported: the converted o
 
 OFFLINE_BACKBONE = "vit_small_patch14_dinov2.lvd142m"
 
+RANDOM_WEIGHTS_SEED = 0  # backbone.weights: random
+
 # Input normalisation used by the authors' released models.
 AUTHORS_NORMALISATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -147,7 +149,8 @@ def create_backbone(
 ) -> VisionTransformer:
     """Create the frozen timm ViT `name` at `img_size`.
 
-    `weights` is a local .safetensors/.pth file, ``"random"`` for random weights (tests, benchmarks), or None for
+    `weights` is a local .safetensors/.pth file, ``"random"`` for timm's random initialisation drawn from seed
+    `RANDOM_WEIGHTS_SEED` (the same weights in every process: tests, benchmarks, the GPU check), or None for
     timm's pretrained weights: taken from the Hugging Face (or torch hub) cache when there, read like a local file
     (no network access); otherwise downloaded, unless HF_HUB_OFFLINE is set or the hub does not answer a
     `HUB_PROBE_TIMEOUT`-second connection probe, in which case BackboneWeightsError says at once which file to
@@ -180,7 +183,9 @@ def create_backbone(
             ) from err
     else:
         try:
-            model = timm.create_model(name, pretrained=False, **kwargs)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_WEIGHTS_SEED)  # "random": the same weights in every process
+                model = timm.create_model(name, pretrained=False, **kwargs)
         except Exception as err:
             raise BackboneWeightsError(f"unknown or unsupported timm backbone '{name}': {err}") from err
         if str(weights) != "random":

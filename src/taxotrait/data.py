@@ -6,7 +6,7 @@ comes from generators seeded by `derived_generator(seed, ...)`, so every view is
 the order in which images are processed.
 
 Cache files: ``<name>.npy``, a float16 array [N images, V views, T tokens, D] memory-mapped on reading, and
-``<name>.npy.json``, its description (paths, views, augmentation, seed, backbone, first prompted block, ...).
+``<name>.npy.json``, its description (paths, views, augmentation, seed, backbone, first prompted block, device, ...).
 """
 
 from __future__ import annotations
@@ -183,7 +183,8 @@ def build_token_cache(
 
     augment None (or without crop/flip): one view, the deterministic eval transform; otherwise every view is a
     random augmentation seeded by (seed, image index, view). Written batch by batch to a temporary file, then
-    renamed. The model is moved to `device` (default: CUDA if available, else CPU).
+    renamed. The model is moved to `device` (default: CUDA if available, else CPU); the tokens are computed there in
+    float32 (they are computed once and serve every rank and epoch) and recorded with it in the description.
     """
     out, paths = Path(out_path), [str(p) for p in paths]
     transform = ImageTransform.for_model(model, augment)
@@ -192,7 +193,8 @@ def build_token_cache(
     device = resolve_device(device)
     model.to(device).eval()
     meta = {"format": CACHE_FORMAT, "shape": [len(paths), views, *token_shape(model)], "dtype": "float16",
-            "views": views, "augment": asdict(transform.augment), "seed": seed, **_describe(model), "paths": paths}
+            "views": views, "augment": asdict(transform.augment), "seed": seed, **_describe(model), "device": str(device),
+            "paths": paths}
     with atomic_write(out) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=tuple(meta["shape"]))
         loader = DataLoader(_Views(paths, transform, views, seed), batch_size=batch_size, num_workers=num_workers)

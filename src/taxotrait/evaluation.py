@@ -49,6 +49,8 @@ from .extract import map_statistics
 from .faithfulness import insertion_deletion, upsample
 from .localization import (KEYPOINTS, energy_shares, load_ground_truth, normalise_maps, part_consistency,
                            pointing_hits)
+from .report import ALL_RANKS, EVALUATION_SETTINGS, page_html
+from .report import labels as report_labels
 from .runner import atomic_write, empty_table, write_parquet
 from .traits import rank_traits
 
@@ -70,16 +72,14 @@ DEFAULTS = {
     "batch_size": 128,  # images per forward pass (perturbed images in faithfulness)
     "device": "auto",
     "parts": None,
-    "faithfulness": {
-        "images": 32, "pixels_per_step": None, "finest_ranks": None,
-        "cpu": {"images": 16, "pixels_per_step": 6272, "finest_ranks": 1},
-    },
+    # the CPU-friendly demo settings; the paper's protocol (config/paper_evaluation.yaml): 32, None, None
+    "faithfulness": {"images": 8, "pixels_per_step": 6272, "finest_ranks": 1},
     "localization": {"tolerance": 15.0, "consistency": 0.8},
 }
 
 FAITHFULNESS_COLUMNS = {"rank": "string", "method": "string", "model": "string", "insertion": "float64",
                         "deletion": "float64", "n_images": "int64", "model_top1": "float64",
-                        "pixels_per_step": "int64", "seconds": "float64"}
+                        "pixels_per_step": "int64", "seconds": "float64", "device": "string"}
 CURVE_COLUMNS = {"rank": "string", "method": "string", "curve": "string", "fraction": "float64",
                  "probability": "float64"}
 LOCALIZATION_COLUMNS = {"rank": "string", "method": "string", "part": "string", "metric": "string",
@@ -104,13 +104,6 @@ def settings(config: dict) -> dict:
 def device_of(s: dict) -> torch.device:
     """The device of the evaluation settings `s` (`evaluation.device`)."""
     return resolve_device(s.get("device", "auto"), "evaluation.device")
-
-
-def faithfulness_settings(config: dict, device: torch.device) -> dict:
-    """evaluation.faithfulness, with its `cpu` values in force on a CPU."""
-    f = settings(config)["faithfulness"]
-    chosen = _merge({k: v for k, v in f.items() if k != "cpu"}, f["cpu"] if device.type == "cpu" else {})
-    return chosen
 
 
 def faithfulness_ranks(config: dict, finest_ranks: int | None) -> list[str]:
@@ -170,7 +163,8 @@ def train_probes(inputs: dict, outputs: dict, config: dict) -> None:
         with torch.no_grad():
             rank_probe.head.weight.copy_(weight)
             rank_probe.head.bias.copy_(bias)
-        save_probe(rank_probe, out, config["backbone"]["name"], digest, rank=rank, l2=l2, top1=top1)
+        save_probe(rank_probe, out, config["backbone"]["name"], digest, rank=rank, l2=l2, top1=top1,
+                   device=str(device))
         log.info("%s probe: l2 %g, top-1 %s", rank, l2, {k: round(v, 3) for k, v in top1.items()})
 
 
@@ -244,14 +238,15 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
 
     Datasets: image_id [n] (stratified order: any prefix is stratified), label, prediction (Prompt-CAM's),
     probe_prediction [n] int64, maps [n, methods, 2, h, w] float32 (slot 0: true class, 1: predicted class).
-    Attributes: rank, methods, grid, img_size, prompt_cam_top1, probe_top1 (top-1 on the whole attention split).
+    Attributes: rank, methods, grid, img_size, prompt_cam_top1, probe_top1 (top-1 on the whole attention split),
+    device (where the maps were made).
     """
     from .workflow import trained_model
 
     s = settings(config)
     device = device_of(s)
     started = time.time()
-    model = trained_model(inputs["model"], config).to(device)
+    model = trained_model(inputs["model"], config, device)
     probe, meta = load_probe(inputs["probe"], model.backbone, model.backbone_digest)
     probe = probe.to(device)
     manifest = pd.read_parquet(inputs["manifest"]).set_index("image_id", drop=False)
@@ -304,7 +299,7 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
         h5.attrs.update({"rank": rank, "methods": list(METHODS), "grid": grid, "img_size": config["backbone"]["img_size"],
                          "class_names": names, "prompt_cam_top1": prompt_cam_top1,
                          "probe_top1": float(meta["top1"].get(config["attention"]["split"], np.nan)),
-                         "slots": "true class, predicted class"})
+                         "slots": "true class, predicted class", "device": str(device)})
     log.info("%s: maps of %d methods on %d images in %.1f s (probe top-1 on the subset %.3f)", rank, len(METHODS),
              len(order), time.time() - started, float((probe_prediction == sub_label).mean()))
 
@@ -326,16 +321,15 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
 
     s = settings(config)
     device = device_of(s)
-    f = faithfulness_settings(config, device)
+    f = s["faithfulness"]
     if rank not in faithfulness_ranks(config, f["finest_ranks"]):
-        log.info("%s: faithfulness not computed (evaluation.faithfulness finest_ranks=%s on %s)", rank,
-                 f["finest_ranks"], device.type)
+        log.info("%s: faithfulness not computed (evaluation.faithfulness.finest_ranks: %s)", rank, f["finest_ranks"])
         write_parquet(empty_table(FAITHFULNESS_COLUMNS), outputs["table"])
         write_parquet(empty_table(CURVE_COLUMNS), outputs["curves"])
         return
     sal = read_saliency(inputs["saliency"])
     n = len(sal["image_id"]) if not f["images"] else min(int(f["images"]), len(sal["image_id"]))
-    model = trained_model(inputs["model"], config).to(device)
+    model = trained_model(inputs["model"], config, device)
     probe, _ = load_probe(inputs["probe"], model.backbone, model.backbone_digest)
     probe = probe.to(device)
     manifest = pd.read_parquet(inputs["manifest"]).set_index("image_id", drop=False)
@@ -361,7 +355,8 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
         seconds = time.time() - started
         rows.append((rank, method, "prompt_cam" if is_prompt_cam else "linear_probe",
                      float(result.insertion_auc.mean()), float(result.deletion_auc.mean()), n,
-                     float(sal["prompt_cam_top1"] if is_prompt_cam else sal["probe_top1"]), pixels_per_step, seconds))
+                     float(sal["prompt_cam_top1"] if is_prompt_cam else sal["probe_top1"]), pixels_per_step, seconds,
+                     str(device)))
         for name, curve in (("insertion", result.insertion), ("deletion", result.deletion)):
             for fraction, probability in zip(result.fractions.tolist(), curve.mean(0).tolist()):
                 curves.append((rank, method, name, fraction, probability))
@@ -530,12 +525,12 @@ def summary_markdown(faithfulness: pd.DataFrame, localization: pd.DataFrame, ran
 
 def faithfulness_figure(table: pd.DataFrame, curves: pd.DataFrame):
     """A table of every rank's scores and the mean insertion/deletion curves of the finest rank evaluated."""
-    from .figures import message_figure, new_figure
+    from .figures import new_figure
 
     if table.empty:
-        return message_figure("No faithfulness scores (evaluation.faithfulness.finest_ranks)")
+        raise ValueError("no faithfulness scores to show")
     fig = new_figure(1, 1)
-    fig.set_size_inches(13, 4.2 + 0.22 * len(table))
+    fig.set_size_inches(10, 4.2 + 0.22 * len(table))
     grid = fig.add_gridspec(2, 2, height_ratios=[0.22 * len(table) + 0.8, 3.2])
     ax = fig.add_subplot(grid[0, :])
     ax.axis("off")
@@ -543,7 +538,10 @@ def faithfulness_figure(table: pd.DataFrame, curves: pd.DataFrame):
               f"{r.deletion:.3f}", str(r.n_images)] for r in table.itertuples(index=False)]
     shown = ax.table(cellText=cells, colLabels=["rank", "method", "top-1", "insertion ↑", "deletion ↓", "images"],
                      loc="center", cellLoc="center")
-    shown.scale(1, 1.25)
+    shown.auto_set_font_size(False)
+    shown.set_fontsize(10)
+    shown.auto_set_column_width(list(range(6)))
+    shown.scale(1, 1.3)
     rank = table["rank"].iloc[-1]
     for column, name in enumerate(("insertion", "deletion")):
         axis = fig.add_subplot(grid[1, column])
@@ -555,37 +553,47 @@ def faithfulness_figure(table: pd.DataFrame, curves: pd.DataFrame):
         axis.set_title(f"{name} ({rank})", fontsize=10)
         axis.set_xlim(0, 1)
         axis.set_ylim(0, 1.02)
-        axis.legend(fontsize=7)
+    axis.legend(fontsize=10, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # beside the curves
     return fig
 
 
 def localization_figure(table: pd.DataFrame):
-    """Per rank, the pointing game and the energy-based pointing game of every method on every target."""
-    from .figures import message_figure, new_figure
+    """One column per rank: the pointing game (top) and the energy-based pointing game (bottom) of every method on
+    every target (grey: the random baseline), with one legend above the panels; sized to fit a screen."""
+    from .figures import new_figure
 
     maps = table[table["metric"].isin(["pointing_game", "energy_pointing_game"])]
     if maps.empty:
-        return message_figure("No localization scores: the dataset has no ground truth")
-    ranks = list(dict.fromkeys(maps["rank"]))
+        raise ValueError("no pointing-game scores to show (the dataset has no ground truth)")
+    ranks, methods = list(dict.fromkeys(maps["rank"])), list(dict.fromkeys(maps["method"]))
+    width, height = max(11.0, 2.8 * len(ranks)), 6.6
     fig = new_figure(1, 1)
-    fig.set_size_inches(4.2 * len(ranks), 7.0)
-    fig.subplots_adjust(hspace=0.45)
-    methods = list(dict.fromkeys(maps["method"]))
+    fig.set_size_inches(width, height)
+    axes = fig.subplots(2, len(ranks), squeeze=False, sharey=True)
+    bar = 0.8 / len(methods)
+    handles = {}
     for column, rank in enumerate(ranks):
-        for row, metric in enumerate(("pointing_game", "energy_pointing_game")):
-            axis = fig.add_subplot(2, len(ranks), row * len(ranks) + column + 1)
+        for row, (metric, title) in enumerate((("pointing_game", "pointing game"),
+                                               ("energy_pointing_game", "energy pointing game"))):
+            axis = axes[row, column]
             rows = maps[(maps["rank"] == rank) & (maps["metric"] == metric)]
             parts = list(dict.fromkeys(rows["part"]))
-            width = 0.8 / len(methods)
             for k, method in enumerate(methods):
                 values = rows[rows["method"] == method].set_index("part")["value"].reindex(parts)
-                axis.bar(np.arange(len(parts)) + (k - (len(methods) - 1) / 2) * width, values, width,
-                         label=METHOD_LABELS.get(method, method), color="0.75" if method == "random" else None)
-            axis.set_xticks(np.arange(len(parts)), parts, fontsize=7, rotation=30)
+                handles[METHOD_LABELS.get(method, method)] = axis.bar(
+                    np.arange(len(parts)) + (k - (len(methods) - 1) / 2) * bar, values, bar,
+                    color="0.75" if method == "random" else f"C{k}")
+            axis.set_xticks(np.arange(len(parts)), parts, fontsize=10, rotation=30, ha="right",
+                            rotation_mode="anchor")
+            axis.tick_params(axis="y", labelsize=10)
             axis.set_ylim(0, 1)
-            axis.set_title(f"{rank}: {metric.replace('_', ' ')}", fontsize=9)
-            if column == 0 and row == 0:
-                axis.legend(fontsize=6)
+            axis.grid(axis="y", alpha=0.3)
+            axis.set_title(f"{rank}: {title}", fontsize=11)
+    axes[0, 0].set_ylabel("map maximum inside", fontsize=10)
+    axes[1, 0].set_ylabel("share of map mass inside", fontsize=10)
+    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(7, len(handles)), fontsize=10,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / height))
     return fig
 
 
@@ -595,22 +603,24 @@ def examples_figure(saliency_path, manifest: pd.DataFrame, config: dict, n: int 
 
     sal = read_saliency(saliency_path)
     n = min(n, len(sal["image_id"]))
-    fig = new_figure(n, len(sal["methods"]) + 1)
+    fig = new_figure(n, len(sal["methods"]) + 1, cell=1.6)
     paths = manifest.set_index("image_id").loc[sal["image_id"][:n], "path"]
     names = [str(c) for c in sal["class_names"]]
     for row, (image_id, path) in enumerate(zip(sal["image_id"][:n], paths)):
         image = eval_crop(path, config["backbone"]["img_size"], config["augment"]["resize"])
         ax = fig.add_subplot(n, len(sal["methods"]) + 1, row * (len(sal["methods"]) + 1) + 1)
-        show_image(ax, image, names[sal["label"][row]] if row == 0 else names[sal["label"][row]], fontsize=7)
+        show_image(ax, image, names[sal["label"][row]], fontsize=10)
         for column, method in enumerate(sal["methods"]):
             ax = fig.add_subplot(n, len(sal["methods"]) + 1, row * (len(sal["methods"]) + 1) + column + 2)
-            overlay(ax, image, sal["maps"][row, column, 0], title=METHOD_LABELS[method] if row == 0 else None, fontsize=7)
-    fig.suptitle(f"{sal['rank']}: maps of the true class", fontsize=10)
+            title = METHOD_LABELS[method].replace(" (", "\n(") if row == 0 else None
+            overlay(ax, image, sal["maps"][row, column, 0], title=title, fontsize=10)
+    fig.suptitle(f"{sal['rank']}: maps of the true class", fontsize=12)
     return fig
 
 
 def evaluation_summary(inputs: dict, outputs: dict, config: dict) -> None:
-    """faithfulness.parquet, localization.parquet (every rank), their figures, the example maps and evaluation.md."""
+    """faithfulness.parquet, localization.parquet (every rank), their figures, the example maps, evaluation.md and its
+    HTML page with the evaluation settings (evaluation.html)."""
     from .figures import save_figure
 
     faithfulness = pd.concat([pd.read_parquet(p) for p in inputs["faithfulness"]], ignore_index=True)
@@ -622,11 +632,21 @@ def evaluation_summary(inputs: dict, outputs: dict, config: dict) -> None:
     write_parquet(localization, outputs["localization"])
     figures = Path(outputs["figures"])
     figures.mkdir(parents=True, exist_ok=True)
-    save_figure(faithfulness_figure(faithfulness, curves), figures / "faithfulness.png")
-    save_figure(localization_figure(localization), figures / "localization.png")
+    ranks = list(dict.fromkeys(faithfulness["rank"]))
+    if ranks:
+        save_figure(faithfulness_figure(faithfulness, curves), figures / "faithfulness.png",
+                    report_labels=report_labels(ALL_RANKS if ranks == config["ranks"] else ", ".join(ranks),
+                                                kind="faithfulness"))
+    if localization["metric"].isin(["pointing_game", "energy_pointing_game"]).any():
+        save_figure(localization_figure(localization), figures / "localization.png",
+                    report_labels=report_labels(kind="localization"))
+    else:
+        log.info("no ground truth (mask_path, evaluation.parts): no localization figure")
     save_figure(examples_figure(inputs["saliency"][-1], pd.read_parquet(inputs["manifest"]), config),
-                figures / "example_maps.png")
+                figures / "example_maps.png", report_labels=report_labels(config["ranks"][-1], kind="example maps"))
     text = summary_markdown(faithfulness, localization, config["ranks"])
-    with atomic_write(outputs["summary"]) as tmp:
-        Path(tmp).write_text(text)
+    page = page_html(text, {**config, "evaluation": settings(config)}, EVALUATION_SETTINGS)  # defaults filled in
+    for path, content in ((outputs["summary"], text), (outputs["html"], page)):
+        with atomic_write(path) as tmp:
+            Path(tmp).write_text(content, encoding="utf-8")
     log.info("\n%s", text)

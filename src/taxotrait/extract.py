@@ -10,7 +10,10 @@
 - ``attention`` [N, K, heads, h, w] float16: last-block attention of those class prompts over the patch grid,
   chunked one image per chunk, gzip-compressed
 - attributes: rank, class_names, grid (h, w), heads, backbone, backbone_digest, variant, prompt_depth, img_size,
-  class_slots ("true, predicted, extra..."), contrast ("siblings" or "rank")
+  class_slots ("true, predicted, extra..."), contrast ("siblings" or "rank"), device (where the maps were
+  computed: the model's device)
+
+Both steps run on the model's device (`taxotrait.devices`): each batch goes there, the results come back to the CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .devices import mixed_precision, model_device, to_host
 from .masking import greedy_head_masking
 from .model import PromptCAM
 from .runner import atomic_write, empty_table
@@ -54,8 +58,10 @@ def extract_attention(
     chunk_size: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Write `attention.h5` for the images of `batches` (see the module docstring)."""
+    """Write `attention.h5` for the images of `batches` (see the module docstring), computed on the model's device
+    (bf16 autocast on an accelerator, like `taxotrait.train.predict`)."""
     out_path = Path(out_path)
+    device = model_device(model)
     extra_classes = extra_classes or [[] for _ in range(model.num_classes)]
     num_slots = 2 + max((len(e) for e in extra_classes), default=0)
     heads = model.num_heads
@@ -66,7 +72,7 @@ def extract_attention(
             "rank": rank, "class_names": model.class_names, "grid": grid, "heads": heads,
             "backbone": config["backbone"], "backbone_digest": model.backbone_digest,
             "variant": config["variant"], "prompt_depth": config["prompt_depth"], "img_size": config["img_size"],
-            "class_slots": "true, predicted, extra...", "contrast": model.contrast,
+            "class_slots": "true, predicted, extra...", "contrast": model.contrast, "device": str(device),
         })
         image_ids = h5.create_dataset("image_id", (num_images,), dtype=h5py.string_dtype())
         label_ds = h5.create_dataset("label", (num_images,), dtype="int64")
@@ -81,21 +87,24 @@ def extract_attention(
         start = 0
         with tqdm(total=num_images, desc=f"attention {rank}", disable=not progress) as bar:
             for ids, tokens, labels in batches:
-                image_tokens = model.last_block_input(tokens.float())
-                logits, _ = model.class_scores(image_tokens, chunk_size=chunk_size)
+                with mixed_precision(device):
+                    image_tokens = model.last_block_input(tokens.to(device).float())
+                    logits, _ = model.class_scores(image_tokens, chunk_size=chunk_size)
+                logits = to_host(logits.float())
                 predictions = model.sibling_prediction(logits, labels)
                 slots = torch.full((len(ids), num_slots), -1, dtype=torch.long)
                 for row, (label, prediction) in enumerate(zip(labels.tolist(), predictions.tolist())):
                     chosen = [label, prediction, *extra_classes[label]]
                     slots[row, : len(chosen)] = torch.tensor(chosen)
-                _, attention = model.class_scores(image_tokens, slots.clamp(min=0), return_attention=True)
-                maps = attention[..., -grid[0] * grid[1]:].unflatten(-1, grid)
+                with mixed_precision(device):
+                    _, attention = model.class_scores(image_tokens, slots.clamp(min=0).to(device), return_attention=True)
+                maps = to_host(attention[..., -grid[0] * grid[1]:].unflatten(-1, grid).float())
                 maps[slots < 0] = 0
                 stop = start + len(ids)
                 image_ids[start:stop] = ids
                 label_ds[start:stop] = labels.numpy()
                 prediction_ds[start:stop] = predictions.numpy()
-                logits_ds[start:stop] = logits.float().numpy()
+                logits_ds[start:stop] = logits.numpy()
                 classes_ds[start:stop] = slots.numpy()
                 attention_ds[start:stop] = maps.to(torch.float16).numpy()
                 start = stop
@@ -144,7 +153,9 @@ def mask_heads(
 ) -> pd.DataFrame:
     """Greedy head masking (`taxotrait.masking`) on the correctly classified images whose class has a rival: one row
     per (image, candidate head), see HEADS_COLUMNS. An image of a monotypic taxon (no sibling under contrast
-    'siblings') has nothing to be told from and no rows. Peaks and spread come from each head's own prompt's map."""
+    'siblings') has nothing to be told from and no rows. Peaks and spread come from each head's own prompt's map.
+    Runs on the model's device in float32 (the greedy choice compares scores of nearly equal candidates)."""
+    device = model_device(model)
     with h5py.File(attention_path, "r") as h5:
         ids = h5["image_id"].asstr()[:]
         correct = h5["label"][:] == h5["prediction"][:]
@@ -155,8 +166,8 @@ def mask_heads(
         keep = torch.from_numpy(correct[[row_of[i] for i in batch_ids]]) & has_rival[labels]
         if not keep.any():
             continue
-        result = greedy_head_masking(model, tokens[keep].float(), labels[keep], blur_mode, stopping, top_k,
-                                     chunk_size, sibling_prompts)
+        result = to_host(greedy_head_masking(model, tokens[keep].to(device).float(), labels[keep].to(device),
+                                             blur_mode, stopping, top_k, chunk_size, sibling_prompts))
         kept_ids = [i for i, k in zip(batch_ids, keep.tolist()) if k]
         frames.append(heads_frame(kept_ids, rank, model.class_names, result, model.contrast))
     if not frames:

@@ -29,6 +29,7 @@ from PIL import Image
 
 from .data import AugmentConfig, ImageTransform, load_image
 from .faithfulness import upsample
+from .report import ALL_RANKS, labels, png_labels
 from .runner import atomic_write
 
 log = logging.getLogger("taxotrait.figures")
@@ -36,7 +37,6 @@ log = logging.getLogger("taxotrait.figures")
 DPI = 100
 CELL = 1.9  # inches per image cell
 CMAP = "jet"
-NO_IMAGES = "no_correctly_classified_images.png"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -105,9 +105,11 @@ def new_figure(rows: int, cols: int, cell: float = CELL, title_space: float = 0.
     return fig
 
 
-def save_figure(fig: Figure, path: str | os.PathLike, tight: bool = True, colours: int | None = 256) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike, tight: bool = True, colours: int | None = 256,
+                report_labels: dict[str, str] | None = None) -> Path:
     """Write `fig` as a PNG (cropped to its content when `tight`; quantised to a palette of `colours`, about 4x
-    smaller and visually the same, unless None). The figure is not registered with pyplot: dropping it frees it."""
+    smaller and visually the same, unless None), with its `report_labels` (`taxotrait.report.labels`) in text
+    chunks. The figure is not registered with pyplot: dropping it frees it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -119,17 +121,9 @@ def save_figure(fig: Figure, path: str | os.PathLike, tight: bool = True, colour
         if colours:
             image = image.quantize(colours, method=Image.Quantize.FASTOCTREE)
         with atomic_write(path) as tmp:
-            image.save(tmp, format="PNG", optimize=True)
+            image.save(tmp, format="PNG", optimize=True,
+                       pnginfo=png_labels(report_labels) if report_labels else None)
     return path
-
-
-def message_figure(text: str) -> Figure:
-    """A small figure that only says `text` (for outputs that have nothing to show); save with tight=False."""
-    fig = Figure(figsize=(6, 2.5), dpi=DPI)
-    FigureCanvasAgg(fig)
-    fig.text(0.5, 0.5, text, ha="center", va="center", fontsize=12, wrap=True,
-             bbox={"boxstyle": "round", "facecolor": "#f2f2f2", "edgecolor": "#999999"})
-    return fig
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -398,8 +392,9 @@ def shared_examples(attention: AttentionFile, traits: pd.DataFrame, images: Imag
 
 def rank_figures(rank: str, attention_h5, traits_parquet, manifest_parquet, out_dir, config: dict,
                  n_pairs: int = 3) -> list[Path]:
-    """Write out_dir/gallery_<taxon>.png for every taxon with trait heads and out_dir/shared_traits.png; returns the
-    paths written. The directory always gets at least one PNG."""
+    """Write out_dir/gallery_<taxon>.png for every taxon with trait heads and out_dir/shared_traits.png (when a
+    correctly classified image has a sibling class's maps); returns the paths written (none for a rank without a
+    correctly classified image: the log says so)."""
     settings = figure_settings(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -421,15 +416,16 @@ def rank_figures(rank: str, attention_h5, traits_parquet, manifest_parquet, out_
             maps = np.stack([attention.head_maps(r, top["prompt"].tolist(), top["head"].tolist()) for r in rows])
             fig = trait_gallery(taxon, top, [images(i) for i in ids], maps, ids, rank)
             name = unique_name(f"gallery_{safe_name(taxon)}", used)
-            written.append(save_figure(fig, out_dir / f"{name}.png"))
+            written.append(save_figure(fig, out_dir / f"{name}.png",
+                                       report_labels=labels(rank, taxon, "trait gallery")))
         examples = shared_examples(attention, traits, images, settings["max_heads"], n_pairs)
     if examples:
-        fig = shared_traits_figure(examples, rank)
-    elif written:
-        fig = message_figure(f"{rank}: no correctly classified image\nwith a sibling class prompt in attention.h5")
+        pairs = "; ".join(f"{e.taxon} vs {e.sibling}" for e in examples)
+        written.append(save_figure(shared_traits_figure(examples, rank), out_dir / "shared_traits.png",
+                                   report_labels=labels(rank, pairs, "shared traits")))
     else:
-        fig = message_figure(f"{rank}: no correctly classified images\n(no taxon has trait heads)")
-    written.append(save_figure(fig, out_dir / "shared_traits.png", tight=bool(examples)))
+        log.warning("%s: no correctly classified image with a sibling class's maps in %s: no shared-traits figure",
+                    rank, attention_h5)
     log.info("%s: %d figures in %s", rank, len(written), out_dir)
     return written
 
@@ -493,13 +489,13 @@ def hierarchy_figures(attention_h5_by_rank: dict, hierarchy_parquet, manifest_pa
                 continue
             image_id, columns = chosen
             fig = hierarchy_figure(species, images(image_id), columns, image_id)
-            written.append(save_figure(fig, out_dir / f"{unique_name(safe_name(species), used)}.png"))
+            written.append(save_figure(fig, out_dir / f"{unique_name(safe_name(species), used)}.png",
+                                       report_labels=labels(ALL_RANKS, species, "coarse to fine")))
     finally:
         for f in files:
             f.close()
     if not written:
-        written.append(save_figure(message_figure("no correctly classified images\n(no species has trait heads)"),
-                                   out_dir / NO_IMAGES, tight=False))
+        log.warning("hierarchy: no species has trait heads (no correctly classified image): no figure")
     log.info("hierarchy: %d figures in %s", len(written), out_dir)
     return written
 

@@ -134,7 +134,7 @@ def check_config(config: dict) -> None:
     if parts and not Path(parts).exists():
         raise ConfigError(f"evaluation.parts: {parts} does not exist")
     weights = config["backbone"].get("weights")
-    if weights and not Path(weights).exists() and Path(weights) != OFFLINE_WEIGHTS:
+    if weights and weights != "random" and not Path(weights).exists() and Path(weights) != OFFLINE_WEIGHTS:
         raise ConfigError(f"backbone.weights: {weights} does not exist")
     for rank in config.get("rank_overrides") or {}:
         if rank not in config["ranks"]:

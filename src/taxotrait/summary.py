@@ -9,6 +9,7 @@ import h5py
 import pandas as pd
 
 from .localization import EXCLUSIVE, PLANTED, POINTING_COLUMNS, pointing_game
+from .report import SUMMARY_SETTINGS, page_html
 from .runner import empty_table, write_parquet
 from .synthetic import load_masks
 
@@ -16,7 +17,8 @@ log = logging.getLogger("taxotrait.summary")
 
 
 def summarise(inputs: dict, outputs: dict, config: dict) -> None:
-    """Write summary.md and pointing_game.parquet from every rank's metrics, heads and attention files."""
+    """Write summary.md, its HTML page with the run's settings (summary.html) and pointing_game.parquet from every
+    rank's metrics, heads and attention files."""
     ranks = config["ranks"]
     manifest = pd.read_parquet(inputs["manifest"])
     metrics = pd.concat([pd.read_parquet(p) for p in inputs["metrics"]], ignore_index=True)
@@ -32,6 +34,7 @@ def summarise(inputs: dict, outputs: dict, config: dict) -> None:
     write_parquet(pointing, outputs["pointing"])
     text = summary_text(test, pointing, ranks)
     Path(outputs["summary"]).write_text(text)
+    Path(outputs["html"]).write_text(page_html(text, config, SUMMARY_SETTINGS), encoding="utf-8")
     log.info("\n%s", text)
 
 

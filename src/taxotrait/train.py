@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, checkpoint_payload, read_checkpoint
 from .data import ImageDataset, TokenDataset, derived_generator, derived_seed
-from .devices import mixed_precision, resolve_device
+from .devices import accelerated, mixed_precision, model_device, resolve_device
 from .distributed import DataParallel
 from .model import PromptCAM
 
@@ -110,7 +110,7 @@ class KeyValueDataset(Dataset):
 
     def __init__(self, data: TokenDataset, model: PromptCAM, batch_size: int, progress: bool = False):
         self.data, self.labels = data, data.labels
-        views, device = data.cache.views, next(model.parameters()).device
+        views, device = data.cache.views, model_device(model)
         chunks = []
         with torch.no_grad():
             for start in tqdm(range(0, len(data), batch_size), desc="keys/values", disable=not progress):
@@ -146,7 +146,7 @@ def _forward(model: PromptCAM, data):
 
 def _with_keys_values(model: PromptCAM, data, config: TrainConfig, device: torch.device, progress: bool):
     """`data` as a KeyValueDataset where that is exact and fits `config.keys_values_gb` (CPU, prompt depth 1)."""
-    if not (isinstance(data, TokenDataset) and device.type == "cpu" and model.prompt_config.prompt_depth == 1):
+    if not (isinstance(data, TokenDataset) and not accelerated(device) and model.prompt_config.prompt_depth == 1):
         return data
     if KeyValueDataset.size_gb(data) > config.keys_values_gb:
         return data
@@ -157,7 +157,7 @@ def _with_keys_values(model: PromptCAM, data, config: TrainConfig, device: torch
 def predict(model: PromptCAM, data, batch_size: int = 256, classes: torch.Tensor | None = None,
             chunk_size: int | None = None, num_workers: int = 0) -> torch.Tensor:
     """Logits [N, C] (or [N, K] for `classes`) on CPU, float32, of view 0 / the eval transform of every item."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     model.eval()
     data.set_epoch(None)
     classes = None if classes is None else classes.to(device)
@@ -174,7 +174,7 @@ def init_class_prompts(model: PromptCAM, data, noise: float, seed: int, batch_si
     noise of std `noise` times the std of the CLS tokens' entries."""
     if not model.backbone.has_class_token:
         raise ValueError("prompt_init 'cls_mean' needs a backbone with a CLS token; use 'uniform'")
-    device = next(model.parameters()).device
+    device = model_device(model)
     data.set_epoch(None)
     total = squares = 0.0
     for x, _ in _batches(data, torch.arange(len(data)), batch_size, device):

@@ -233,14 +233,18 @@ def _key_cell(row) -> str:
     return f"{head}{where}, {row.frequency:.0%} of images"
 
 
-def write_key(traits_paths: list, classes_path: str | os.PathLike, ranks: list[str], out_table: str | os.PathLike,
-              out_markdown: str | os.PathLike) -> pd.DataFrame:
-    """Every rank's traits.parquet + classes.parquet -> key.parquet and key.md."""
-    classes = pd.read_parquet(classes_path)
+def write_key(traits_paths: list, classes_path: str | os.PathLike, outputs: dict, config: dict) -> pd.DataFrame:
+    """Every rank's traits.parquet + classes.parquet -> outputs['table'] (key.parquet), outputs['markdown'] (key.md)
+    and outputs['html'] (key.html: the key with the settings `taxotrait.report.KEY_SETTINGS` of `config`)."""
+    from .report import KEY_SETTINGS, page_html
+
+    classes, ranks = pd.read_parquet(classes_path), config["ranks"]
     key = key_table([pd.read_parquet(p) for p in traits_paths], classes, ranks)
-    write_parquet(key, out_table)
-    with atomic_write(out_markdown) as tmp:
-        Path(tmp).write_text(key_markdown(key, classes, ranks))
+    write_parquet(key, outputs["table"])
+    text = key_markdown(key, classes, ranks)
+    for name, content in (("markdown", text), ("html", page_html(text, config, KEY_SETTINGS))):
+        with atomic_write(outputs[name]) as tmp:
+            Path(tmp).write_text(content, encoding="utf-8")
     return key
 
 

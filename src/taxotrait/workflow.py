@@ -17,6 +17,7 @@ from .backbone import create_backbone
 from .checkpoint import atomic_save, checkpoint_payload, load_checkpoint
 from .data import AugmentConfig, TokenCache, TokenDataset, build_token_cache, derived_seed
 from .dataset import class_names, class_parents, labels
+from .devices import model_device, resolve_device
 from .distributed import DataParallel, launch
 from .extract import extract_attention, mask_heads, sibling_classes
 from .model import PromptCAM, PromptConfig
@@ -54,8 +55,16 @@ def rank_model(config: dict, classes: pd.DataFrame, rank: str) -> PromptCAM:
     return new_model(config, class_names(classes, rank), parents)
 
 
-def trained_model(path, config: dict) -> PromptCAM:
-    return load_checkpoint(path, backbone=backbone_of(config)).eval()
+def trained_model(path, config: dict, device: torch.device | None = None) -> PromptCAM:
+    """The checkpoint at `path` on the configured backbone, in eval mode, on `device` (default: the CPU)."""
+    return load_checkpoint(path, backbone=backbone_of(config)).eval().to(device or "cpu")
+
+
+def model_step_device(config: dict, rank: str | None = None) -> torch.device:
+    """The device of the model steps (cache_tokens, train, evaluate, extract_attention, mask_heads): `train.device`,
+    the rank's override first."""
+    settings = {**config["train"], **(config.get("rank_overrides") or {}).get(rank, {})}
+    return resolve_device(settings.get("device", "auto"), "train.device")
 
 
 def train_config(config: dict, rank: str) -> TrainConfig:
@@ -86,7 +95,7 @@ def cache_tokens(kind: str, manifest_path, out_path, config: dict) -> None:
         paths = manifest.loc[manifest["split"] != "train", "path"]
         augment, views = AugmentConfig(a["resize"], False, False), 1
     build_token_cache(probe, paths.tolist(), out_path, views=views, augment=augment,
-                      seed=config["train"].get("seed", 0))
+                      seed=config["train"].get("seed", 0), device=model_step_device(config))
 
 
 def token_data(cache_path, manifest: pd.DataFrame, classes: pd.DataFrame, rank: str, split: str | None):
@@ -132,6 +141,7 @@ def train_rank(rank: str, inputs: dict, outputs: dict, config: dict, gpus: int =
                     metadata={"rank": rank})
     if not DataParallel().is_main:
         return
+    history["device"] = str(model_device(model))
     atomic_save(checkpoint_payload(model.cpu(), rank=rank), outputs["model"])
     write_parquet(history, outputs["log_table"])
     state.unlink(missing_ok=True)  # only an unfinished training keeps its state
@@ -139,7 +149,7 @@ def train_rank(rank: str, inputs: dict, outputs: dict, config: dict, gpus: int =
 
 METRICS_COLUMNS = {"rank": "string", "split": "string", "taxon": "string", "n_images": "int64",
                    "top1": "float64", "top5": "float64", "sibling_top1": "float64", "top_down_top1": "float64",
-                   "contrast": "string"}
+                   "contrast": "string", "device": "string"}
 
 
 def evaluate(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
@@ -148,7 +158,11 @@ def evaluate(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
     prediction, then the best child of each predicted taxon: `inputs['ancestors']`, the coarser ranks' models)."""
     manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
     ranks = config["ranks"][: config["ranks"].index(rank) + 1]
-    models = [trained_model(path, config) for path in [*inputs["ancestors"], inputs["model"]]]
+    if len(inputs["ancestors"]) != len(ranks) - 1:
+        raise ValueError(f"evaluate {rank}: top-down prediction needs the models of {ranks[:-1]}, got "
+                         f"{len(inputs['ancestors'])}")
+    device = model_step_device(config, rank)
+    models = [trained_model(path, config, device) for path in [*inputs["ancestors"], inputs["model"]]]
     model = models[-1]
     rows = []
     for split in ("val", "test"):
@@ -167,7 +181,7 @@ def evaluate(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
                 rows.append((rank, split, taxon, int(pick.sum()), top_k_accuracy(logits[pick], truth[pick], 1),
                              top_k_accuracy(logits[pick], truth[pick], 5), sibling[pick].double().mean().item(),
                              top_down[pick].double().mean().item(), model.contrast))
-    metrics = pd.DataFrame(rows, columns=list(METRICS_COLUMNS)).astype(METRICS_COLUMNS)
+    metrics = pd.DataFrame(rows, columns=list(METRICS_COLUMNS)[:-1]).assign(device=str(device)).astype(METRICS_COLUMNS)
     write_parquet(metrics, outputs["metrics"])
     overall = metrics[metrics["taxon"] == "__all__"].set_index("split")[["top1", "sibling_top1", "top_down_top1"]]
     log.info("%s (contrast %s):\n%s", rank, model.contrast, overall.round(3).to_string())
@@ -192,7 +206,7 @@ def eval_batches(inputs: dict, config: dict, rank: str):
 
 
 def extract_rank_attention(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
-    model = trained_model(inputs["model"], config)
+    model = trained_model(inputs["model"], config, model_step_device(config, rank))
     batches, count, classes = eval_batches(inputs, config, rank)
     rank_classes = classes[classes["rank"] == rank].sort_values("class_index")
     extra = sibling_classes(rank_classes["parent"].tolist(), config["attention"].get("extra_classes", 2))
@@ -201,7 +215,7 @@ def extract_rank_attention(rank: str, inputs: dict, outputs: dict, config: dict)
 
 
 def mask_rank_heads(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
-    model = trained_model(inputs["model"], config)
+    model = trained_model(inputs["model"], config, model_step_device(config, rank))
     batches, _, _ = eval_batches(inputs, config, rank)
     m = config["masking"]
     heads = mask_heads(model, batches(), inputs["attention"], rank, m["blur_mode"], m["stopping"], m["top_k"],

@@ -53,9 +53,9 @@ def images_fingerprint(wildcards=None):
 
 
 def backbone_weights():
-    """The backbone weights file ([] when timm fetches them itself)."""
+    """The backbone weights file ([] when timm fetches them itself, or for random weights)."""
     weights = config["backbone"].get("weights")
-    return [weights] if weights else []
+    return [weights] if weights and weights != "random" else []
 
 
 def trained_model(wildcards):
@@ -98,7 +98,7 @@ def all_outputs():
     per_rank = ["metrics.parquet", "attention.h5", "heads.parquet", "traits.parquet", "figures"]
     outputs = [f"{RESULTS}/{rank}/{name}" for rank in RANKS for name in per_rank]
     outputs += [f"{RESULTS}/hierarchy_traits.parquet", f"{RESULTS}/figures/hierarchy", f"{RESULTS}/summary.md",
-                f"{RESULTS}/key.parquet", f"{RESULTS}/key.md", f"{RESULTS}/figures/key.png"]
+                f"{RESULTS}/key.parquet", f"{RESULTS}/key.md", f"{RESULTS}/key.html", f"{RESULTS}/figures/key.png"]
     if evaluation_config().get("enabled", True):
         outputs += [f"{RESULTS}/faithfulness.parquet", f"{RESULTS}/localization.parquet", f"{RESULTS}/evaluation.md"]
     return outputs

@@ -1,6 +1,8 @@
 # Evaluation of the explanations (config `evaluation`, taxotrait.evaluation): faithfulness (insertion, deletion)
 # against Grad-CAM, Layer-CAM, Eigen-CAM and attention rollout on a linear probe, and localization against the ground
 # truth (masks or CUB-style part keypoints).
+from taxotrait import report as reporting
+
 rule train_probes:
     input:
         manifest=f"{RESULTS}/manifest.parquet",
@@ -104,9 +106,18 @@ rule evaluation_summary:
             directory(f"{RESULTS}/figures/evaluation"),
             patterns=["{name}.png"],
             caption="../report/evaluation.rst",
-            category="Evaluation",
+            category=reporting.category("Evaluation"),
+            labels=lambda wildcards, output: reporting.figure_labels(output.figures, wildcards.name),
         ),
-        summary=report(f"{RESULTS}/evaluation.md", caption="../report/evaluation_summary.rst", category="Evaluation"),
+        summary=f"{RESULTS}/evaluation.md",
+        html=report(
+            f"{RESULTS}/evaluation.html",
+            caption="../report/evaluation_summary.rst",
+            category=reporting.category("Evaluation"),
+            labels=reporting.labels(kind="evaluation tables"),
+        ),
+    params:
+        settings=lambda wildcards: params_json(*reporting.EVALUATION_SETTINGS),  # shown in evaluation.html
     log:
         f"{LOGS}/evaluation_summary.log",
     benchmark:

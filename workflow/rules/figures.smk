@@ -1,4 +1,6 @@
 # Figures: trait galleries and shared traits per rank, and the coarse-to-fine view of every species.
+from taxotrait import report as reporting
+
 rule figures:
     input:
         attention=f"{RESULTS}/{{rank}}/attention.h5",
@@ -9,8 +11,9 @@ rule figures:
             directory(f"{RESULTS}/{{rank}}/figures"),
             patterns=["{name}.png"],
             caption="../report/figures.rst",
-            category="Trait galleries",
-            subcategory="{rank}",
+            category=reporting.category("Trait galleries"),
+            subcategory=lambda wildcards: reporting.rank_subcategory(wildcards.rank, RANKS),
+            labels=lambda wildcards, output: reporting.figure_labels(output.figures, wildcards.name),
         ),
     params:
         settings=lambda wildcards: params_json("figures", "augment"),
@@ -32,7 +35,8 @@ rule hierarchy_figures:
             directory(f"{RESULTS}/figures/hierarchy"),
             patterns=["{name}.png"],
             caption="../report/hierarchy.rst",
-            category="Coarse to fine",
+            category=reporting.category("Coarse to fine"),
+            labels=lambda wildcards, output: reporting.figure_labels(output.figures, wildcards.name),
         ),
     params:
         settings=lambda wildcards: params_json("figures", "augment"),

@@ -1,11 +1,21 @@
 # The key: at every fork of the tree, the trait heads that tell each child from its siblings.
+from taxotrait import report as reporting
+
 rule key:
     input:
         traits=expand(f"{RESULTS}/{{rank}}/traits.parquet", rank=RANKS),
         classes=f"{RESULTS}/classes.parquet",
     output:
         table=f"{RESULTS}/key.parquet",
-        markdown=report(f"{RESULTS}/key.md", caption="../report/key.rst", category="Key"),
+        markdown=f"{RESULTS}/key.md",
+        html=report(
+            f"{RESULTS}/key.html",
+            caption="../report/key.rst",
+            category=reporting.category("Key"),
+            labels=reporting.labels(kind="key"),
+        ),
+    params:
+        settings=lambda wildcards: params_json(*reporting.KEY_SETTINGS),  # shown in key.html
     log:
         f"{LOGS}/key.log",
     benchmark:
@@ -21,7 +31,12 @@ rule key_figure:
         attention=expand(f"{RESULTS}/{{rank}}/attention.h5", rank=RANKS),
         manifest=f"{RESULTS}/manifest.parquet",
     output:
-        figure=report(f"{RESULTS}/figures/key.png", caption="../report/key_figure.rst", category="Key"),
+        figure=report(
+            f"{RESULTS}/figures/key.png",
+            caption="../report/key_figure.rst",
+            category=reporting.category("Key"),
+            labels=reporting.labels(kind="key figure"),
+        ),
     params:
         settings=lambda wildcards: params_json("augment"),
     log:

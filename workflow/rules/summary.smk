@@ -1,4 +1,6 @@
 # Accuracy and, where ground-truth masks exist, the pointing game of the trait heads; the demo's targets.
+from taxotrait import report as reporting
+
 rule summary:
     input:
         manifest=f"{RESULTS}/manifest.parquet",
@@ -6,8 +8,16 @@ rule summary:
         heads=expand(f"{RESULTS}/{{rank}}/heads.parquet", rank=RANKS),
         attention=expand(f"{RESULTS}/{{rank}}/attention.h5", rank=RANKS),
     output:
-        summary=report(f"{RESULTS}/summary.md", caption="../report/summary.rst", category="Summary"),
+        summary=f"{RESULTS}/summary.md",
+        html=report(
+            f"{RESULTS}/summary.html",
+            caption="../report/summary.rst",
+            category=reporting.category("Summary"),
+            labels=reporting.labels(kind="accuracy and targets"),
+        ),
         pointing=f"{RESULTS}/pointing_game.parquet",
+    params:
+        settings=lambda wildcards: params_json(*reporting.SUMMARY_SETTINGS),  # shown in summary.html
     log:
         f"{LOGS}/summary.log",
     benchmark:

@@ -1,0 +1,109 @@
+"""What `snakemake --report` shows: category order, figure labels, the tables' HTML pages and legible figures."""
+
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from taxotrait import evaluation, report
+from taxotrait.figures import new_figure, save_figure
+from taxotrait.localization import POINTING_COLUMNS
+from taxotrait.runner import empty_table
+from taxotrait.summary import summary_text
+
+RANKS = ["order", "family", "genus", "species"]
+
+
+class Tables(HTMLParser):
+    """The text of every table cell, per table, and the class of every list item."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.tables, self.items, self.cell = [], [], None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.cell = ""
+        elif tag == "li":
+            self.items.append(dict(attrs).get("class"))
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self.cell)
+            self.cell = None
+
+
+def test_categories_and_ranks_sort_in_their_order():
+    shuffled = [report.category(name) for name in reversed(report.CATEGORIES)]
+    assert sorted(shuffled) == [report.category(name) for name in report.CATEGORIES]  # the report sorts by name
+    ranks = [f"rank{i}" for i in range(12, 0, -1)]  # 12 ranks: zero-padded, "10." would sort before "2." otherwise
+    assert [report.rank_subcategory(r, ranks) for r in ranks][:2] == ["01. rank12", "02. rank11"]
+    assert sorted(report.rank_subcategory(r, ranks) for r in reversed(ranks)) == [
+        report.rank_subcategory(r, ranks) for r in ranks]
+    with pytest.raises(ValueError, match="'kingdom' is not one of"):
+        report.rank_subcategory("kingdom", RANKS)
+
+
+def test_summary_page_shows_the_tables_and_the_settings():
+    test = pd.DataFrame({"rank": RANKS, "top1": [1.0, 0.95, 0.9, 0.5], "top5": 1.0, "n_images": 320,
+                         "contrast": "rank", "sibling_top1": 1.0, "top_down_top1": [1.0, 0.9, 0.8, 0.4]})
+    markdown = summary_text(test, empty_table(POINTING_COLUMNS), RANKS)
+    config = {"dataset": "demo", "ranks": RANKS, "train": {"epochs": 15, "lr": 0.03},
+              "data": {"synthetic": {"n_train": 80}, "images": None}, "rank_overrides": {}}
+    page = Tables(report.page_html(markdown, config, ("dataset", "ranks", "data", "train", "rank_overrides")))
+    accuracy, single, data, train, overrides = page.tables
+    assert accuracy[0] == ["rank", "contrast", "top-1 (top-down)", "top-1 among siblings", "top-1 flat", "top-5 flat",
+                           "images"]
+    assert accuracy[1:] == [[r, "rank", f"{d:.3f}", "1.000", f"{t:.3f}", "1.000", "320"]
+                            for r, t, d in zip(RANKS, test["top1"], test["top_down_top1"])]
+    assert single[1:] == [["dataset", "demo"], ["ranks", "order → family → genus → species"]]
+    assert data[1:] == [["synthetic.n_train", "80"], ["images", "null"]] and train[1:] == [["epochs", "15"],
+                                                                                           ["lr", "0.03"]]
+    assert overrides[1:] == [["(none)", ""]]
+    assert page.items == ["met", "met", "met", "missed"]  # flat top-1 >= 0.90 per rank (contrast rank): species missed
+
+
+def test_figure_labels_travel_in_the_png(tmp_path):
+    fig = new_figure(1, 1)
+    fig.add_subplot().plot([0, 1])
+    save_figure(fig, tmp_path / "gallery_Pica_pica_.png",
+                report_labels=report.labels("species", "Pica pica é {x}", "trait gallery"))
+    labels = report.figure_labels(tmp_path, "gallery_Pica_pica_")
+    # the real name, Unicode kept; the brace cannot be taken for a Snakemake wildcard
+    assert labels == {"rank": "species", "taxon": "Pica pica é {\u200bx}", "kind": "trait gallery"}
+    save_figure(fig, tmp_path / "older.png")
+    assert report.figure_labels(tmp_path, "older") == {"rank": "all ranks", "taxon": "all taxa", "kind": "older"}
+
+
+def localization_table(ranks, parts=("order", "family", "genus", "species", "distractor")):
+    rng = np.random.default_rng(0)
+    rows = [(rank, method, part, metric, float(rng.uniform()), 8) for rank in ranks
+            for method in (*evaluation.METHODS, "random") for part in parts
+            for metric in ("pointing_game", "energy_pointing_game")]
+    return pd.DataFrame(rows, columns=list(evaluation.LOCALIZATION_COLUMNS))
+
+
+def test_localization_figure_is_legible_and_its_legend_covers_no_bars():
+    fig = evaluation.localization_figure(localization_table(RANKS))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert len(legend.get_texts()) == len(evaluation.METHODS) + 1
+    for axis in fig.axes:
+        assert not box.overlaps(axis.get_window_extent(renderer)), axis.get_title()
+        assert min(t.get_fontsize() for t in axis.get_xticklabels() + [axis.title]) >= 10
+    width, height = fig.get_size_inches()
+    assert height <= 7 and width <= 12  # shown whole, unscaled, in the report's window
+    with pytest.raises(ValueError, match="no ground truth"):
+        evaluation.localization_figure(empty_table(evaluation.LOCALIZATION_COLUMNS))
