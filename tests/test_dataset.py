@@ -83,7 +83,7 @@ def test_species_without_taxonomy_or_training_images(tmp_path):
         prepare_dataset(images, taxonomy, RANKS, "tree")
     images = scan_image_tree(write_tree(tmp_path / "b"))
     images = images[~((images["species"] == "Sp b1") & (images["split"] == "train"))]
-    with pytest.raises(DatasetError, match="order 'Ordo B' has no training images"):
+    with pytest.raises(DatasetError, match=r"species 'Sp b1' has no training images \(usable: \{'test': 2\}\)"):
         prepare_dataset(images, taxonomy, RANKS, "tree")
 
 

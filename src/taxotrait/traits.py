@@ -77,20 +77,30 @@ def name_heads(heads: pd.DataFrame, manifest: pd.DataFrame, resize: int, img_siz
     return heads
 
 
+def image_region(x: float, y: float) -> str:
+    """Where a point of normalised image coordinates ([0, 1], y down) lies, in words: "upper left", "centre",
+    "lower right", ... (thirds of the image)."""
+    vertical = ("upper ", "", "lower ")[min(int(y * 3), 2)]
+    horizontal = ("left", "centre", "right")[min(int(x * 3), 2)]
+    return "centre" if (vertical, horizontal) == ("", "centre") else vertical + horizontal
+
+
 def describe_traits(traits: pd.DataFrame, taxon: str, n: int | None = None) -> str:
     """One line naming a taxon's trait heads, most frequent first, e.g. "Scott Oriole: head 1: crown (92%), head 11:
-    belly (85%)" (the part and the share of images where the head points to it), or "head 1 (92% of images)"
-    without ground truth."""
+    belly (85%)" (the part and the share of images where the head points to it), or, without ground truth, where
+    the head looks: "head 1: upper left of the image, spread 0.12 (92% of images)"."""
     rows = top_traits(traits, taxon, n=n or len(traits))
     return f"{taxon}: " + ", ".join(_trait_cell(r) for r in rows.itertuples(index=False))
 
 
 def _trait_cell(row) -> str:
-    """'head 3: species (92%)', 'head 2 of Species_B's prompt: ...' or 'head 1 (92% of images)'."""
+    """'head 3: species (92%)', 'head 2 of Species_B's prompt: ...' or, without ground truth, 'head 1: upper left
+    of the image, spread 0.12 (92% of images)'."""
     head = f"head {row.head}" + (f" of {row.prompt}'s prompt" if row.prompt != row.taxon else "")
     if isinstance(row.part, str) and row.part:
         return f"{head}: {row.part} ({row.part_share:.0%})"
-    return f"{head} ({row.frequency:.0%} of images)"
+    return f"{head}: {image_region(row.peak_x, row.peak_y)} of the image, spread {row.spread:.2f} " \
+           f"({row.frequency:.0%} of images)"
 
 
 def rank_traits(heads: pd.DataFrame) -> pd.DataFrame:

@@ -2,11 +2,16 @@
 import json
 from pathlib import Path
 
-from taxotrait.runner import check_config, validate_config
+from snakemake.logging import logger
 
-# every key against the schema (an unknown key, a wrong type or range: ConfigError naming the key), then the rest
-validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
-check_config(config)
+from taxotrait.runner import check_config, ranks_to_train, stopping_at_start, validate_config
+
+# every key against the schema (an unknown key, a wrong type or range: ConfigError naming the key), then the rest;
+# ranks with a single taxon are dropped (a warning names them), a single species stops: the message alone is shown
+with stopping_at_start(logger.error):
+    validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
+    check_config(config)
+    config["ranks"] = ranks_to_train(config, warn=workflow.is_main_process)
 
 RESULTS = f"{config['results']}/{config['dataset']}"
 RANKS = config["ranks"]
@@ -35,6 +40,16 @@ def dataset_inputs(wildcards=None):
         if data.get(key):
             inputs[key] = data[key]
     return inputs
+
+
+def images_fingerprint(wildcards=None):
+    """The user's images as listed (paths, sizes, modification times): a params value, so that adding, removing or
+    replacing an image re-runs prepare (the demo's images are made by the workflow: none)."""
+    if config["data"].get("synthetic"):
+        return ""
+    from taxotrait.dataset import dataset_fingerprint
+
+    return dataset_fingerprint(config["data"])
 
 
 def backbone_weights():
@@ -68,10 +83,6 @@ def part_annotation_inputs(wildcards=None):
     folder = evaluation_config().get("parts")
     if not folder:
         return {}
-    if not Path(folder).exists():
-        from taxotrait.runner import ConfigError
-
-        raise ConfigError(f"evaluation.parts: {folder} does not exist")
     from taxotrait.localization import part_annotation_files
 
     return {key: str(path) for key, path in part_annotation_files(folder).items()}

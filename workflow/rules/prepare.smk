@@ -8,6 +8,7 @@ rule prepare:
         rejects=f"{RESULTS}/rejects.parquet",
     params:
         settings=lambda wildcards: params_json("data", "ranks"),
+        images=images_fingerprint,
     log:
         f"{LOGS}/prepare.log",
     benchmark:
