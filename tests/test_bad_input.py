@@ -234,6 +234,13 @@ def test_a_rank_with_a_single_taxon_is_skipped_with_a_warning(tmp_path, caplog):
     config = {"ranks": ["order", "family", "genus", "species"], "data": {"synthetic": {
         "n_orders": 1, "families_per_order": 1, "genera_per_family": 2, "species_per_genus": 2}}}
     assert ranks_to_train(config, warn=False) == ["genus", "species"]  # the demo's shape decides there
+    # under contrast siblings, a rank whose every taxon is its parent's only child has no fork: dropped too
+    config["data"]["synthetic"].update(n_orders=2, genera_per_family=1)
+    with caplog.at_level(logging.WARNING, logger="taxotrait"):
+        assert ranks_to_train({**config, "contrast": "siblings"}) == ["order", "species"]
+    assert "every family is the only one of its parent: nothing to contrast under contrast siblings" in caplog.text
+    assert "every genus is the only one of its parent" in caplog.text
+    assert ranks_to_train({**config, "contrast": "rank"}, warn=False) == config["ranks"]
 
 
 def test_adding_or_replacing_images_reruns_prepare(tmp_path):

@@ -205,7 +205,15 @@ def ranks_to_train(config: dict, warn: bool = True) -> list[str]:
         for rank in single:
             log.warning("WARNING: %s: %s has a single taxon: nothing to contrast, no model is trained at this rank",
                         source, rank)
-    return [rank for rank in ranks if rank not in single]
+    kept = [rank for rank in ranks if rank not in single]
+    if config.get("contrast") == "siblings":  # a rank whose every taxon is its parent's only child: no fork at all
+        alone = [rank for above, rank in zip(kept, kept[1:-1]) if counts.get(rank) == counts.get(above) is not None]
+        if warn:
+            for rank in alone:
+                log.warning("WARNING: %s: every %s is the only one of its parent: nothing to contrast under contrast "
+                            "siblings, no model is trained at this rank", source, rank)
+        kept = [rank for rank in kept if rank not in alone]
+    return kept
 
 
 def apply_image_limit(config: dict) -> None:
