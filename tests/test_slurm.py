@@ -255,15 +255,15 @@ def test_outputs_are_right(slurm_run):
     folder, _, _ = slurm_run
     results = folder / "results" / "tiny"
     classes = pd.read_parquet(results / "classes.parquet")
-    assert classes.groupby("rank").size().to_dict() == {"species": 4}
-    for rank, num_classes in (("species", 4),):
+    assert classes.groupby("rank").size().to_dict() == {"species": 16}  # the tiny taxonomy's 16 species
+    for rank, num_classes in (("species", 16),):
         payload = torch.load(results / rank / "model.pt", weights_only=True)
         assert payload["metadata"]["rank"] == rank and payload["state_dict"]["class_prompts"].shape[0] == num_classes
         assert pd.read_parquet(results / rank / "train_log.parquet")["epoch"].tolist() == [1, 2, 3]
         metrics = pd.read_parquet(results / rank / "metrics.parquet")
-        assert metrics.query("taxon == '__all__' and split == 'test'")["n_images"].tolist() == [16]
+        assert metrics.query("taxon == '__all__' and split == 'test'")["n_images"].tolist() == [32]
         with h5py.File(results / rank / "attention.h5") as h5:
-            assert h5["logits"].shape == (16, num_classes) and h5.attrs["rank"] == rank
+            assert h5["logits"].shape == (32, num_classes) and h5.attrs["rank"] == rank
         heads = pd.read_parquet(results / rank / "heads.parquet")
         assert len(heads) % 6 == 0 and (heads.groupby("image_id")["is_trait_head"].sum() >= 1).all()
         traits = pd.read_parquet(results / rank / "traits.parquet")
