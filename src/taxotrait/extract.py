@@ -160,7 +160,7 @@ def mask_heads(
         ids = h5["image_id"].asstr()[:]
         correct = h5["label"][:] == h5["prediction"][:]
     row_of = {image_id: row for row, image_id in enumerate(ids)}
-    has_rival = torch.bincount(model.groups, minlength=1)[model.groups].cpu() > 1
+    has_rival = model.has_rival.cpu()
     frames = []
     for batch_ids, tokens, labels in tqdm(batches, desc=f"masking {rank}", disable=not progress):
         keep = torch.from_numpy(correct[[row_of[i] for i in batch_ids]]) & has_rival[labels]

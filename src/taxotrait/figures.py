@@ -547,12 +547,9 @@ def key_figure(key: pd.DataFrame, classes: pd.DataFrame, ranks: list[str], atten
     tree.axis("off")
     size = cell * 0.82
     parents = dict(zip(zip(classes["rank"], classes["taxon"].astype(str)), classes["parent"].fillna("").astype(str)))
-    centre = {}
-    for depth, rank in enumerate(shown):
-        y = fig.get_figheight() - 0.55 - (depth + 1) * 1.95 + 0.25
-        for (node_rank, taxon), x in x_of.items():
-            if node_rank == rank:
-                centre[(rank, taxon)] = ((x - low + 0.5) * cell + (fig.get_figwidth() - span * cell) / 2, y)
+    row_y = {rank: fig.get_figheight() - 0.3 - (depth + 1) * 1.95 for depth, rank in enumerate(shown)}  # inches
+    centre = {(rank, taxon): ((x - low + 0.5) * cell + (fig.get_figwidth() - span * cell) / 2, row_y[rank])
+              for (rank, taxon), x in x_of.items()}
     for (rank, taxon), (cx, cy) in centre.items():
         depth = ranks.index(rank)
         above = (ranks[depth - 1], parents[(rank, taxon)]) if depth else None
@@ -582,8 +579,7 @@ def key_figure(key: pd.DataFrame, classes: pd.DataFrame, ranks: list[str], atten
                     fontsize=6)
         else:
             show_image(ax, image, f"{_short(taxon, 18)}\n(monotypic)", fontsize=6)
-    for depth, rank in enumerate(shown):
-        y = fig.get_figheight() - 0.55 - (depth + 1) * 1.95 + 0.25
+    for rank, y in row_y.items():
         tree.text(0.08, y + size / 2, rank, rotation=90, ha="left", va="center", fontsize=9, color="0.3")
     left_out = [r for r in ranks if r not in shown]
     fig.suptitle("Key: at each fork, each child's top trait head on one of its images"

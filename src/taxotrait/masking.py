@@ -77,15 +77,12 @@ def trait_heads(margin_after: torch.Tensor, removal_step: torch.Tensor, num_pres
     return (removal_step >= first_kept[:, None]) & (removal_step < num_present[:, None])
 
 
-def rival_prompts(model: PromptCAM, scores: torch.Tensor, classes: torch.Tensor, count: int) -> torch.Tensor:
-    """[B, count]: each image's `count` best-scoring rivals (-1 where it has fewer) whose heads are masking
-    candidates beside its own class's; none under contrast 'rank' (the paper)."""
+def rival_prompts(model: PromptCAM, scores: torch.Tensor, others: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, count]: each image's `count` best-scoring rivals among `others` [B, C] (-1 where it has fewer) whose heads
+    are masking candidates beside its own class's; none under contrast 'rank' (the paper)."""
     if model.contrast == "rank" or count == 0:
-        return classes.new_empty(len(classes), 0)
-    rivals = model.rivals(classes)
-    rivals[torch.arange(len(classes), device=classes.device), classes] = False
-    count = min(count, scores.shape[1])
-    best = scores.masked_fill(~rivals, float("-inf")).topk(count, dim=1)
+        return torch.full((len(scores), 0), -1, dtype=torch.long, device=scores.device)
+    best = scores.masked_fill(~others, float("-inf")).topk(min(count, scores.shape[1]), dim=1)
     return torch.where(torch.isfinite(best.values), best.indices, -1)
 
 
@@ -109,11 +106,13 @@ def greedy_head_masking(
     image_tokens = model.last_block_input(tokens)
     all_scores, _ = model.class_scores(image_tokens, chunk_size=chunk_size)
     batch = torch.arange(len(classes), device=classes.device)
-    prompts = torch.cat([classes[:, None], rival_prompts(model, all_scores, classes, sibling_prompts)], dim=1)
+    others = model.rivals(classes)
+    others[batch, classes] = False  # the classes each image's class competes with
+    prompts = torch.cat([classes[:, None], rival_prompts(model, all_scores, others, sibling_prompts)], dim=1)
     present = prompts >= 0  # [B, K]
-    rivals = model.rivals(classes)
-    rivals[batch[:, None], prompts.clamp(min=0)] &= ~present  # rivals whose heads are not candidates keep their score
-    rival_fixed = all_scores.masked_fill(~rivals, float("-inf")).max(1).values  # [B]
+    fixed = others.clone()
+    fixed[batch[:, None], prompts.clamp(min=0)] &= ~present  # rivals whose heads are not candidates keep their score
+    rival_fixed = all_scores.masked_fill(~fixed, float("-inf")).max(1).values  # [B]
 
     queries = model.class_prompts[prompts.clamp(min=0)].to(image_tokens.dtype)  # [B, K, D]
     q, k, v = model.class_queries_keys_values(model.image_keys_values(image_tokens), queries)
@@ -138,8 +137,8 @@ def greedy_head_masking(
         """own - the best of `others` and the fixed rivals, per image (leading dimension)."""
         return own - torch.maximum(others, rival_fixed.view(-1, *[1] * (others.dim() - 1)))
 
-    margin = margins(current[:, :1], current[:, 1:].max(1, keepdim=True).values if num_slots > 1
-                     else rival_fixed[:, None].clone().fill_(float("-inf")))[:, 0]
+    margin = current[:, 0] - torch.cat([current[:, 1:], rival_fixed[:, None]], dim=1).max(1).values
+    absent = ~present.repeat_interleave(num_heads, dim=1)  # candidates of slots an image does not have
     for step in range(size):
         blur = removed[:, :, None, :] | candidates  # [B, K, candidate, head]
         mixed = torch.where(blur[..., None], blurred[:, None, None], kept[:, :, None])  # [B, K, cand, H, d]
@@ -153,9 +152,8 @@ def greedy_head_masking(
         rival_margin = margins(current[:, :1, None],
                                torch.maximum(best_other[:, 1:, None], scores[:, 1:]))  # [B, K-1, H]
         candidate_margin = torch.cat([own_margin[:, None], rival_margin], dim=1).flatten(1)  # [B, K*H]
-        taken = removed.flatten(1)
-        absent = ~present.repeat_interleave(num_heads, dim=1)
-        key = candidate_margin.masked_fill(absent, torch.finfo(current.dtype).min).masked_fill(taken, float("-inf"))
+        key = candidate_margin.masked_fill(absent, torch.finfo(current.dtype).min).masked_fill(removed.flatten(1),
+                                                                                               float("-inf"))
         best = key.argmax(1)
         slot, head = best // num_heads, best % num_heads
         removal_order[:, step] = best
@@ -179,8 +177,6 @@ def greedy_head_masking(
         is_trait=trait_heads(margin_after, removal_step, num_present, stopping, top_k),
         margin=margin,
         score=all_scores[batch, classes],
-        runner_up=all_scores.masked_fill(~model.rivals(classes) | (
-            torch.arange(all_scores.shape[1], device=classes.device)[None] == classes[:, None]),
-            float("-inf")).max(1).values,
+        runner_up=all_scores.masked_fill(~others, float("-inf")).max(1).values,
         maps=maps,
     )

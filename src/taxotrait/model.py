@@ -112,6 +112,11 @@ class PromptCAM(nn.Module):
         groups = self.groups.to(classes.device)
         return groups[None, :] == groups[classes][:, None]
 
+    @property
+    def has_rival(self) -> torch.Tensor:
+        """bool [C]: whether each class competes with another (False for a monotypic taxon under 'siblings')."""
+        return torch.bincount(self.groups)[self.groups] > 1
+
     def sibling_prediction(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The best class [B] among the rivals of each true class `labels` (given the true parent)."""
         return scores.masked_fill(~self.rivals(labels.to(scores.device)), float("-inf")).argmax(1)

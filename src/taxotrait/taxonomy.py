@@ -43,6 +43,7 @@ class _Parser:
     """A recursive-descent Newick parser with positions in its error messages."""
 
     _unquoted = re.compile(r"[^\s()\[\]',:;]+")
+    _length = re.compile(r"[-+0-9.eE]+")
 
     def __init__(self, text: str, source: str):
         self.text, self.source, self.at = text, source, 0
@@ -105,9 +106,10 @@ class _Parser:
         if self.peek() == ":":  # a branch length (or support value): ignored
             self.at += 1
             self.skip()
-            if not re.compile(r"[-+0-9.eE]+").match(self.text, self.at):
+            length = self._length.match(self.text, self.at)
+            if not length:
                 self.fail("expected a branch length after ':'")
-            self.at = re.compile(r"[-+0-9.eE]+").match(self.text, self.at).end()
+            self.at = length.end()
         if not children and not name:
             self.fail("a leaf without a label")
         return Node(name, children)

@@ -230,7 +230,7 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
     if config.optimizer not in ("sgd", "adamw") or config.schedule not in ("cosine", "onecycle") \
             or config.prompt_init not in ("uniform", "cls_mean"):
         raise ValueError(f"unknown optimizer, schedule or prompt_init in {config}")
-    if not (torch.bincount(model.groups) > 1).any():
+    if not model.has_rival.any():
         raise ValueError(f"nothing to contrast: every class is alone among its rivals (contrast '{model.contrast}')")
     device = resolve_device(config.device, "train.device")
     model.to(device)

@@ -189,9 +189,9 @@ def key_table(traits_by_rank: list[pd.DataFrame], classes: pd.DataFrame, ranks: 
         frames.append(traits.assign(node_rank=ranks[depth - 1] if depth else "",
                                     node=[node or ROOT for node, _ in nodes],
                                     n_children=np.array([n for _, n in nodes], dtype=np.int64)))
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    columns = [*KEY_COLUMNS, *[c for c in traits_by_rank[0].columns]]
-    return table.reindex(columns=columns).astype({"node_rank": "string", "node": "string", "n_children": "int64"})
+    columns = [*KEY_COLUMNS, *traits_by_rank[0].columns]
+    return pd.concat(frames, ignore_index=True)[columns].astype({"node_rank": "string", "node": "string",
+                                                                 "n_children": "int64"})
 
 
 def key_markdown(key: pd.DataFrame, classes: pd.DataFrame, ranks: list[str], heads_per_child: int = 2) -> str:
