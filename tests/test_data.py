@@ -107,13 +107,21 @@ def test_load_image_follows_exif_orientation(tmp_path):
 def test_eval_cache_holds_the_frozen_tokens(images, tmp_path):
     paths, _ = images
     model = make_model()
-    out = build_token_cache(model, paths, tmp_path / "eval.npy", augment=EVAL, progress=False, batch_size=5)
+    out = build_token_cache(model, paths, tmp_path / "eval.npy", augment=EVAL, progress=False, batch_size=5,
+                            precision="fp32")
     cache = TokenCache.open(out, model)
     assert cache.tokens.dtype == np.float16 and cache.tokens.shape == (24, 1, 17, 32)
     assert cache.paths == [str(p) for p in paths] and cache.meta["first_prompted_block"] == 1
+    assert cache.meta["precision"] == "float32"
     x = torch.stack([ImageTransform.for_model(model, EVAL)(load_image(p)) for p in paths])
     expected = model.frozen_tokens(x)
     torch.testing.assert_close(torch.from_numpy(cache.tokens[:, 0].astype(np.float32)), expected, atol=4e-3, rtol=1e-3)
+    # in bf16 (backbone.precision): the same tokens to bf16's 8 bits of mantissa, and the description says so
+    bf16 = TokenCache.open(build_token_cache(model, paths, tmp_path / "bf16.npy", augment=EVAL, progress=False,
+                                             precision="bf16"))
+    tokens = torch.from_numpy(bf16.tokens[:, 0].astype(np.float32))
+    assert bf16.meta["precision"] == "bfloat16" and not torch.equal(tokens, expected)
+    assert torch.nn.functional.cosine_similarity(tokens, expected, dim=-1).min() > 0.99
     np.testing.assert_array_equal(cache.index([paths[5], paths[0]]), [5, 0])
     with pytest.raises(ValueError, match="one view"):
         build_token_cache(model, paths, tmp_path / "bad.npy", views=2, augment=EVAL, progress=False)
@@ -122,10 +130,13 @@ def test_eval_cache_holds_the_frozen_tokens(images, tmp_path):
 def test_training_cache_views_are_seeded_per_image_and_reproducible(images, tmp_path):
     paths, _ = images
     model = make_model()
-    a = build_token_cache(model, paths, tmp_path / "a.npy", views=3, augment=AUGMENT, seed=7, progress=False)
-    b = build_token_cache(model, paths, tmp_path / "b.npy", views=3, augment=AUGMENT, seed=7, progress=False)
+    a = build_token_cache(model, paths, tmp_path / "a.npy", views=3, augment=AUGMENT, seed=7, progress=False,
+                          precision="fp32")
+    b = build_token_cache(model, paths, tmp_path / "b.npy", views=3, augment=AUGMENT, seed=7, progress=False,
+                          precision="fp32")
     assert a.read_bytes() == b.read_bytes()
-    c = build_token_cache(model, paths, tmp_path / "c.npy", views=3, augment=AUGMENT, seed=8, progress=False)
+    c = build_token_cache(model, paths, tmp_path / "c.npy", views=3, augment=AUGMENT, seed=8, progress=False,
+                          precision="fp32")
     assert a.read_bytes() != c.read_bytes()
     cache = TokenCache.open(a, model)
     # View v of image i is the augmentation drawn from (seed, i, v), whatever the order of the images.

@@ -201,6 +201,7 @@ def test_every_model_step_keeps_the_model_and_its_data_on_the_resolved_device(da
     accelerator = branches == "accelerator"
     if accelerator:
         monkeypatch.setattr(devices, "ACCELERATED_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(devices, "native_bf16", lambda device: accelerator)  # backbone.precision auto follows it
     out = tmp_path
     inputs = {"manifest": root / "manifest.parquet", "classes": root / "classes.parquet",
               "train_tokens": out / "train.tokens.npy", "eval_tokens": out / "eval.tokens.npy"}
@@ -222,10 +223,11 @@ def test_every_model_step_keeps_the_model_and_its_data_on_the_resolved_device(da
     step("train order", lambda: workflow.train_rank("order", inputs, {"model": order,
                                                                       "log_table": out / "order" / "log.parquet"}, config))
     inputs.update(model=folder / "model.pt", attention=folder / "attention.h5", heads=folder / "heads.parquet",
-                  probe=probes[-1], saliency=folder / "saliency.h5", ancestors=[order])  # top-down: the order's model
+                  probe=probes[-1], saliency=folder / "saliency.h5", models=[order, folder / "model.pt"])
     step("train", lambda: workflow.train_rank(rank, inputs, {"model": inputs["model"],
                                                              "log_table": folder / "train_log.parquet"}, config))
-    step("evaluate", lambda: workflow.evaluate(rank, inputs, {"metrics": folder / "metrics.parquet"}, config))
+    step("evaluate", lambda: workflow.evaluate(inputs, {"metrics": [out / "order" / "metrics.parquet",
+                                                                    folder / "metrics.parquet"]}, config))
     step("extract_attention", lambda: workflow.extract_rank_attention(rank, inputs, {"attention": inputs["attention"]},
                                                                       config))
     step("mask_heads", lambda: workflow.mask_rank_heads(rank, inputs, {"heads": inputs["heads"]}, config))
@@ -241,9 +243,11 @@ def test_every_model_step_keeps_the_model_and_its_data_on_the_resolved_device(da
         with h5py.File(folder / f"{name}.h5") as h5:
             assert h5.attrs["device"] == "cpu:0"
     assert len(pd.read_parquet(inputs["heads"]))
-    # mixed precision where it is safe: training and scoring on an accelerator; never the cached tokens (computed
-    # once for every rank and epoch) nor greedy masking (it compares nearly equal scores)
-    bf16 = {"train order", "train", "evaluate", "extract_attention", "train_probes", "saliency_maps", "faithfulness"}
+    # mixed precision where it is safe: training and scoring on an accelerator, the frozen forwards over images
+    # (cache, faithfulness) where bf16 is native (backbone.precision auto); never greedy masking (it compares nearly
+    # equal scores)
+    bf16 = {"train order", "train", "evaluate", "extract_attention", "train_probes", "saliency_maps", "faithfulness",
+            "cache_tokens train", "cache_tokens eval"}
     for name, autocast in calls.items():
         assert any(autocast) == (accelerator and name in bf16), name
 
@@ -299,3 +303,22 @@ def test_the_paper_protocol_config_is_valid_and_the_faithfulness_settings_do_not
     assert evaluation.settings(merged)["faithfulness"] == {"images": 32, "pixels_per_step": None, "finest_ranks": None}
     assert evaluation.settings(config)["faithfulness"] == {"images": 8, "pixels_per_step": 6272, "finest_ranks": 1}
     assert evaluation.settings({})["faithfulness"] == evaluation.settings(config)["faithfulness"]  # schema = code
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_backbone_precision_auto_is_bf16_where_the_device_has_it_natively(native, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert devices.native_bf16(cpu) is native and devices.native_bf16(torch.device("cuda"))
+    with caplog.at_level("INFO", logger="taxotrait.devices"):
+        assert devices.resolve_precision("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert f"backbone.precision: {'bf16' if native else 'fp32'} on cpu" in caplog.text
+    assert devices.resolve_precision("fp32", cpu) == torch.float32  # named: whatever the device
+    assert devices.resolve_precision("bf16", cpu) == torch.bfloat16
+    with pytest.raises(devices.ConfigError, match="backbone.precision: 'fp16' is not one of auto, fp32, bf16"):
+        devices.resolve_precision("fp16", cpu)
+    with devices.autocast(cpu, torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+    with devices.autocast(cpu, torch.float32):
+        assert not torch.is_autocast_enabled("cpu")

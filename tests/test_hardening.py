@@ -229,9 +229,9 @@ def test_non_ascii_names_and_spaces_end_to_end_without_a_val_split(tmp_path, mon
         inputs.update(model=folder / "model.pt", attention=folder / "attention.h5")
         workflow.train_rank(rank, inputs, {"model": folder / "model.pt", "log_table": folder / "train_log.parquet"},
                             config)
-    inputs["ancestors"] = [out / rank / "model.pt" for rank in RANKS[:-1]]
+    inputs["models"] = [out / rank / "model.pt" for rank in RANKS]
     assert pd.read_parquet(folder / "train_log.parquet")["val_top1"].isna().all()  # trained without validation
-    workflow.evaluate("species", inputs, {"metrics": folder / "metrics.parquet"}, config)
+    workflow.evaluate(inputs, {"metrics": [out / rank / "metrics.parquet" for rank in RANKS]}, config)
     assert set(pd.read_parquet(folder / "metrics.parquet")["split"]) == {"test"}
     workflow.extract_rank_attention("species", inputs, {"attention": folder / "attention.h5"}, config)
     with h5py.File(folder / "attention.h5") as h5:
@@ -264,7 +264,7 @@ def test_non_ascii_names_and_spaces_end_to_end_without_a_val_split(tmp_path, mon
                                   {key: failed / f"{key}.parquet" for key in tables}, config),
             lambda: workflow.train_rank("species", inputs, {"model": folder / "model_again.pt",
                                                             "log_table": failed / "train_log.parquet"}, config),
-            lambda: workflow.evaluate("species", inputs, {"metrics": failed / "metrics.parquet"}, config),
+            lambda: workflow.evaluate(inputs, {"metrics": [failed / f"{rank}.parquet" for rank in RANKS]}, config),
             lambda: workflow.mask_rank_heads("species", inputs, {"heads": failed / "heads.parquet"}, config),
             lambda: write_rank_traits(folder / "heads.parquet", failed / "traits.parquet"),
         ):

@@ -27,10 +27,12 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def caches(images, tmp_path_factory):
-    """(augmented 2-view training cache, eval cache) of the depth-2 model."""
+    """(augmented 2-view training cache, eval cache) of the depth-2 model, in fp32 (compared with image training)."""
     folder, model = tmp_path_factory.mktemp("cache"), make_model()
-    train_cache = build_token_cache(model, images[0], folder / "train.npy", views=2, augment=AUGMENT, progress=False)
-    eval_cache = build_token_cache(model, images[0], folder / "eval.npy", augment=EVAL, progress=False)
+    train_cache = build_token_cache(model, images[0], folder / "train.npy", views=2, augment=AUGMENT, progress=False,
+                                    precision="fp32")
+    eval_cache = build_token_cache(model, images[0], folder / "eval.npy", augment=EVAL, progress=False,
+                                   precision="fp32")
     return TokenCache.open(train_cache), TokenCache.open(eval_cache)
 
 

@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,10 +24,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .dataset import ImageError, read_image  # noqa: F401  (ImageError: re-exported)
-from .devices import resolve_device
+from .devices import autocast, resolve_device, resolve_precision
 from .localization import centre_crop, resized_size
-from .model import PromptCAM
 from .runner import atomic_write
+
+if TYPE_CHECKING:  # the figures read images through this module without importing timm
+    from .model import PromptCAM
 
 CACHE_FORMAT = "taxotrait-token-cache-1"
 
@@ -178,30 +181,35 @@ def build_token_cache(
     device: str | torch.device | None = None,
     progress: bool = True,
     num_workers: int = 0,
+    precision: str | None = "auto",
 ) -> Path:
     """Compute `model.frozen_tokens` of `views` views of every image into a float16 cache at `out_path` (.npy).
 
     augment None (or without crop/flip): one view, the deterministic eval transform; otherwise every view is a
     random augmentation seeded by (seed, image index, view). Written batch by batch to a temporary file, then
     renamed. The model is moved to `device` (default: CUDA if available, else CPU); the tokens are computed there in
-    float32 (they are computed once and serve every rank and epoch) and recorded with it in the description.
+    `precision` (`taxotrait.devices.resolve_precision`: 'auto' is bf16 where the device has it natively, else fp32),
+    both recorded in the description.
     """
     out, paths = Path(out_path), [str(p) for p in paths]
     transform = ImageTransform.for_model(model, augment)
     if not transform.augment.random and views != 1:
         raise ValueError(f"a cache without augmentation has one view, got views={views}")
     device = resolve_device(device)
+    dtype = resolve_precision(precision, device)
     model.to(device).eval()
     meta = {"format": CACHE_FORMAT, "shape": [len(paths), views, *token_shape(model)], "dtype": "float16",
             "views": views, "augment": asdict(transform.augment), "seed": seed, **_describe(model), "device": str(device),
-            "paths": paths}
+            "precision": str(dtype).removeprefix("torch."), "paths": paths}
     with atomic_write(out) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=tuple(meta["shape"]))
         loader = DataLoader(_Views(paths, transform, views, seed), batch_size=batch_size, num_workers=num_workers)
         start = 0
         for images in tqdm(loader, desc=f"tokens {out.name}", disable=not progress):
             b = images.shape[0]
-            tokens = model.frozen_tokens(images.flatten(0, 1).to(device)).to(torch.float16).cpu()
+            with autocast(device, dtype):
+                tokens = model.frozen_tokens(images.flatten(0, 1).to(device))
+            tokens = tokens.to(torch.float16).cpu()
             if not torch.isfinite(tokens).all():
                 raise TokenCacheError(f"{out}: non-finite frozen tokens (float16 overflow?) in the batch of {paths[start]}")
             array[start : start + b] = tokens.unflatten(0, (b, views)).numpy()

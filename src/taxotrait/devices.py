@@ -5,6 +5,10 @@ train_probes, saliency_maps, faithfulness): the model and its inputs go to the r
 results come back to the CPU (`to_host`) before numpy, and on an accelerator (`accelerated`) training and scoring
 run under bf16 autocast (`mixed_precision`). Each table records the device it was made on
 (`str(device)`: 'cpu', 'cuda', 'cuda:1', ...).
+
+The frozen backbone's forward passes over images (the token cache, evaluation's perturbed images) follow
+`backbone.precision` (`resolve_precision`): 'auto' is bf16 autocast wherever the device computes bf16 natively (CUDA; a
+CPU with AVX512-BF16 or AMX, where it halves the time), fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -43,7 +47,33 @@ def accelerated(device: torch.device) -> bool:
 
 def mixed_precision(device: torch.device):
     """The autocast context of computations on `device`: bf16 on an accelerator, off elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=accelerated(device))
+    return autocast(device, torch.bfloat16 if accelerated(device) else torch.float32)
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matrix products natively: CUDA, or a CPU with AVX512-BF16 or AMX tiles."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(name: str | None, device: torch.device, key: str = "backbone.precision") -> torch.dtype:
+    """The compute dtype that setting `key` names on `device`: 'auto' (or None) is bf16 where `device` has it natively
+    (`native_bf16`), else fp32; 'bf16' and 'fp32' as named. Logged as '<key>: <dtype> on <device>'."""
+    if name is None or name == "auto":
+        name = "bf16" if native_bf16(device) else "fp32"
+    if name not in PRECISIONS:
+        raise ConfigError(f"{key}: {name!r} is not one of auto, {', '.join(PRECISIONS)}")
+    log.info("%s: %s on %s", key, name, device)
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The autocast context computing in `dtype` on `device` (none for fp32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -44,7 +44,7 @@ from .backbone import weights_digest
 from .baselines import LinearProbe, attention_rollout, cam_maps, fit_linear_probe, load_probe, save_probe
 from .data import AugmentConfig, ImageTransform, TokenCache, load_image
 from .dataset import class_names, labels
-from .devices import mixed_precision, resolve_device
+from .devices import autocast, mixed_precision, resolve_device, resolve_precision
 from .extract import map_statistics
 from .faithfulness import insertion_deletion, upsample
 from .localization import (KEYPOINTS, energy_shares, load_ground_truth, normalise_maps, part_consistency,
@@ -336,13 +336,14 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
     images = load_eval_images(manifest.loc[sal["image_id"][:n], "path"], config, device)
     pixels_per_step = int(f["pixels_per_step"] or config["backbone"]["img_size"])
     chunk = config["model"].get("class_chunk")
+    dtype = resolve_precision(config["backbone"].get("precision"), device)  # every perturbed image: a frozen forward
 
     def prompt_cam(x):
-        with mixed_precision(device):
+        with autocast(device, dtype):
             return model(x, chunk_size=chunk)
 
     def linear_probe(x):
-        with mixed_precision(device):
+        with autocast(device, dtype):
             return probe(x)
 
     rows, curves = [], []

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0
 
@@ -92,6 +91,8 @@ def insertion_deletion(
     predict(images [n, 3, H, W]) -> class scores [n, C] (logits; softmax is applied here). targets [B]: the class
     whose probability is followed. pixels_per_step: default W (RISE: 224 steps at 224 x 224).
     """
+    from torchvision.transforms.functional import gaussian_blur  # here: the figures import this module, not torchvision
+
     num_images, _, height, width = images.shape
     device = images.device
     rank = pixel_rank(upsample(saliency.to(device), (height, width)))  # [B, H*W]

@@ -62,7 +62,7 @@ def trained_model(path, config: dict, device: torch.device | None = None) -> Pro
 
 def model_step_device(config: dict, rank: str | None = None) -> torch.device:
     """The device of the model steps (cache_tokens, train, evaluate, extract_attention, mask_heads): `train.device`,
-    the rank's override first."""
+    the rank's override first (evaluate scores every rank in one job: `train.device`)."""
     settings = {**config["train"], **(config.get("rank_overrides") or {}).get(rank, {})}
     return resolve_device(settings.get("device", "auto"), "train.device")
 
@@ -95,7 +95,8 @@ def cache_tokens(kind: str, manifest_path, out_path, config: dict) -> None:
         paths = manifest.loc[manifest["split"] != "train", "path"]
         augment, views = AugmentConfig(a["resize"], False, False), 1
     build_token_cache(probe, paths.tolist(), out_path, views=views, augment=augment,
-                      seed=config["train"].get("seed", 0), device=model_step_device(config))
+                      seed=config["train"].get("seed", 0), device=model_step_device(config),
+                      precision=config["backbone"].get("precision", "auto"))
 
 
 def token_data(cache_path, manifest: pd.DataFrame, classes: pd.DataFrame, rank: str, split: str | None):
@@ -152,39 +153,45 @@ METRICS_COLUMNS = {"rank": "string", "split": "string", "taxon": "string", "n_im
                    "contrast": "string", "device": "string"}
 
 
-def evaluate(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
-    """metrics.parquet: accuracy on val and test, overall (taxon '__all__') and per class: flat top-1/top-5 over
-    every class of the rank, sibling top-1 (among the true parent's children) and top-down top-1 (the top rank's
-    prediction, then the best child of each predicted taxon: `inputs['ancestors']`, the coarser ranks' models)."""
+def evaluate(inputs: dict, outputs: dict, config: dict) -> None:
+    """<rank>/metrics.parquet of every rank: accuracy on val and test, overall (taxon '__all__') and per class: flat
+    top-1/top-5 over every class of the rank, sibling top-1 (among the true parent's children) and top-down top-1 (the
+    top rank's prediction, then the best child of each predicted taxon). `inputs['models']`: the models of the first
+    ranks of `config['ranks']`, coarse to fine (each scored once, its scores shared by the finer ranks' top-down
+    prediction); `outputs['metrics']`: their tables, in the same order."""
     manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
-    ranks = config["ranks"][: config["ranks"].index(rank) + 1]
-    if len(inputs["ancestors"]) != len(ranks) - 1:
-        raise ValueError(f"evaluate {rank}: top-down prediction needs the models of {ranks[:-1]}, got "
-                         f"{len(inputs['ancestors'])}")
-    device = model_step_device(config, rank)
-    models = [trained_model(path, config, device) for path in [*inputs["ancestors"], inputs["model"]]]
-    model = models[-1]
-    rows = []
+    paths, targets = list(inputs["models"]), list(outputs["metrics"])
+    ranks = config["ranks"][: len(paths)]
+    if len(paths) > len(config["ranks"]) or len(targets) != len(paths):
+        raise ValueError(f"evaluate: {len(paths)} models and {len(targets)} metrics tables for the ranks "
+                         f"{config['ranks']} (one of each per rank, coarse to fine)")
+    device = model_step_device(config)
+    models = [trained_model(path, config, device) for path in paths]
+    parents, names = [class_parents(classes, r) for r in ranks], [class_names(classes, r) for r in ranks]
+    rows = {rank: [] for rank in ranks}
     for split in ("val", "test"):
         split_rows = manifest[manifest["split"] == split]
         if split_rows.empty:
             continue
         scores = [predict(m, token_data(inputs["eval_tokens"], manifest, classes, r, split)[0],
                           chunk_size=config["model"].get("class_chunk")) for m, r in zip(models, ranks)]
-        logits, truth = scores[-1], torch.as_tensor(labels(split_rows, classes, rank).to_numpy())
-        sibling = model.sibling_prediction(logits, truth) == truth
-        top_down = top_down_prediction(scores, [class_parents(classes, r) for r in ranks],
-                                       [class_names(classes, r) for r in ranks]) == truth
-        for taxon, pick in [("__all__", torch.ones_like(truth, dtype=torch.bool)),
-                            *((name, truth == index) for index, name in enumerate(model.class_names))]:
-            if pick.any():
-                rows.append((rank, split, taxon, int(pick.sum()), top_k_accuracy(logits[pick], truth[pick], 1),
-                             top_k_accuracy(logits[pick], truth[pick], 5), sibling[pick].double().mean().item(),
-                             top_down[pick].double().mean().item(), model.contrast))
-    metrics = pd.DataFrame(rows, columns=list(METRICS_COLUMNS)[:-1]).assign(device=str(device)).astype(METRICS_COLUMNS)
-    write_parquet(metrics, outputs["metrics"])
-    overall = metrics[metrics["taxon"] == "__all__"].set_index("split")[["top1", "sibling_top1", "top_down_top1"]]
-    log.info("%s (contrast %s):\n%s", rank, model.contrast, overall.round(3).to_string())
+        for depth, (rank, model, logits) in enumerate(zip(ranks, models, scores)):
+            truth = torch.as_tensor(labels(split_rows, classes, rank).to_numpy())
+            sibling = model.sibling_prediction(logits, truth) == truth
+            top_down = top_down_prediction(scores[: depth + 1], parents[: depth + 1], names[: depth + 1]) == truth
+            for taxon, pick in [("__all__", torch.ones_like(truth, dtype=torch.bool)),
+                                *((name, truth == index) for index, name in enumerate(model.class_names))]:
+                if pick.any():
+                    rows[rank].append((rank, split, taxon, int(pick.sum()),
+                                       top_k_accuracy(logits[pick], truth[pick], 1),
+                                       top_k_accuracy(logits[pick], truth[pick], 5),
+                                       sibling[pick].double().mean().item(), top_down[pick].double().mean().item(),
+                                       model.contrast))
+    for rank, model, target in zip(ranks, models, targets):
+        metrics = pd.DataFrame(rows[rank], columns=list(METRICS_COLUMNS)[:-1]).assign(device=str(device))
+        write_parquet(metrics.astype(METRICS_COLUMNS), target)
+        overall = metrics[metrics["taxon"] == "__all__"].set_index("split")[["top1", "sibling_top1", "top_down_top1"]]
+        log.info("%s (contrast %s):\n%s", rank, model.contrast, overall.round(3).to_string())
 
 
 def eval_batches(inputs: dict, config: dict, rank: str):

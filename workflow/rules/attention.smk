@@ -14,7 +14,7 @@ rule extract_attention:
         f"{LOGS}/extract_attention.{{rank}}.log",
     benchmark:
         f"{BENCH}/extract_attention.{{rank}}.tsv"
-    threads: 2
+    threads: 1
     resources:
         gpu=config["resources"]["gpu"],
     script:

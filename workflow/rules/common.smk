@@ -62,11 +62,6 @@ def trained_model(wildcards):
     return f"{RESULTS}/{wildcards.rank}/model.pt"
 
 
-def coarser_models(wildcards):
-    """The models of the ranks above `wildcards.rank`, coarse to fine (top-down prediction)."""
-    return [f"{RESULTS}/{rank}/model.pt" for rank in RANKS[: RANKS.index(wildcards.rank)]]
-
-
 def evaluation_config():
     """The `evaluation` section as given (taxotrait.evaluation fills in the defaults)."""
     return config.get("evaluation") or {}

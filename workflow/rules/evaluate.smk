@@ -1,18 +1,18 @@
-# Accuracy overall and per class on every split: flat, among siblings, and top-down (with the coarser ranks' models).
+# Accuracy overall and per class on every split: flat, among siblings, and top-down. One job for every rank: each
+# model is scored once, and its scores serve the finer ranks' top-down prediction.
 rule evaluate:
     input:
-        model=trained_model,
-        ancestors=coarser_models,
+        models=expand(f"{RESULTS}/{{rank}}/model.pt", rank=RANKS),
         manifest=f"{RESULTS}/manifest.parquet",
         classes=f"{RESULTS}/classes.parquet",
         eval_tokens=f"{RESULTS}/cache/eval.tokens.npy",
         weights=backbone_weights(),
     output:
-        metrics=f"{RESULTS}/{{rank}}/metrics.parquet",
+        metrics=expand(f"{RESULTS}/{{rank}}/metrics.parquet", rank=RANKS),
     log:
-        f"{LOGS}/evaluate.{{rank}}.log",
+        f"{LOGS}/evaluate.log",
     benchmark:
-        f"{BENCH}/evaluate.{{rank}}.tsv"
-    threads: 2
+        f"{BENCH}/evaluate.tsv"
+    threads: 1
     script:
         "../scripts/evaluate.py"

@@ -18,7 +18,7 @@ rule train_probes:
         f"{LOGS}/train_probes.log",
     benchmark:
         f"{BENCH}/train_probes.tsv"
-    threads: 2
+    threads: 1
     resources:
         gpu=config["resources"]["gpu"],
     script:
@@ -42,7 +42,7 @@ rule saliency_maps:
         f"{LOGS}/saliency_maps.{{rank}}.log",
     benchmark:
         f"{BENCH}/saliency_maps.{{rank}}.tsv"
-    threads: 2
+    threads: 1
     resources:
         gpu=config["resources"]["gpu"],
     script:
@@ -61,6 +61,7 @@ rule faithfulness:
         curves=f"{RESULTS}/{{rank}}/faithfulness_curves.parquet",
     params:
         settings=evaluation_params("faithfulness", "device", "batch_size"),
+        precision=config["backbone"].get("precision"),
     log:
         f"{LOGS}/faithfulness.{{rank}}.log",
     benchmark:

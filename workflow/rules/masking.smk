@@ -15,7 +15,7 @@ rule mask_heads:
         f"{LOGS}/mask_heads.{{rank}}.log",
     benchmark:
         f"{BENCH}/mask_heads.{{rank}}.tsv"
-    threads: 2
+    threads: 1
     resources:
         gpu=config["resources"]["gpu"],
     script:

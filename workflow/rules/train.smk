@@ -24,7 +24,7 @@ rule train:
         f"{LOGS}/train.{{rank}}.log",
     benchmark:
         f"{BENCH}/train.{{rank}}.tsv"
-    threads: 2
+    threads: 1
     resources:
         gpu=config["resources"]["gpu"],
     script:

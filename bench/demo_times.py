@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""The demo's wall time and where it goes: `snakemake --cores N` on the embedded demo into a fresh results folder,
+timed end to end, then every rule's benchmark files (`<results>/<dataset>/benchmarks/*.tsv`) summed per rule.
+
+    python bench/demo_times.py                          # run the demo, print the table
+    python bench/demo_times.py --out bench/RESULTS.md   # ... and append it as a dated section
+    python bench/demo_times.py --compare OLD_RESULTS    # a column per folder: an earlier run's benchmarks beside
+    python bench/demo_times.py --tabulate RESULTS       # no run: the table of a finished run's benchmarks
+
+The backbone file must exist first (`snakemake --cores 2 resources/backbones/...`, as `make demo` does); the goal
+(issue 15) is 6 minutes of wall time on a 2-core machine. A shared machine shows in the load average: it is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GOAL_S = 360
+
+
+def rule_times(benchmarks: Path) -> dict[str, tuple[int, float, float]]:
+    """Per rule: (jobs, wall seconds summed, CPU seconds summed) from Snakemake's benchmark files
+    (`<rule>.<wildcards>.tsv` or `<rule>.tsv`, columns `s` and `cpu_time`)."""
+    totals: dict[str, list] = {}
+    for path in sorted(benchmarks.glob("*.tsv")):
+        with path.open() as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        if not rows:
+            continue
+        entry = totals.setdefault(path.name.split(".")[0], [0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += float(rows[-1]["s"])
+        entry[2] += float(rows[-1]["cpu_time"])
+    return {rule: tuple(values) for rule, values in totals.items()}
+
+
+def table(columns: dict[str, dict[str, tuple[int, float, float]]]) -> str:
+    """Markdown: one row per rule (the slowest first, by the last column), per column 'wall s / CPU s (jobs)'."""
+    last = list(columns.values())[-1]
+    rules = sorted({r for c in columns.values() for r in c}, key=lambda r: -last.get(r, (0, 0.0, 0.0))[1])
+    lines = ["| rule | " + " | ".join(f"{name}: wall s · CPU s (jobs)" for name in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for rule in rules:
+        cells = [f"{c[rule][1]:.1f} · {c[rule][2]:.1f} ({c[rule][0]})" if rule in c else "–" for c in columns.values()]
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    sums = [f"{sum(v[1] for v in c.values()):.0f} · {sum(v[2] for v in c.values()):.0f} "
+            f"({sum(v[0] for v in c.values())})" for c in columns.values()]
+    lines.append("| **all jobs** | " + " | ".join(sums) + " |")
+    return "\n".join(lines)
+
+
+def run_demo(results: Path, cores: int) -> float:
+    """Wall seconds of the demo workflow into `results` (the backbone already converted)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [str(Path(sys.executable).with_name("snakemake")), "--cores", str(cores), "--config",
+               f"results={results}", "--quiet", "rules"]
+    started = time.monotonic()
+    subprocess.run(command, cwd=REPO, env=env, check=True)
+    return time.monotonic() - started
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{model or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--compare", type=Path, action="append", default=[],
+                        help="results folders (<results>/<dataset>) of earlier runs, shown before this one")
+    parser.add_argument("--tabulate", type=Path, help="no run: tabulate this finished run's folder")
+    parser.add_argument("--out", type=Path, help="append the section to this markdown file")
+    args = parser.parse_args()
+
+    columns = {folder.name if len(args.compare) == 1 else str(folder): rule_times(folder / "benchmarks")
+               for folder in args.compare}
+    load_before = os.getloadavg()
+    if args.tabulate:
+        columns[str(args.tabulate)] = rule_times(args.tabulate / "benchmarks")
+        wall = None
+    else:
+        results = Path(tempfile.mkdtemp(prefix="demo-times-"))
+        wall = run_demo(results, args.cores)
+        columns["this run"] = rule_times(results / "demo" / "benchmarks")
+    load_after = os.getloadavg()
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"## Demo wall time, {stamp}", "",
+             f"- machine: {machine()}; load average before {load_before[0]:.2f}, after "
+             f"{' '.join(f'{x:.2f}' for x in load_after)}",
+             f"- command: `python bench/demo_times.py {' '.join(sys.argv[1:])}`"]
+    if wall is not None:
+        verdict = "met" if wall <= GOAL_S else f"missed by {wall - GOAL_S:.0f} s"
+        lines.append(f"- `snakemake --cores {args.cores}` on the demo (backbone converted): **{wall:.0f} s** of wall "
+                     f"time (goal {GOAL_S} s: {verdict})")
+    lines += ["", table(columns), ""]
+    section = "\n".join(lines)
+    print(section)
+    if args.out:
+        with args.out.open("a") as handle:
+            handle.write("\n" + section)
+
+
+if __name__ == "__main__":
+    main()
