@@ -88,6 +88,17 @@ def test_pointing_game_hits_and_random_baseline(tmp_path):
     # the spot is inside `all`: its exclusive region loses the spot's patch, where image a peaks
     assert rows.loc[("exclusive", "all"), "hit_rate"] == 0.5
     assert rows.loc[("exclusive", "all"), "random_rate"] == pytest.approx(15 / 16)
+    # several ranks at once (the summary): each rank scored as alone, each image's masks read once for all of them
+    species = heads.assign(rank="species", peak_x=1 - heads["peak_x"], contrast="siblings")
+    reads = []
+    both = pointing_game(pd.concat([heads, species], ignore_index=True), manifest,
+                         lambda path: reads.append(path) or {"spot": mask, "all": np.ones_like(mask)}, (4, 4), 240, 224)
+    assert reads == ["m"] and both["rank"].tolist() == ["genus"] * 4 + ["species"] * 4
+    pd.testing.assert_frame_equal(both[both["rank"] == "genus"], table)
+    alone = pointing_game(species, manifest, lambda path: {"spot": mask, "all": np.ones_like(mask)}, (4, 4), 240, 224)
+    pd.testing.assert_frame_equal(both[both["rank"] == "species"].reset_index(drop=True), alone)
+    assert set(alone["contrast"]) == {"siblings"} and alone.set_index(["region", "mask"]).loc[
+        ("planted", "spot"), "hit_rate"] == 0.0  # mirrored peaks miss the spot
 
 
 def test_exclusive_masks_give_each_pixel_to_the_smallest_mask():

@@ -82,7 +82,8 @@ def exclusive_masks(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def pointing_game(heads: pd.DataFrame, manifest: pd.DataFrame, load_masks, grid: tuple[int, int], resize: int,
                   img_size: int, tolerance: float = TOLERANCE_AT_224) -> pd.DataFrame:
     """Where each image's top trait head peaks, scored on every ground-truth mask, as planted and as its exclusive
-    region, with random baselines. One row per (rank, mask, region); see POINTING_COLUMNS:
+    region, with random baselines. `heads`: the heads tables of one rank or several (concatenated; an image's masks
+    are read and scored once for all of them). One row per (rank, mask, region); see POINTING_COLUMNS:
 
     - hit_rate: the peak's patch overlaps the mask (strict patch hit); random_rate: the share of patches that do;
     - tolerance_hit_rate: the peak (the patch centre, in the eval crop) lies within `tolerance` pixels at 224 px
@@ -92,35 +93,50 @@ def pointing_game(heads: pd.DataFrame, manifest: pd.DataFrame, load_masks, grid:
 
     load_masks(mask_path) -> {name: bool array [H, W]}.
     """
-    from scipy.ndimage import distance_transform_edt
-
-    tops = top_trait_heads(heads).merge(manifest[["image_id", "mask_path"]], on="image_id")
+    tops = pd.concat([top_trait_heads(rank_heads) for _, rank_heads in heads.groupby("rank", sort=False)],
+                     ignore_index=True) if len(heads) else heads
+    tops = tops.merge(manifest[["image_id", "mask_path"]], on="image_id")
     h, w = grid
-    radius = tolerance * img_size / 224
-    centres = (np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2) + 0.5) \
-        * np.array([img_size / h, img_size / w])  # (row, col) of each patch centre in crop pixels
-    cells = np.clip(centres.astype(int), 0, img_size - 1)
+    scored = {}  # mask file -> {(region, mask): per patch (hit, within tolerance, centre pixel inside)}
     rows = []
     for top in tops.itertuples(index=False):
-        masks = load_masks(top.mask_path)
-        height, width = next(iter(masks.values())).shape
-        boxes = patch_boxes(grid, width, height, resize, img_size)
+        if top.mask_path not in scored:
+            scored[top.mask_path] = patch_scores(load_masks(top.mask_path), grid, resize, img_size,
+                                                 tolerance * img_size / 224)
         peak = int(top.peak_y * h) * w + int(top.peak_x * w)
-        for region, regions in ((PLANTED, masks), (EXCLUSIVE, exclusive_masks(masks))):
-            for name, mask in regions.items():
-                hits = box_hits(mask, boxes)
-                inside = crop_mask(mask, resize, img_size)
-                near = distance_transform_edt(~inside)[cells[:, 0], cells[:, 1]] <= radius if inside.any() \
-                    else np.zeros(len(cells), bool)
-                rows.append((top.rank, name, region, float(hits[peak]), float(hits.mean()), float(near[peak]),
-                             float(near.mean()), float(inside[cells[peak, 0], cells[peak, 1]])))
+        for (region, name), (hits, near, centre) in scored[top.mask_path].items():
+            rows.append((top.rank, name, region, float(hits[peak]), float(hits.mean()), float(near[peak]),
+                         float(near.mean()), float(centre[peak])))
     table = pd.DataFrame(rows, columns=["rank", "mask", "region", "hit", "random", "near", "near_random", "centre"])
     summary = table.groupby(["rank", "mask", "region"], sort=False).agg(
         hit_rate=("hit", "mean"), random_rate=("random", "mean"), n_images=("hit", "size"),
         tolerance_hit_rate=("near", "mean"), tolerance_random_rate=("near_random", "mean"),
         centre_rate=("centre", "mean")).reset_index()
-    contrast = heads["contrast"].iloc[0] if len(heads) else ""
-    return summary.assign(contrast=contrast).astype(POINTING_COLUMNS)
+    contrast = heads.groupby("rank", sort=False)["contrast"].first() if len(heads) else pd.Series(dtype=str)
+    return summary.assign(contrast=summary["rank"].map(contrast).fillna("")).astype(POINTING_COLUMNS)
+
+
+def patch_scores(masks: dict[str, np.ndarray], grid: tuple[int, int], resize: int, img_size: int,
+                 radius: float) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per (region, mask) of one image's masks, as planted and as exclusive regions, three bool arrays over the
+    patches [h*w]: the patch overlaps the mask; its centre (in the eval crop) lies within `radius` crop pixels of it;
+    the pixel under its centre is in it."""
+    from scipy.ndimage import distance_transform_edt
+
+    h, w = grid
+    centres = (np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2) + 0.5) \
+        * np.array([img_size / h, img_size / w])  # (row, col) of each patch centre in crop pixels
+    cells = np.clip(centres.astype(int), 0, img_size - 1)
+    height, width = next(iter(masks.values())).shape
+    boxes = patch_boxes(grid, width, height, resize, img_size)
+    scores = {}
+    for region, regions in ((PLANTED, masks), (EXCLUSIVE, exclusive_masks(masks))):
+        for name, mask in regions.items():
+            inside = crop_mask(mask, resize, img_size)
+            near = distance_transform_edt(~inside)[cells[:, 0], cells[:, 1]] <= radius if inside.any() \
+                else np.zeros(len(cells), bool)
+            scores[region, name] = (box_hits(mask, boxes), near, inside[cells[:, 0], cells[:, 1]])
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,14 +23,13 @@ def summarise(inputs: dict, outputs: dict, config: dict) -> None:
     manifest = pd.read_parquet(inputs["manifest"])
     metrics = pd.concat([pd.read_parquet(p) for p in inputs["metrics"]], ignore_index=True)
     test = metrics[(metrics["taxon"] == "__all__") & (metrics["split"] == config["attention"]["split"])]
-    frames = []
+    pointing = empty_table(POINTING_COLUMNS)
     if "mask_path" in manifest.columns:
-        for heads_path, attention_path in zip(inputs["heads"], inputs["attention"]):
-            with h5py.File(attention_path, "r") as h5:
-                grid = tuple(int(g) for g in h5.attrs["grid"])
-            frames.append(pointing_game(pd.read_parquet(heads_path), manifest, load_masks, grid,
-                                        config["augment"]["resize"], config["backbone"]["img_size"]))
-    pointing = pd.concat(frames, ignore_index=True) if frames else empty_table(POINTING_COLUMNS)
+        with h5py.File(inputs["attention"][0], "r") as h5:  # one backbone: every rank's patch grid
+            grid = tuple(int(g) for g in h5.attrs["grid"])
+        heads = pd.concat([pd.read_parquet(path) for path in inputs["heads"]], ignore_index=True)
+        pointing = pointing_game(heads, manifest, load_masks, grid, config["augment"]["resize"],
+                                 config["backbone"]["img_size"])
     write_parquet(pointing, outputs["pointing"])
     text = summary_text(test, pointing, ranks)
     Path(outputs["summary"]).write_text(text)
