@@ -84,8 +84,10 @@ def test_backbone_reproduces_onnx_encoder_at_224(converted, onnx_path):
 
 
 def test_cli_converts_and_verifies(onnx_path, tmp_path, capsys):
+    from taxotrait.cli import main
+
     out = tmp_path / "cli.safetensors"
-    onnx_convert.main(["--out", str(out), "--onnx", str(onnx_path), "--verify"])
+    main(["convert-backbone", "--out", str(out), "--onnx", str(onnx_path), "--verify"])  # taxotrait.onnx_convert's
     printed = capsys.readouterr().out
     assert out.is_file() and str(out) in printed
     assert float(printed.strip().rsplit(" ", 1)[-1]) <= 1e-4

@@ -120,6 +120,34 @@ def test_table_loaders_read_the_run(results):
     assert len(load_hierarchy(results)) == len(hierarchy)
 
 
+def test_the_taxotrait_command_describes_a_taxon_of_the_run(results, tmp_path):
+    hierarchy = pd.read_parquet(results / "hierarchy_traits.parquet")
+    species = hierarchy["species"].iloc[0]
+    out = subprocess.run([str(Path(sys.executable).with_name("taxotrait")), "describe", str(results), species, "-n", "1"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    from taxotrait.traits import describe_traits, load_key, load_traits
+
+    traits = load_traits(results, "species")
+    assert out[0] == f"species {describe_traits(traits[traits['taxon'] == species], species, 1)}"
+    key = load_key(results)
+    node = key.loc[key["taxon"] == species, "node"].iloc[0]
+    sibling = next(t for t in key.loc[key["node"] == node, "taxon"].unique() if t != species)
+    assert out[1] == f"key: at the fork {node}, told from {sibling} by the heads above"
+    ancestors = hierarchy[hierarchy["species"] == species]
+    assert [line.split()[0] for line in out[2:]] == list(dict.fromkeys(ancestors["rank"]))  # coarse to fine
+    assert all(line.split()[1] == taxon for line, taxon in zip(out[2:], ancestors.drop_duplicates("rank")["taxon"]))
+    unknown = subprocess.run([str(Path(sys.executable).with_name("taxotrait")), "describe", str(results), "Nemo"],
+                             capture_output=True, text=True)
+    assert unknown.returncode == 1 and f"'Nemo': no traits in {results}" in unknown.stderr
+
+    from taxotrait.cli import main
+
+    main(["synthetic", str(tmp_path / "fish"), "--images", "1", "0", "1", "--seed", "3"])
+    manifest = pd.read_csv(tmp_path / "fish" / "manifest.csv")
+    assert len(manifest) == 2 * 16 and set(manifest["split"]) == {"train", "test"}
+    assert all((tmp_path / "fish" / path).is_file() for path in manifest["path"])
+
+
 def test_hierarchy_and_summary(results):
     hierarchy = pd.read_parquet(results / "hierarchy_traits.parquet")
     assert set(hierarchy["rank"]) <= set(RANKS) and hierarchy["species"].nunique() >= 1
