@@ -63,6 +63,15 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int, step: int) -> float
     return config.lr * (0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress)
 
 
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device):
+    """`config.optimizer` over `params`, in torch's fused form on CPU and CUDA: at C = 10,000 its step over every
+    class prompt then takes a few ms instead of the ~50 ms of the per-tensor loop, most of a sibling-cost step."""
+    fused = device.type in ("cpu", "cuda") or None
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+
+
 def contrast_loss(scores: torch.Tensor, labels: torch.Tensor, rivals: torch.Tensor,
                   label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of each image over its rivals only, and which images count.
@@ -272,10 +281,7 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
         if data is not None:
             _check_data(model, data, name)
     params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, config, device)
     n, steps = len(train_data), math.ceil(len(train_data) / config.batch_size)
     if n == 0:
         raise ValueError("train_data is empty")
