@@ -102,8 +102,8 @@ def greedy_head_masking(
 
     tokens: frozen tokens [B, T, D] (`PromptCAM.frozen_tokens`); classes: [B] class index per image. Only each image's
     class and its rivals are scored (its siblings under contrast 'siblings': O(B x siblings) prompts through the last
-    block). chunk_size bounds the classes scored at once. sibling_prompts: under contrast 'siblings', how many of the best-scoring
-    siblings' prompts have candidate heads too (`rival_prompts`).
+    block). chunk_size bounds the classes scored at once. sibling_prompts: under contrast 'siblings', how many of the
+    best-scoring siblings' prompts have candidate heads too (`rival_prompts`).
     """
     image_tokens = model.last_block_input(tokens)
     keys_values = model.image_keys_values(image_tokens)
