@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import random
 import resource
 import statistics
 import sys
@@ -33,6 +34,7 @@ from taxotrait.backbone import create_backbone  # noqa: E402
 from taxotrait.masking import greedy_head_masking  # noqa: E402
 from taxotrait.model import PromptCAM, PromptConfig  # noqa: E402
 from taxotrait.naive import naive_forward, naive_greedy_head_masking  # noqa: E402
+from taxotrait.train import TrainConfig, make_optimizer, rival_loss  # noqa: E402
 
 # label: (variant, prompt depth k with 0 = every block, engine)
 TRAIN_ROWS = {
@@ -42,6 +44,9 @@ TRAIN_ROWS = {
     "scalable k=2": ("scalable", 2, "ours"),
     "scalable k=1": ("scalable", 1, "ours"),
     "scalable k=1 cached": ("scalable", 1, "cached"),
+    # contrast 'siblings' on a genus tree (`genus_tree`): each image scored against its genus only, from the inputs
+    # the workflow caches (CPU: the last block's keys/values; GPU: the tokens entering it)
+    "scalable k=1 siblings": ("scalable", 1, "siblings"),
 }
 MASK_ROWS = {
     f"{label} {engine}": (variant, depth, engine)
@@ -51,6 +56,8 @@ MASK_ROWS = {
     }.items()
     for engine in ("naive", "batched")
 }
+MASK_ROWS["scalable k=1 siblings"] = ("scalable", 1, "siblings")  # masking against the genus only
+GENUS_SIZES = (2, 5)  # species per genus of the siblings rows' tree
 # device: backbone, img size, batch, masking batch, dtype, CPU threads (one on CPU: on a shared machine a second
 # OpenMP thread waiting on a busy core made steps 1.5-7x slower than one thread)
 DEFAULTS = {
@@ -77,8 +84,21 @@ class Dims:
                    vit.patch_embed.num_patches + vit.num_prefix_tokens, args.num_prompts)
 
 
+def genus_tree(classes: int, seed: int = 0) -> list[str]:
+    """The parents of `classes` species in genera of GENUS_SIZES species (uniform, seeded; none monotypic)."""
+    rng, parents = random.Random(seed), []
+    while len(parents) < classes:
+        remaining = classes - len(parents)
+        size = min(rng.randint(*GENUS_SIZES), remaining)
+        if remaining - size == 1:  # leave no genus of one species
+            size += 1 if size < GENUS_SIZES[1] else -1
+        parents += [f"genus {len(set(parents))}"] * size
+    return parents
+
+
 def layer_plan(d: Dims, variant: str, depth: int, classes: int, naive: bool) -> list[tuple[int, int, bool]]:
-    """The blocks one image goes through, as (query tokens, key tokens, trainable), in forward order."""
+    """The blocks one image goes through, as (query tokens, key tokens, trainable), in forward order (`classes`:
+    the class prompts scored per image)."""
     k = d.blocks if variant == "reference" or depth == 0 else depth
     prompts = classes if variant == "reference" else d.prompts
     plan = [(d.tokens, d.tokens, False)] * (d.blocks - k) + [(prompts + d.tokens,) * 2 + (True,)] * (k - 1)
@@ -105,9 +125,10 @@ def cost(d: Dims, plan, grad: bool, explicit: bool, images: int) -> tuple[float,
 def estimate(d: Dims, task: str, variant: str, depth: int, engine: str, classes: int, args) -> tuple[float, float]:
     """(FLOPs, peak bytes): per training step of `args.batch` images, or per image for masking."""
     naive = engine == "naive"
-    plan = layer_plan(d, variant, depth, classes, naive)
+    scored = min(classes, GENUS_SIZES[1]) if engine == "siblings" else classes
+    plan = layer_plan(d, variant, depth, scored, naive)
     if task == "train":
-        if engine == "cached":
+        if engine in ("cached", "siblings"):
             plan = [block for block in plan if block[2]]
         flops, peak = cost(d, plan, True, naive, args.batch)
         k = d.blocks if variant == "reference" or depth == 0 else depth
@@ -117,7 +138,7 @@ def estimate(d: Dims, task: str, variant: str, depth: int, engine: str, classes:
         flops, peak = cost(d, plan, False, True, 1)
         return flops * d.heads * (d.heads + 1) / 2, peak
     flops, _ = cost(d, plan, False, False, 1)
-    chunked = plan[:-1] + [(min(classes, args.chunk_size), *plan[-1][1:])]
+    chunked = plan[:-1] + [(min(scored, args.chunk_size), *plan[-1][1:])]
     return flops, cost(d, chunked, False, False, 1)[1]
 
 
@@ -159,23 +180,36 @@ def build_model(job: dict) -> PromptCAM:
     vit = create_backbone(job["backbone"], "random", job["img_size"])
     depth = job["depth"] or len(vit.blocks)
     classes = [f"class {i}" for i in range(job["classes"])]
-    return PromptCAM(vit, classes, PromptConfig(job["variant"], depth, job["num_prompts"])).to(job["device"])
+    parents = genus_tree(job["classes"]) if job["engine"] == "siblings" else None
+    return PromptCAM(vit, classes, PromptConfig(job["variant"], depth, job["num_prompts"]),
+                     class_parents=parents).to(job["device"])
 
 
 def train_step(model: PromptCAM, job: dict, images: torch.Tensor, autocast):
-    """One forward + cross-entropy over all classes + backward + AdamW step, as a closure."""
+    """One forward + cross-entropy over all classes (siblings rows: over each image's genus, `rival_loss`) +
+    backward + AdamW step (as `train` makes it: `make_optimizer`), as a closure."""
     labels = torch.randint(model.num_classes, (len(images),), device=images.device)
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = make_optimizer(params, TrainConfig(optimizer="adamw", lr=1e-3), images.device)
     inputs, forward = images, model
     if job["engine"] == "naive":
         forward = lambda x: naive_forward(model, x)[0]  # noqa: E731
     elif job["engine"] == "cached":
         inputs, forward = model.frozen_tokens(images), model.forward_tokens
+    elif job["engine"] == "siblings":  # what the training loop feeds (`taxotrait.train._with_keys_values`)
+        inputs, forward = model.frozen_tokens(images), model.forward_tokens
+        if job["device"] == "cpu":
+            inputs, forward = model.image_keys_values(model.last_block_input(inputs)), model.forward_keys_values
+
+    def loss_of_batch():
+        if job["engine"] == "siblings":
+            losses, counted, _ = rival_loss(model, forward, inputs, labels)
+            return losses[counted].mean()
+        return F.cross_entropy(forward(inputs).float(), labels)
 
     def step():
         with autocast:
-            scores = forward(inputs)
-        loss = F.cross_entropy(scores.float(), labels)
+            loss = loss_of_batch()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -186,8 +220,9 @@ def train_step(model: PromptCAM, job: dict, images: torch.Tensor, autocast):
 def masking_run(model: PromptCAM, job: dict, images: torch.Tensor, autocast):
     """Greedy head masking of all `images`, or one naive forward of one candidate (`extrapolate`), as a closure
     (run under no_grad, the naive way included)."""
-    classes = torch.randint(model.num_classes, (len(images),), device=images.device)
-    if job["engine"] == "batched":
+    rival = model.has_rival.nonzero().squeeze(1)  # the workflow masks only classes with a rival
+    classes = rival[torch.randint(len(rival), (len(images),), device=rival.device)]
+    if job["engine"] in ("batched", "siblings"):
         def run():
             with autocast:
                 greedy_head_masking(model, model.frozen_tokens(images), classes, chunk_size=job["chunk_size"])
@@ -300,15 +335,16 @@ def cell_text(result: dict, job: dict, baseline: float | None, args) -> str:
     if baseline and job["engine"] != "naive":
         ratio = baseline / seconds
         text += f" · ×{ratio:.0f}" if ratio >= 100 else f" · ×{ratio:.3g}"
-    if job["task"] == "mask" and job["engine"] == "batched" and job["batch"] != args.mask_batch:
+    if job["task"] == "mask" and job["engine"] in ("batched", "siblings") and job["batch"] != args.mask_batch:
         text += f" (B={job['batch']})"
     if job["extrapolate"]:
         text += f" (extrapolated: {result['forwards']} × one forward)"
     return text + (" (cold)" if result["timed"] == 0 else "")
 
 
-def run_all(args) -> dict[str, dict[str, dict[int, str]]]:
-    """Every (task, row, C) cell, run in order of increasing C so each estimate can build on the last."""
+def run_all(args) -> tuple[dict[str, dict[str, dict[int, str]]], dict[tuple[str, str, int], float]]:
+    """Every (task, row, C) cell, run in order of increasing C so each estimate can build on the last: the tables'
+    text and the seconds of every cell measured, by (task, row, C)."""
     torch.set_num_threads(args.threads)
     d, rate = Dims.of(args), 0.5 * matmul_flops_per_s(args.device)
     tables, seconds_of = {}, {}
@@ -331,7 +367,21 @@ def run_all(args) -> dict[str, dict[str, dict[int, str]]]:
                         previous = (flops, result["seconds"])
                 tables[task][label][classes] = text
                 print(f"[{time.perf_counter() - started:5.0f} s] {task} {label} C={classes}: {text}", file=sys.stderr)
-    return tables
+    return tables, seconds_of
+
+
+def sibling_cost(seconds_of: dict, args) -> list[str]:
+    """The sibling-cost lines (issue 15): each siblings row's time at the largest C over its time at the smallest,
+    the training step's against its goal of 1.5x."""
+    small, large = min(args.classes), max(args.classes)
+    lines = []
+    for task in args.tasks:
+        both = [seconds_of.get((task, "scalable k=1 siblings", c)) for c in (small, large)]
+        if None not in both and small < large:
+            ratio = both[1] / both[0]
+            goal = f" (goal at most 1.5x: {'met' if ratio <= 1.5 else 'MISSED'})" if task == "train" else ""
+            lines.append(f"- sibling cost, {task}: C={large} takes {ratio:.2f}x the C={small} time{goal}")
+    return lines
 
 
 def machine(device: str) -> str:
@@ -345,7 +395,7 @@ def machine(device: str) -> str:
             f"(load average at the end {load}); GPU: {gpu}; torch {torch.__version__}, timm {timm.__version__}")
 
 
-def markdown(tables: dict, args) -> str:
+def markdown(tables: dict, seconds_of: dict, args) -> str:
     """The results as a dated markdown section: machine, command, settings and one table per task."""
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
@@ -358,6 +408,10 @@ def markdown(tables: dict, args) -> str:
         f"warm-up); skipped when estimated above {args.budget_s:.0f} s or {args.mem_gb:.0f} GB",
         "- cells: time (training: and images/s) · peak memory (CPU: max-RSS increase; GPU: max allocated) · "
         "speed-up over the naive row",
+        f"- siblings rows: contrast 'siblings' on a seeded tree of {GENUS_SIZES[0]}-{GENUS_SIZES[1]} species per "
+        "genus, each image scored against its genus only (training: `rival_loss` on the inputs the workflow "
+        "caches; masking: `greedy_head_masking`)",
+        *sibling_cost(seconds_of, args),
     ]
     titles = {"train": f"training step, B={args.batch} (s/step)",
               "mask": f"greedy head masking, batched B={args.mask_batch} (s/image)"}
@@ -402,7 +456,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    text = markdown(run_all(args), args)
+    text = markdown(*run_all(args), args)
     print(text)
     if args.out:
         with open(args.out, "a") as out:

@@ -12,11 +12,15 @@ snakemake, jsonschema and grad-cam less that image, at the versions installed he
 the check installs them into a temporary folder and runs the workflow from src/ with the machine's own torch.
 Without CUDA it says so and exits 0.
 
-Checks (`CHECKS`, in order; each is one function of the deadline returning markdown, so a new measurement, e.g. the
-sibling-cost rows of issue 15, is one more function and entry):
+Checks (`CHECKS`, in order; each is one function of the deadline returning markdown, so a new measurement is one
+more function and entry):
 
 - workflow: tests/data/tiny.yaml end to end on the GPU with a randomly initialised backbone (`backbone.weights:
   random`), asserting from every GPU rule's log that it ran on CUDA (`taxotrait.devices.resolve_device` logs it);
+- sibling cost (issue 15): bench/bench_engine.py's `scalable k=1 siblings` rows (contrast 'siblings' on a tree of 2-5
+  species per genus, each image scored against its genus only) beside `scalable k=1 cached` / `batched` (every
+  class scored), ViT-B/16 at C = 200, 2,000, 10,000, with the C=10000 / C=200 ratio (goal for the training step:
+  at most 1.5x);
 - engine: bench/bench_engine.py's ViT-B/16 rows at C = 200, 2,000, 10,000 (training step and greedy head masking,
   bf16, peak memory);
 - extraction: attention extraction (`taxotrait.extract.extract_attention`, HDF5 included) in images/s against the
@@ -61,6 +65,7 @@ GPU_RULES = ("cache_tokens", "train", "evaluate", "extract_attention", "mask_hea
              "faithfulness")
 ENGINE_ROWS = ("naive-reference", "reference", "scalable k=1", "scalable k=1 cached", "scalable k=1 naive",
                "scalable k=1 batched")
+SIBLING_ROWS = ("scalable k=1 cached", "scalable k=1 batched", "scalable k=1 siblings")
 
 
 def mib(num_bytes: float) -> str:
@@ -188,14 +193,24 @@ def rule_devices(logs: Path) -> dict[str, list[str]]:
     return devices
 
 
-def engine_check(deadline: float) -> str:
-    """bench_engine.py's ViT-B/16 rows (the CUDA defaults) at C = 200, 2,000, 10,000."""
+def bench_rows(title: str, rows: tuple[str, ...], repeats: int, deadline: float) -> str:
+    """bench_engine.py's `rows` with the CUDA defaults (ViT-B/16, bf16) at C = 200, 2,000, 10,000, as markdown."""
     command = [sys.executable, str(REPO / "bench/bench_engine.py"), "--device", "cuda", "--classes", "200", "2000",
-               "10000", "--budget-s", "15", "--repeats", "2", "--rows", *ENGINE_ROWS]
+               "10000", "--budget-s", "15", "--repeats", str(repeats), "--rows", *rows]
     done = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True,
                           timeout=max(60.0, deadline - time.perf_counter()))
     table = done.stdout[done.stdout.index("- machine:"):] if "- machine:" in done.stdout else done.stdout
-    return "Engine benchmark (`" + " ".join(["bench/bench_engine.py", *command[2:]]) + "`):\n\n" + table.strip()
+    return f"{title} (`" + " ".join(["bench/bench_engine.py", *command[2:]]) + "`):\n\n" + table.strip()
+
+
+def sibling_cost_check(deadline: float) -> str:
+    """Training and masking at sibling cost against every class scored (issue 15), median of 10 runs."""
+    return bench_rows("Sibling cost", SIBLING_ROWS, 10, deadline)
+
+
+def engine_check(deadline: float) -> str:
+    """bench_engine.py's ViT-B/16 rows (the CUDA defaults) at C = 200, 2,000, 10,000."""
+    return bench_rows("Engine benchmark", ENGINE_ROWS, 2, deadline)
 
 
 def extraction_rates(device, backbone: str, img_size: int, classes: int, images: int, batch: int,
@@ -286,6 +301,7 @@ def data_parallel_check(deadline: float) -> str:
 # name: function(deadline) -> markdown; run in this order while time is left
 CHECKS = {
     "workflow": workflow_check,
+    "sibling-cost": sibling_cost_check,
     "engine": engine_check,
     "extraction": extraction_check,
     "data-parallel": data_parallel_check,
@@ -352,7 +368,7 @@ def main() -> int:
         return 0
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device on this machine: nothing to check here. On a machine with a CUDA GPU, "
-              "`make gpu-check` runs the tiny workflow on it, the engine benchmark and the extraction benchmark, and "
+              "`make gpu-check` runs the tiny workflow on it, the sibling-cost, engine and extraction benchmarks, and "
               "appends the results to bench/RESULTS.md.")
         return 0
     return run_checks()

@@ -1,14 +1,17 @@
 """Sibling contrast (a taxonomic key): the loss, greedy masking against the best sibling, top-down prediction."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from conftest import make_vit
+from taxotrait.data import AugmentConfig, TokenCache, TokenDataset, build_token_cache
 from taxotrait.masking import greedy_head_masking, trait_heads
 from taxotrait.model import PromptCAM, PromptConfig
 from taxotrait.taxonomy import top_down_prediction
-from taxotrait.train import TrainConfig, contrast_loss, train
+from taxotrait.train import TrainConfig, contrast_loss, predict, rival_loss, sibling_top1, train
 
 # 7 classes under 3 parents: a fork of three, a fork of three... and a monotypic taxon (P3 has one child)
 NAMES = [f"c{i}" for i in range(7)]
@@ -52,6 +55,69 @@ def test_rank_contrast_is_the_plain_cross_entropy():
     losses, counted = contrast_loss(scores, labels, model.rivals(labels), 0.1)
     assert counted.all()
     assert torch.allclose(losses, F.cross_entropy(scores, labels, reduction="none", label_smoothing=0.1))
+    columns, rivals = model.rival_columns(labels)  # every class is scored, once for all images
+    assert torch.equal(columns, torch.arange(7)) and rivals.shape == (5, 7) and rivals.all()
+
+
+def test_rival_columns_are_each_images_family_padded_with_its_class():
+    columns, rivals = sibling_model().rival_columns(torch.tensor([5, 0, 6, 2]))
+    assert columns.tolist() == [[5, 5, 5], [0, 2, 4], [1, 3, 6], [0, 2, 4]]  # P3 is monotypic: padding
+    assert rivals.tolist() == [[True, False, False]] + [[True] * 3] * 3
+    columns, rivals = sibling_model().rival_columns(torch.tensor([5, 5]))
+    assert columns.tolist() == [[5], [5]] and rivals.all()
+
+
+def keys_values_forward(model, tokens):
+    """(what the training loop feeds, its scoring) through the kept last-block keys/values (prompt depth 1)."""
+    return model.image_keys_values(model.last_block_input(tokens)), model.forward_keys_values
+
+
+@pytest.mark.parametrize("variant,depth,inputs", [("scalable", 1, "keys_values"), ("scalable", 2, "tokens"),
+                                                  ("reference", 3, "tokens")])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_training_scores_siblings_only_with_the_full_losses_and_gradients(variant, depth, inputs, smoothing):
+    """A training step scores each image against its family only (B x 3 prompts here, not B x 7), and its losses,
+    statistics and gradients are those of all 7 scores masked to the siblings (monotypic images included)."""
+    model = sibling_model(variant=variant, depth=depth)
+    torch.manual_seed(3)
+    tokens = model.frozen_tokens(torch.randn(8, 3, 32, 32, dtype=torch.float64))
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 5])  # 5: a monotypic taxon
+    names, params = zip(*[(name, p) for name, p in model.named_parameters() if p.requires_grad])
+
+    scores = model.forward_tokens(tokens).float()  # the full computation (float32 scores, as in training)
+    losses, counted = contrast_loss(scores, labels, model.rivals(labels), smoothing)
+    full_grads = torch.autograd.grad(losses[counted].mean(), params, allow_unused=True)
+
+    x, forward = keys_values_forward(model, tokens) if inputs == "keys_values" else (tokens, model.forward_tokens)
+    scored = []
+
+    def spy(x, classes, chunk_size):
+        scored.append(tuple(classes.shape))
+        return forward(x, classes=classes, chunk_size=chunk_size)
+
+    ours, ours_counted, correct = rival_loss(model, spy, x, labels, smoothing, chunk_size=2)
+    assert scored == [(8, 3)]  # each image's family (the largest has 3 classes)
+    assert torch.equal(ours_counted, counted) and torch.allclose(ours, losses, atol=1e-6)
+    assert torch.equal(correct, model.sibling_prediction(scores, labels) == labels)
+    grads = torch.autograd.grad(ours[counted].mean(), params, allow_unused=True)
+    assert full_grads[names.index("class_prompts")].abs().sum() > 0
+    for ours_grad, full_grad in zip(grads, full_grads):
+        assert (ours_grad is None) == (full_grad is None)
+        assert ours_grad is None or torch.allclose(ours_grad, full_grad, atol=1e-6)
+
+
+def test_validation_accuracy_scores_siblings_only(tmp_path):
+    """The per-epoch val top-1 (`sibling_top1`) is the full scores' sibling prediction accuracy."""
+    model = sibling_model().float()
+    rng = np.random.default_rng(0)
+    paths = [tmp_path / f"{i}.png" for i in range(14)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    cache = build_token_cache(model, paths, tmp_path / "tokens.npy", progress=False,
+                              augment=AugmentConfig(resize=32, crop=False, hflip=False))
+    data = TokenDataset(TokenCache.open(cache), np.arange(14) % 7)
+    expected = (model.sibling_prediction(predict(model, data), data.labels) == data.labels).double().mean().item()
+    assert sibling_top1(model, data, batch_size=4) == pytest.approx(expected, abs=1e-12)
 
 
 def margin(model, tokens, label, blur):
@@ -104,10 +170,19 @@ def test_sibling_masking_is_greedy_on_the_margin_and_stops_when_a_sibling_would_
 
 
 def test_sibling_heads_count_when_a_siblings_prompt_decides():
-    """A head of the sibling's prompt is a candidate: its blur changes the sibling's score, and the rows say so."""
+    """A head of the sibling's prompt is a candidate: its blur changes the sibling's score, and the rows say so.
+    Only the family's prompts go through the last block (3 of the 7)."""
     model = sibling_model()
     images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    class_block, scored = model._class_block, []
+
+    def spy(keys_values, classes, *args):
+        scored.append(tuple(classes.shape))
+        return class_block(keys_values, classes, *args)
+
+    model._class_block = spy
     result = greedy_head_masking(model, model.frozen_tokens(images), torch.tensor([1, 1, 1]), sibling_prompts=2)
+    assert scored == [(3, 3)]
     assert result.prompts.shape == (3, 3) and result.present.all()
     assert (result.prompts[:, 1:] != 1).all() and all(PARENTS[c] == "P2" for c in result.prompts.flatten().tolist())
     # every candidate of every slot removed once

@@ -78,8 +78,9 @@ def trait_heads(margin_after: torch.Tensor, removal_step: torch.Tensor, num_pres
 
 
 def rival_prompts(model: PromptCAM, scores: torch.Tensor, others: torch.Tensor, count: int) -> torch.Tensor:
-    """[B, count]: each image's `count` best-scoring rivals among `others` [B, C] (-1 where it has fewer) whose heads
-    are masking candidates beside its own class's; none under contrast 'rank' (the paper)."""
+    """[B, count]: the columns of each image's `count` best-scoring rivals among `others` [B, R] (columns of `scores`
+    [B, R]; -1 where it has fewer) whose heads are masking candidates beside its own class's; none under contrast
+    'rank' (the paper)."""
     if model.contrast == "rank" or count == 0:
         return torch.full((len(scores), 0), -1, dtype=torch.long, device=scores.device)
     best = scores.masked_fill(~others, float("-inf")).topk(min(count, scores.shape[1]), dim=1)
@@ -99,23 +100,29 @@ def greedy_head_masking(
 ) -> MaskingResult:
     """Greedy head masking of each image for its class against its rivals, batched over images and candidates.
 
-    tokens: frozen tokens [B, T, D] (`PromptCAM.frozen_tokens`); classes: [B] class index per image. chunk_size
-    bounds the classes scored at once. sibling_prompts: under contrast 'siblings', how many of the best-scoring
-    siblings' prompts have candidate heads too (`rival_prompts`).
+    tokens: frozen tokens [B, T, D] (`PromptCAM.frozen_tokens`); classes: [B] class index per image. Only each image's
+    class and its rivals are scored (its siblings under contrast 'siblings': O(B x siblings) prompts through the last
+    block). chunk_size bounds the classes scored at once. sibling_prompts: under contrast 'siblings', how many of the
+    best-scoring siblings' prompts have candidate heads too (`rival_prompts`).
     """
     image_tokens = model.last_block_input(tokens)
-    all_scores, _ = model.class_scores(image_tokens, chunk_size=chunk_size)
+    keys_values = model.image_keys_values(image_tokens)
+    # each image's class and its rivals only (`PromptCAM.rival_columns`): the full rank under contrast 'rank'
+    columns, others = model.rival_columns(classes)
+    rival_scores = model.class_scores(None, columns, chunk_size=chunk_size, keys_values=keys_values)[0]  # [B, R]
+    columns = columns.expand(len(classes), -1)
     batch = torch.arange(len(classes), device=classes.device)
-    others = model.rivals(classes)
-    others[batch, classes] = False  # the classes each image's class competes with
-    prompts = torch.cat([classes[:, None], rival_prompts(model, all_scores, others, sibling_prompts)], dim=1)
-    present = prompts >= 0  # [B, K]
+    own = (columns == classes[:, None]).int().argmax(1)  # the column of each image's class
+    others[batch, own] = False  # the classes each image's class competes with
+    slots = torch.cat([own[:, None], rival_prompts(model, rival_scores, others, sibling_prompts)], dim=1)  # columns
+    present = slots >= 0  # [B, K]
+    prompts = torch.where(present, columns.gather(1, slots.clamp(min=0)), -1)
     fixed = others.clone()
-    fixed[batch[:, None], prompts.clamp(min=0)] &= ~present  # rivals whose heads are not candidates keep their score
-    rival_fixed = all_scores.masked_fill(~fixed, float("-inf")).max(1).values  # [B]
+    fixed[batch[:, None], slots.clamp(min=0)] &= ~present  # rivals whose heads are not candidates keep their score
+    rival_fixed = rival_scores.masked_fill(~fixed, float("-inf")).max(1).values  # [B]
 
     queries = model.class_prompts[prompts.clamp(min=0)].to(image_tokens.dtype)  # [B, K, D]
-    q, k, v = model.class_queries_keys_values(model.image_keys_values(image_tokens), queries)
+    q, k, v = model.class_queries_keys_values(keys_values, queries)
     attention = model.attention_weights(q, k)  # [B, H, K, keys]
     kept = (attention @ v).transpose(1, 2)  # per-head outputs [B, K, H, d]
     blurred = model.uniform_row(attention, blur_mode) @ v  # [B, H, d]
@@ -123,7 +130,7 @@ def greedy_head_masking(
     maps = attention[..., -grid[0] * grid[1]:].transpose(1, 2).unflatten(-1, grid)  # [B, K, H, h, w]
 
     num_images, num_slots, num_heads = kept.shape[:3]
-    current = all_scores.gather(1, prompts.clamp(min=0)).masked_fill(~present, float("-inf"))  # [B, K]
+    current = rival_scores.gather(1, slots.clamp(min=0)).masked_fill(~present, float("-inf"))  # [B, K]
     candidates = torch.eye(num_heads, dtype=torch.bool, device=kept.device)  # candidate h blurs head h
     removed = torch.zeros(num_images, num_slots, num_heads, dtype=torch.bool, device=kept.device)
     not_self = ~torch.eye(num_slots, dtype=torch.bool, device=kept.device)[None]  # [1, K, K]
@@ -176,7 +183,7 @@ def greedy_head_masking(
         removal_step=removal_step,
         is_trait=trait_heads(margin_after, removal_step, num_present, stopping, top_k),
         margin=margin,
-        score=all_scores[batch, classes],
-        runner_up=all_scores.masked_fill(~others, float("-inf")).max(1).values,
+        score=rival_scores[batch, own],
+        runner_up=rival_scores.masked_fill(~others, float("-inf")).max(1).values,
         maps=maps,
     )

@@ -76,8 +76,13 @@ class PromptCAM(nn.Module):
             raise ValueError(f"{len(class_parents)} class parents given for {len(self.class_names)} classes")
         self.class_parents = None if class_parents is None else [str(p) for p in class_parents]
         # contrast 'siblings': a class competes only with the classes of its parent; 'rank': with every class
-        self.register_buffer("groups", sibling_groups(self.class_parents or [""] * len(self.class_names)),
-                             persistent=False)
+        groups = sibling_groups(self.class_parents or [""] * len(self.class_names))
+        sizes = torch.bincount(groups)
+        self.register_buffer("groups", groups, persistent=False)
+        # the families (classes of one group): their classes in class order, one family after another
+        self.register_buffer("family_members", groups.argsort(stable=True), persistent=False)
+        self.register_buffer("family_start", sizes.cumsum(0) - sizes, persistent=False)
+        self.register_buffer("family_size", sizes, persistent=False)
         num_blocks, dim = len(backbone.blocks), backbone.embed_dim
         self.prompt_config = prompts.resolved(num_blocks, len(self.class_names))
         pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
@@ -112,10 +117,29 @@ class PromptCAM(nn.Module):
         groups = self.groups.to(classes.device)
         return groups[None, :] == groups[classes][:, None]
 
+    def rival_columns(self, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(columns, rivals): the classes to score for images of classes `classes` [B], and which are rivals.
+
+        Under contrast 'siblings', columns [B, R] holds each image's family (its parent's children, in class order;
+        R the largest family in the batch, a shorter row padded with the image's own class), so that scoring them
+        costs O(B x siblings) rather than O(B x C). When one family holds every class (contrast 'rank'), columns [C]
+        is every class. rivals: bool [B, R] (or [B, C]), False at the padding. Scores of the columns restricted to
+        the rivals are the full scores restricted to `rivals(classes)`, in another order.
+        """
+        family = self.groups.to(classes.device)[classes]
+        size = self.family_size.to(classes.device)[family]
+        width = int(size.max()) if len(classes) else self.num_classes
+        if width == self.num_classes:
+            return torch.arange(self.num_classes, device=classes.device), self.rivals(classes)
+        offsets = torch.arange(width, device=classes.device)
+        rivals = offsets < size[:, None]
+        index = (self.family_start.to(classes.device)[family][:, None] + offsets).clamp(max=self.num_classes - 1)
+        return torch.where(rivals, self.family_members.to(classes.device)[index], classes[:, None]), rivals
+
     @property
     def has_rival(self) -> torch.Tensor:
         """bool [C]: whether each class competes with another (False for a monotypic taxon under 'siblings')."""
-        return torch.bincount(self.groups)[self.groups] > 1
+        return self.family_size[self.groups] > 1
 
     def sibling_prediction(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The best class [B] among the rivals of each true class `labels` (given the true parent)."""

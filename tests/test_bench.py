@@ -1,0 +1,31 @@
+"""bench/bench_engine.py's sibling-cost rows (issue 15; also run by `make gpu-check`): their tree, and their code path
+at tiny sizes."""
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import bench_engine  # noqa: E402
+
+
+def test_the_siblings_rows_tree_has_2_to_5_species_per_genus():
+    for classes in (2, 7, 200, 10_000):
+        parents = bench_engine.genus_tree(classes)
+        sizes = Counter(parents).values()
+        assert len(parents) == classes and min(sizes) >= 2 and max(sizes) <= 5
+        assert bench_engine.genus_tree(classes) == parents  # seeded
+    assert len(set(Counter(bench_engine.genus_tree(10_000)).values())) == 4  # every size from 2 to 5 occurs
+
+
+def test_the_siblings_rows_run_and_report_their_cost_ratio():
+    done = subprocess.run([sys.executable, str(REPO / "bench/bench_engine.py"), "--quick", "--device", "cpu",
+                           "--rows", "scalable k=1 siblings"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| scalable k=1 siblings |")]
+    assert len(rows) == 2 and not any("failed" in row or "skipped" in row for row in rows), done.stdout
+    assert "- sibling cost, train: C=50 takes" in done.stdout and "- sibling cost, mask: C=50 takes" in done.stdout
