@@ -41,14 +41,17 @@ import pandas as pd
 import torch
 
 from .backbone import weights_digest
-from .baselines import LinearProbe, attention_rollout, cam_maps, fit_linear_probe, load_probe, save_probe
+from .baselines import (LinearProbe, attention_rollout, cam_maps, class_rivals, fit_linear_probe, load_probe,
+                        save_probe)
 from .data import AugmentConfig, ImageTransform, TokenCache, load_image
-from .dataset import class_names, labels
+from .dataset import class_names, class_parents, labels
 from .devices import mixed_precision, resolve_device
 from .extract import map_statistics
+from .intervals import bootstrap_interval, clears, interval_columns, mean_with_intervals
 from .faithfulness import insertion_deletion, upsample
 from .localization import (KEYPOINTS, energy_shares, load_ground_truth, normalise_maps, part_consistency,
                            pointing_hits)
+from .model import PromptCAM, sibling_groups
 from .report import ALL_RANKS, EVALUATION_SETTINGS, page_html
 from .report import labels as report_labels
 from .runner import atomic_write, empty_table, write_parquet
@@ -77,13 +80,18 @@ DEFAULTS = {
     "localization": {"tolerance": 15.0, "consistency": 0.8},
 }
 
-FAITHFULNESS_COLUMNS = {"rank": "string", "method": "string", "model": "string", "insertion": "float64",
-                        "deletion": "float64", "n_images": "int64", "model_top1": "float64",
-                        "pixels_per_step": "int64", "seconds": "float64", "device": "string"}
+FAITHFULNESS_COLUMNS = {"rank": "string", "method": "string", "model": "string",
+                        **{c: "float64" for c in interval_columns(["insertion", "deletion"])}, "n_images": "int64",
+                        "model_top1": "float64", "pixels_per_step": "int64", "seconds": "float64", "device": "string",
+                        "contrast": "string"}
 CURVE_COLUMNS = {"rank": "string", "method": "string", "curve": "string", "fraction": "float64",
                  "probability": "float64"}
 LOCALIZATION_COLUMNS = {"rank": "string", "method": "string", "part": "string", "metric": "string",
-                        "value": "float64", "n_images": "int64"}
+                        "value": "float64", "value_low": "float64", "value_high": "float64", "n_images": "int64",
+                        "contrast": "string"}
+# metric: (which of `GroundTruth.targets`' (strict, near, area) masks it scores, the per-image score)
+LOCALIZATION_GAMES = {"pointing_game": (0, pointing_hits), "pointing_game_tolerance": (1, pointing_hits),
+                      "energy_pointing_game": (2, energy_shares)}
 HEAD_PART_COLUMNS = {"rank": "string", "taxon": "string", "head": "int64", "part": "string", "share": "float64",
                      "n_images": "int64", "consistent": "bool", "is_trait_head": "bool"}
 
@@ -112,6 +120,18 @@ def faithfulness_ranks(config: dict, finest_ranks: int | None) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ probes
+def rank_groups(config: dict, classes: pd.DataFrame, rank: str) -> torch.Tensor | None:
+    """The sibling groups [C] of the classes of `rank` under contrast 'siblings', None under 'rank'."""
+    return sibling_groups(class_parents(classes, rank)) if config["contrast"] == "siblings" else None
+
+
+def rival_prediction(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """The best class [B] among the rivals of each true class (`class_rivals`): the prediction given the true parent
+    under contrast 'siblings', the flat prediction under 'rank' (as `PromptCAM.sibling_prediction`)."""
+    rivals = class_rivals(groups, labels.to(scores.device), scores.shape[1])
+    return scores.masked_fill(~rivals, float("-inf")).argmax(1)
+
+
 @torch.no_grad()
 def probe_features(probe: LinearProbe, cache: TokenCache, rows: np.ndarray, batch_size: int,
                    device: torch.device) -> torch.Tensor:
@@ -127,7 +147,9 @@ def probe_features(probe: LinearProbe, cache: TokenCache, rows: np.ndarray, batc
 
 def train_probes(inputs: dict, outputs: dict, config: dict) -> None:
     """A linear probe per rank on the final-norm CLS token of the frozen backbone (features computed once from the
-    token caches); the L2 penalty is chosen on the val split; top-1 on val and test is kept in the probe's file."""
+    token caches), with the configured contrast: under 'siblings' trained with the sibling softmax Prompt-CAM is
+    trained with; the L2 penalty is chosen on the val split; top-1 on val and test (among the true class's rivals:
+    the same decision as Prompt-CAM's) is kept in the probe's file."""
     from .workflow import backbone_of, new_model
 
     s = settings(config)
@@ -150,25 +172,38 @@ def train_probes(inputs: dict, outputs: dict, config: dict) -> None:
     views, digest = train_x.shape[1], weights_digest(probe.backbone)
     for rank, out in zip(config["ranks"], outputs["probes"]):
         names = class_names(classes, rank)
+        groups = rank_groups(config, classes, rank)
         y = torch.as_tensor(labels(train_rows, classes, rank).to_numpy())
         val = split_x.get("val")
         val_y = torch.as_tensor(labels(val[0], classes, rank).to_numpy()) if val else None
         weight, bias, l2 = fit_linear_probe(train_x.flatten(0, 1), y.repeat_interleave(views), len(names),
-                                            val[1] if val else None, val_y)
+                                            val[1] if val else None, val_y, groups=groups)
         top1 = {}
         for split, (rows, x) in split_x.items():
             truth = torch.as_tensor(labels(rows, classes, rank).to_numpy())
-            top1[split] = float(((x @ weight.T + bias).argmax(1) == truth).double().mean())
+            prediction = rival_prediction(x @ weight.T + bias, truth, groups)
+            top1[split] = float((prediction == truth).double().mean())
         rank_probe = LinearProbe(probe.backbone, names, first_block)
         with torch.no_grad():
             rank_probe.head.weight.copy_(weight)
             rank_probe.head.bias.copy_(bias)
         save_probe(rank_probe, out, config["backbone"]["name"], digest, rank=rank, l2=l2, top1=top1,
-                   device=str(device))
+                   device=str(device), contrast=config["contrast"])
         log.info("%s probe: l2 %g, top-1 %s", rank, l2, {k: round(v, 3) for k, v in top1.items()})
 
 
 # -------------------------------------------------------------------------------------------- saliency
+def model_groups(model: PromptCAM) -> torch.Tensor | None:
+    """The model's sibling groups [C] under contrast 'siblings', None under 'rank' (every class a rival)."""
+    return model.groups.cpu() if model.contrast == "siblings" else None
+
+
+def cam_rivals(groups: torch.Tensor | None, targets: torch.Tensor, names: list[str]) -> torch.Tensor | None:
+    """The rivals [B, C] a CAM target is contrasted with: the class's siblings under contrast 'siblings'; None
+    under 'rank' (the class score alone, as the paper)."""
+    return None if groups is None else class_rivals(groups, targets, len(names))
+
+
 def stratified_order(groups) -> np.ndarray:
     """Indices of `groups` in round-robin order over the groups (first image of every group in order of first
     appearance, then every second image, ...): any prefix is a subset stratified over the groups."""
@@ -272,20 +307,25 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
 
     cache = TokenCache.open(inputs["eval_tokens"])
     tokens = torch.from_numpy(cache.tokens[cache.index(rows["path"]), 0].astype(np.float32)).to(device)
-    with torch.no_grad(), mixed_precision(device):
-        probe_prediction = torch.cat([probe.forward_tokens(tokens[i:i + s["batch_size"]]).float().argmax(1)
-                                      for i in range(0, len(tokens), s["batch_size"])]).cpu().numpy()
+    if probe.class_names != names:
+        raise ValueError(f"{inputs['probe']}: its classes are not those of {inputs['attention']}")
+    groups = model_groups(model)
     truth = torch.as_tensor(sub_label)
+    with torch.no_grad(), mixed_precision(device):
+        probe_scores = torch.cat([probe.forward_tokens(tokens[i:i + s["batch_size"]]).float().cpu()
+                                  for i in range(0, len(tokens), s["batch_size"])])
+    probe_prediction = rival_prediction(probe_scores, truth, groups).numpy()
     for column, method in enumerate(("grad_cam", "layer_cam", "eigen_cam"), start=2):
         if method == "eigen_cam":  # class-agnostic
             maps[:, column, 0] = maps[:, column, 1] = cam_maps(method, probe, tokens, None, s["batch_size"])
             continue
-        maps[:, column, 0] = cam_maps(method, probe, tokens, truth, s["batch_size"])
+        maps[:, column, 0] = cam_maps(method, probe, tokens, truth, s["batch_size"], cam_rivals(groups, truth, names))
         maps[:, column, 1] = maps[:, column, 0]
         wrong = np.flatnonzero(probe_prediction != sub_label)
         if len(wrong):
-            maps[wrong, column, 1] = cam_maps(method, probe, tokens[wrong], torch.as_tensor(probe_prediction[wrong]),
-                                              s["batch_size"])
+            predicted = torch.as_tensor(probe_prediction[wrong])
+            maps[wrong, column, 1] = cam_maps(method, probe, tokens[wrong], predicted, s["batch_size"],
+                                              cam_rivals(groups, predicted, names))
     rollout = []
     for start in range(0, len(rows), s["batch_size"]):
         images = load_eval_images(rows["path"].iloc[start:start + s["batch_size"]], config, device)
@@ -299,7 +339,7 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
         h5.attrs.update({"rank": rank, "methods": list(METHODS), "grid": grid, "img_size": config["backbone"]["img_size"],
                          "class_names": names, "prompt_cam_top1": prompt_cam_top1,
                          "probe_top1": float(meta["top1"].get(config["attention"]["split"], np.nan)),
-                         "slots": "true class, predicted class", "device": str(device)})
+                         "slots": "true class, predicted class", "device": str(device), "contrast": model.contrast})
     log.info("%s: maps of %d methods on %d images in %.1f s (probe top-1 on the subset %.3f)", rank, len(METHODS),
              len(order), time.time() - started, float((probe_prediction == sub_label).mean()))
 
@@ -345,23 +385,27 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
         with mixed_precision(device):
             return probe(x)
 
+    groups = model_groups(model)
     rows, curves = [], []
     for column, method in enumerate(sal["methods"]):
         started = time.time()
         is_prompt_cam = method in PROMPT_CAM_METHODS
         predict, targets = (prompt_cam, sal["prediction"]) if is_prompt_cam else (linear_probe, sal["probe_prediction"])
-        result = insertion_deletion(predict, images, torch.from_numpy(sal["maps"][:n, column, 1]),
-                                    torch.as_tensor(targets[:n]), pixels_per_step, s["batch_size"])
+        targets = torch.as_tensor(targets[:n])
+        result = insertion_deletion(predict, images, torch.from_numpy(sal["maps"][:n, column, 1]), targets,
+                                    pixels_per_step, s["batch_size"],
+                                    rivals=cam_rivals(groups, targets, model.class_names))
         seconds = time.time() - started
-        rows.append((rank, method, "prompt_cam" if is_prompt_cam else "linear_probe",
-                     float(result.insertion_auc.mean()), float(result.deletion_auc.mean()), n,
+        scores = [(float(auc.mean()), *bootstrap_interval(auc.numpy()))
+                  for auc in (result.insertion_auc, result.deletion_auc)]
+        rows.append((rank, method, "prompt_cam" if is_prompt_cam else "linear_probe", *scores[0], *scores[1], n,
                      float(sal["prompt_cam_top1"] if is_prompt_cam else sal["probe_top1"]), pixels_per_step, seconds,
-                     str(device)))
+                     str(device), model.contrast))
         for name, curve in (("insertion", result.insertion), ("deletion", result.deletion)):
             for fraction, probability in zip(result.fractions.tolist(), curve.mean(0).tolist()):
                 curves.append((rank, method, name, fraction, probability))
-        log.info("%s %s: insertion %.3f, deletion %.3f on %d images (%d steps) in %.1f s", rank, method,
-                 rows[-1][3], rows[-1][4], n, len(result.fractions) - 1, seconds)
+        log.info("%s %s: insertion %.3f [%.3f, %.3f], deletion %.3f [%.3f, %.3f] on %d images (%d steps) in %.1f s",
+                 rank, method, *scores[0], *scores[1], n, len(result.fractions) - 1, seconds)
     write_parquet(pd.DataFrame(rows, columns=list(FAITHFULNESS_COLUMNS)).astype(FAITHFULNESS_COLUMNS),
                    outputs["table"])
     write_parquet(pd.DataFrame(curves, columns=list(CURVE_COLUMNS)).astype(CURVE_COLUMNS), outputs["curves"])
@@ -370,31 +414,29 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
 # -------------------------------------------------------------------------------------------- localization
 def localization_rows(rank: str, maps: np.ndarray, methods: list[str], image_ids, truth: dict, img_size: int,
                       tolerance: float) -> list[tuple]:
-    """(rank, method, part, metric, value, n_images) of the pointing game and the energy-based pointing game of
-    maps [n, methods, h, w] on every ground-truth target, plus the random baseline (a uniformly random point / a
-    uniform map: the target's area share)."""
+    """Rows (`LOCALIZATION_COLUMNS`) of the pointing games and the energy-based pointing game of maps
+    [n, methods, h, w] on every ground-truth target (`GroundTruth.targets`), each with its bootstrap interval over
+    images, plus the random baseline (a uniformly random point / a uniform map: the target's area share)."""
     have = [i for i, image_id in enumerate(image_ids) if str(image_id) in truth]
     if not have:
         return []
-    targets = [truth[str(image_ids[i])].targets(img_size, tolerance) for i in have]
+    targets = [truth[str(image_ids[i])].targets(img_size, tolerance, maps.shape[-2:]) for i in have]
     names = list(dict.fromkeys(name for t in targets for name in t))
-    rows = []
+    records = []  # (method, part, metric, image, value)
     for column, method in enumerate(methods):
         upsampled = upsample(torch.from_numpy(normalise_maps(maps[have, column])), (img_size, img_size)).numpy()
         for name in names:
-            pick = [j for j, t in enumerate(targets) if name in t and t[name].any()]
-            if not pick:
-                continue
-            masks = np.stack([targets[j][name] for j in pick])
-            rows.append((rank, method, name, "pointing_game", float(pointing_hits(upsampled[pick], masks).mean()), len(pick)))
-            rows.append((rank, method, name, "energy_pointing_game", float(energy_shares(upsampled[pick], masks).mean()),
-                         len(pick)))
+            pick = [j for j, t in enumerate(targets) if name in t and t[name][2].any()]
+            for metric, (k, score) in LOCALIZATION_GAMES.items():
+                values = score(upsampled[pick], np.stack([targets[j][name][k] for j in pick])) if pick else []
+                records += [(method, name, metric, j, v) for j, v in zip(pick, values)]
     for name in names:
-        areas = [t[name].mean() for t in targets if name in t and t[name].any()]
-        if areas:
-            for metric in ("pointing_game", "energy_pointing_game"):
-                rows.append((rank, "random", name, metric, float(np.mean(areas)), len(areas)))
-    return rows
+        for metric, (k, _) in LOCALIZATION_GAMES.items():
+            records += [("random", name, metric, j, float(t[name][k].mean()))
+                        for j, t in enumerate(targets) if name in t and t[name][2].any()]
+    table = mean_with_intervals(pd.DataFrame(records, columns=["method", "part", "metric", "image", "value"]),
+                                ["method", "part", "metric"], {"value": "value"})
+    return [(rank, *row) for row in table.itertuples(index=False)]
 
 
 def head_part_table(rank: str, attention_path, heads: pd.DataFrame, truth: dict, img_size: int,
@@ -443,13 +485,14 @@ def localization_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
     rows = localization_rows(rank, sal["maps"][:, :, 0], sal["methods"], sal["image_id"], truth, img_size, tolerance)
     heads = head_part_table(rank, inputs["attention"], own_prompt_heads(inputs["heads"]), truth, img_size,
                             float(loc["consistency"]))
-    if len(heads):
-        images = int(heads.groupby("taxon")["n_images"].max().sum())
-        rows.append((rank, "prompt_cam", "", "part_consistency", float(heads["consistent"].mean()), images))
-        trait = heads[heads["is_trait_head"]]
-        if len(trait):
-            rows.append((rank, "prompt_cam", "", "trait_part_consistency", float(trait["consistent"].mean()), images))
-    table = pd.DataFrame(rows, columns=list(LOCALIZATION_COLUMNS)).astype(LOCALIZATION_COLUMNS)
+    images = int(heads.groupby("taxon")["n_images"].max().sum()) if len(heads) else 0
+    for metric, pairs in (("part_consistency", heads), ("trait_part_consistency", heads[heads["is_trait_head"]])):
+        if len(pairs):  # a share of (class, head) pairs: its interval resamples the pairs
+            consistent = pairs["consistent"].to_numpy(dtype=np.float64)
+            rows.append((rank, "prompt_cam", "", metric, float(consistent.mean()), *bootstrap_interval(consistent),
+                         images))
+    table = pd.DataFrame(rows, columns=list(LOCALIZATION_COLUMNS)[:-1]).assign(contrast=str(sal["contrast"]))
+    table = table.astype(LOCALIZATION_COLUMNS)
     write_parquet(table, outputs["table"])
     write_parquet(heads, outputs["head_parts"])
     log.info("%s localization:\n%s", rank, table.to_string(index=False))

@@ -86,11 +86,14 @@ def insertion_deletion(
     batch_size: int = 64,
     blur_kernel: int = BLUR_KERNEL,
     blur_sigma: float = BLUR_SIGMA,
+    rivals: torch.Tensor | None = None,
 ) -> FaithfulnessResult:
     """Insertion and deletion curves of normalised images [B, 3, H, W] explained by saliency maps [B, h, w].
 
     predict(images [n, 3, H, W]) -> class scores [n, C] (logits; softmax is applied here). targets [B]: the class
-    whose probability is followed. pixels_per_step: default W (RISE: 224 steps at 224 x 224).
+    whose probability is followed. rivals: bool [B, C], the classes each image's softmax runs over (contrast
+    'siblings': the target's siblings); default every class. pixels_per_step: default W (RISE: 224 steps at
+    224 x 224).
     """
     num_images, _, height, width = images.shape
     device = images.device
@@ -104,6 +107,7 @@ def insertion_deletion(
         torch.arange(num_steps, device=device), indexing="ij"))
     probabilities = torch.empty(len(curve), device=device)
     targets = targets.to(device)
+    rivals = None if rivals is None else rivals.to(device)
     for start in range(0, len(curve), batch_size):
         c, b, s = curve[start:start + batch_size], image[start:start + batch_size], step[start:start + batch_size]
         changed = (rank[b] < counts[s][:, None]).view(-1, 1, height, width)
@@ -112,6 +116,8 @@ def insertion_deletion(
         end_image = torch.where(deletion, torch.zeros_like(images[b]), images[b])
         perturbed = torch.where(changed, end_image, start_image)
         scores = predict(perturbed).float()
+        if rivals is not None:
+            scores = scores.masked_fill(~rivals[b], float("-inf"))
         probabilities[start:start + batch_size] = scores.softmax(-1).gather(1, targets[b][:, None])[:, 0]
     curves = probabilities.view(2, num_images, num_steps).cpu().double()
     fractions = counts.cpu().double() / (height * width)
