@@ -98,6 +98,14 @@ def test_batching_does_not_change_the_curves():
     a = fa.insertion_deletion(mean_model, images, saliency, targets, pixels_per_step=8, batch_size=1)
     b = fa.insertion_deletion(mean_model, images, saliency, targets, pixels_per_step=8, batch_size=64)
     assert torch.equal(a.insertion, b.insertion) and torch.equal(a.deletion, b.deletion)
+    # the curves' ends scored once for every map of a model, and the softmax restricted to rivals
+    ends = fa.endpoint_probabilities(mean_model, images, targets)
+    other = fa.insertion_deletion(mean_model, images, torch.rand(3, 4, 4), targets, pixels_per_step=8, endpoints=ends)
+    assert torch.equal(other.deletion[:, [0, -1]], a.deletion[:, [0, -1]]) and torch.equal(
+        other.insertion[:, [0, -1]], a.insertion[:, [0, -1]]) and not torch.equal(other.deletion, a.deletion)
+    alone = torch.tensor([[True, False], [False, True], [True, False]])  # each target its only rival: probability 1
+    only = fa.insertion_deletion(mean_model, images, saliency, targets, pixels_per_step=8, rivals=alone)
+    assert torch.equal(only.deletion, torch.ones_like(only.deletion))
 
 
 # ------------------------------------------------------------------------------------------------ baselines
