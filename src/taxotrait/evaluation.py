@@ -79,7 +79,7 @@ DEFAULTS = {
     "batch_size": 128,  # images per forward pass (perturbed images in faithfulness)
     "device": "auto",
     "parts": None,
-    # the CPU-friendly demo settings; the paper's protocol (config/paper_evaluation.yaml): 32, None, None
+    # the CPU-friendly demo settings; the paper's protocol (config/paper_evaluation.yaml): None, None, None
     "faithfulness": {"images": 8, "pixels_per_step": 6272, "finest_ranks": 1},
     "localization": {"tolerance": 15.0, "consistency": 0.8},
 }
