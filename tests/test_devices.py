@@ -300,7 +300,8 @@ def test_the_paper_protocol_config_is_valid_and_the_faithfulness_settings_do_not
     paper = yaml.safe_load((REPO / "config" / "paper_evaluation.yaml").read_text())
     merged = {**config, "evaluation": {**config["evaluation"], **paper["evaluation"]}}
     validate_config(merged, REPO / "workflow" / "schemas" / "config.schema.yaml")
-    assert evaluation.settings(merged)["faithfulness"] == {"images": 32, "pixels_per_step": None, "finest_ranks": None}
+    assert evaluation.settings(merged)["faithfulness"] == {"images": None, "pixels_per_step": None, "finest_ranks": None}
+    assert evaluation.settings(merged)["images"] is None  # every image of attention.split
     assert evaluation.settings(config)["faithfulness"] == {"images": 8, "pixels_per_step": 6272, "finest_ranks": 1}
     assert evaluation.settings({})["faithfulness"] == evaluation.settings(config)["faithfulness"]  # schema = code
 

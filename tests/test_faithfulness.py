@@ -7,7 +7,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from taxotrait import faithfulness as fa
 from taxotrait.baselines import (CAM_METHODS, LinearProbe, _cam_class, attention_rollout, block_first_token, cam_maps,
-                                 fit_linear_probe, load_probe, save_probe, vit_reshape)
+                                 class_rivals, eigen_projection, fit_linear_probe, load_probe, save_probe, vit_reshape)
 
 SIZE = 8  # 8 x 8 images: 64 pixels
 
@@ -98,6 +98,14 @@ def test_batching_does_not_change_the_curves():
     a = fa.insertion_deletion(mean_model, images, saliency, targets, pixels_per_step=8, batch_size=1)
     b = fa.insertion_deletion(mean_model, images, saliency, targets, pixels_per_step=8, batch_size=64)
     assert torch.equal(a.insertion, b.insertion) and torch.equal(a.deletion, b.deletion)
+    # the curves' ends scored once for every map of a model, and the softmax restricted to rivals
+    ends = fa.endpoint_probabilities(mean_model, images, targets)
+    other = fa.insertion_deletion(mean_model, images, torch.rand(3, 4, 4), targets, pixels_per_step=8, endpoints=ends)
+    assert torch.equal(other.deletion[:, [0, -1]], a.deletion[:, [0, -1]]) and torch.equal(
+        other.insertion[:, [0, -1]], a.insertion[:, [0, -1]]) and not torch.equal(other.deletion, a.deletion)
+    alone = torch.tensor([[True, False], [False, True], [True, False]])  # each target its only rival: probability 1
+    only = fa.insertion_deletion(mean_model, images, saliency, targets, pixels_per_step=8, rivals=alone)
+    assert torch.equal(only.deletion, torch.ones_like(only.deletion))
 
 
 # ------------------------------------------------------------------------------------------------ baselines
@@ -152,3 +160,63 @@ def test_attention_rollout(tiny_vit, images):
     assert rollout.shape == (3, 4, 4) and (rollout >= 0).all() and (rollout.sum((1, 2)) < 1).all()
     # all residual: the rollout is the identity, the CLS token attends to itself only
     assert torch.allclose(attention_rollout(tiny_vit, images, residual=1.0), torch.zeros(3, 4, 4))
+
+
+def test_sibling_grad_cam_is_the_gradient_of_the_score_against_its_siblings(tiny_vit, images):
+    """Grad-CAM of s[c] - logsumexp(s[siblings]) computed by hand: gradient at the last block's first norm,
+    channel weights = the gradient's mean over the patches, ReLU, min-max normalised."""
+    probe = LinearProbe(tiny_vit, ["a1", "a2", "a3", "b1", "b2"])
+    torch.manual_seed(0)
+    torch.nn.init.normal_(probe.head.weight)
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    targets = torch.tensor([0, 4, 1])
+    tokens = probe.frozen_tokens(images)
+    ours = cam_maps("grad_cam", probe, tokens, targets, rivals=class_rivals(groups, targets, 5))
+    captured = []
+    hook = tiny_vit.blocks[-1].norm1.register_forward_hook(lambda module, args, out: captured.append(out))
+    scores = probe.forward_tokens(tokens.clone().requires_grad_(True))  # the backbone is frozen
+    hook.remove()
+    siblings = {0: [1, 2], 4: [3], 1: [0, 2]}
+    objective = sum(scores[i, c] - torch.log(sum(torch.exp(scores[i, j]) for j in siblings[int(c)]))
+                    for i, c in enumerate(targets))
+    activations = captured[0][:, tiny_vit.num_prefix_tokens:]  # [B, 16 patches, D]
+    gradient = torch.autograd.grad(objective, captured[0])[0][:, tiny_vit.num_prefix_tokens:]
+    cam = torch.relu((activations * gradient.mean(1, keepdim=True)).sum(-1)).detach().numpy().reshape(3, 4, 4)
+    cam = cam - cam.min((1, 2), keepdims=True)
+    cam = cam / (1e-7 + cam.max((1, 2), keepdims=True))
+    assert np.allclose(ours, cam, atol=1e-4)
+    plain = cam_maps("grad_cam", probe, tokens, targets)  # the class score alone: another map
+    assert not np.allclose(ours, plain, atol=1e-3)
+
+
+def test_sign_fixed_eigen_cam_is_positive_on_a_planted_blob():
+    rng = np.random.default_rng(0)
+    for blob_share in (0.1, 0.7):  # the blob a minority or a majority of the positions: the sign must not depend on it
+        activations = rng.normal(0, 0.1, (2, 6, 8, 8))
+        blob = np.zeros((8, 8), bool)
+        blob[: int(8 * blob_share) or 1, :] = True
+        direction = np.array([1.0, 2.0, 0.5, 1.5, 1.0, 0.2])  # more active channels on the blob
+        activations[:, :, blob] += direction[None, :, None]
+        maps = eigen_projection(activations)
+        assert (maps[:, blob] > 0).all() and (maps[:, ~blob] < 0).all()
+
+
+def test_fit_linear_probe_with_the_sibling_softmax():
+    """Under contrast 'siblings' the probe only has to tell siblings apart: the loss is train.contrast_loss, and
+    the scores of one group are not calibrated against another's."""
+    from taxotrait.train import contrast_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(80, 6)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()  # groups {0, 1} and {2, 3}: x0 tells the siblings apart
+    groups = torch.tensor([0, 0, 1, 1])
+    weight, bias, _ = fit_linear_probe(x, y, 4, groups=groups)
+    rivals = class_rivals(groups, y, 4)
+    scores = x @ weight.T + bias
+    assert (scores.masked_fill(~rivals, float("-inf")).argmax(1) == y).float().mean() > 0.95
+    flat_weight, flat_bias, _ = fit_linear_probe(x, y, 4)
+    # the sibling fit is the minimum of the contrast loss, not of the flat cross-entropy
+    loss = lambda w, b: contrast_loss(x @ w.T + b, y, rivals)[0].mean() + 1e-3 * w.pow(2).sum()  # noqa: E731
+    assert loss(weight, bias) < loss(flat_weight, flat_bias)
+    with pytest.raises(ValueError, match="no training image has a class with a rival"):
+        fit_linear_probe(x, torch.zeros(80, dtype=torch.long), 2, groups=torch.tensor([0, 1]))

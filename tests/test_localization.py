@@ -72,8 +72,12 @@ def test_part_at_takes_the_most_specific_mask_or_the_nearest_keypoint():
     points = GroundTruth(points={"crown": (10.0, 2.0), "belly": (10.0, 15.0)})
     assert points.part_at(9.0, 4.0) == "crown" and points.part_at(3.0, 12.0) == "belly"
     assert GroundTruth().part_at(1, 1) == ""
-    disc = points.targets(20, 2.0)[KEYPOINTS]
-    assert disc[2, 10] and disc[15, 10] and not disc[8, 10]
+    strict, near, disc = points.targets(20, 2.0, (4, 4))[KEYPOINTS]
+    assert disc[2, 10] and disc[15, 10] and not disc[8, 10] and (near == disc).all()
+    assert strict.sum() == 2 * 25 and strict[0:5, 10:15].all() and strict[15:20, 10:15].all()  # the 5 px patches
+    strict, near, area = gt.targets(20, 2.0, (4, 4))["species"]
+    assert (strict == mark).all() and (area == mark).all()
+    assert near[3, 6] and near[6, 9] and not near[2, 6] and not near[10, 10] and near.sum() > mark.sum()
     assert keypoint_mask(np.array([[0.5, 0.5]]), 4, 1.0).sum() == 3  # pixel centres within 1 px of (0.5, 0.5)
 
 
@@ -159,12 +163,16 @@ def test_cub_keypoints_in_the_crop(cub):
     by_id = manifest.assign(image_id=["1", "2"])
     (root / "images.txt").unlink()
     assert load_ground_truth(by_id, 240, 224, parts=root)["1"].points == truth["x1"].points
-    # pointing at the crown keypoint (within tolerance) hits; a far peak misses
-    target = truth["x1"].targets(224, 15.0)[KEYPOINTS]
+    # pointing 8 px below the crown keypoint hits within the tolerance but not in the keypoint's 14 px patch (row 3);
+    # a far peak misses both
+    strict, target, _ = truth["x1"].targets(224, 15.0, (16, 16))[KEYPOINTS]
     near, far = np.zeros((2, 224, 224))
     near[60, 115] = 1.0
     far[200, 10] = 1.0
     assert pointing_hits(np.stack([near, far]), np.stack([target, target])).tolist() == [1.0, 0.0]
+    assert pointing_hits(np.stack([near, far]), np.stack([strict, strict])).tolist() == [0.0, 0.0]
+    near[50, 115] = 2.0  # in the crown's patch
+    assert pointing_hits(near[None], strict[None]).tolist() == [1.0]
 
 
 def test_named_traits_from_keypoints(cub):

@@ -93,7 +93,7 @@ def test_figure_labels_travel_in_the_png(tmp_path):
 
 def localization_table(ranks, parts=("order", "family", "genus", "species", "distractor")):
     rng = np.random.default_rng(0)
-    rows = [(rank, method, part, metric, float(rng.uniform()), 8) for rank in ranks
+    rows = [(rank, method, part, metric, *np.sort(rng.uniform(size=3))[[1, 0, 2]], 8, "siblings") for rank in ranks
             for method in (*evaluation.METHODS, "random") for part in parts
             for metric in ("pointing_game", "energy_pointing_game")]
     return pd.DataFrame(rows, columns=list(evaluation.LOCALIZATION_COLUMNS))

@@ -217,29 +217,56 @@ def test_rank_contrast_end_to_end(results, tmp_path):
     assert "top-1 (flat) >= 0.90" in (run / "summary.md").read_text()
 
 
+def within_intervals(table, *scores):
+    """Every score of `table` inside its own interval, the intervals inside [0, 1] for shares."""
+    for score in scores:
+        assert (table[f"{score}_low"] <= table[score] + 1e-9).all() and (table[score] <= table[f"{score}_high"] + 1e-9).all()
+
+
 def test_evaluation(results):
-    """Faithfulness (tiny.yaml: the finest rank, 2 images, 4 steps) and localization of every method."""
+    """Faithfulness (tiny.yaml: the finest rank, 2 images, 4 steps), localization of every method and the
+    counterfactual traits, each score with its interval, every method explaining the sibling decision."""
     methods = {"prompt_cam_traits", "prompt_cam_all", "grad_cam", "layer_cam", "eigen_cam", "rollout"}
     faithfulness = pd.read_parquet(results / "faithfulness.parquet")
-    assert list(faithfulness.columns) == ["rank", "method", "model", "insertion", "deletion", "n_images", "model_top1",
-                                          "pixels_per_step", "seconds", "device"]
+    assert list(faithfulness.columns) == ["rank", "method", "model", "insertion", "insertion_low", "insertion_high",
+                                          "deletion", "deletion_low", "deletion_high", "n_images", "model_top1",
+                                          "pixels_per_step", "seconds", "device", "contrast"]
+    within_intervals(faithfulness, "insertion", "deletion")
+    assert set(faithfulness["contrast"]) == {"siblings"}
+    assert torch.load(results / "species" / "probe.pt", weights_only=True)["metadata"]["contrast"] == "siblings"
     assert set(faithfulness["device"]) == {"cpu"}  # the device the table was made on
     assert set(faithfulness["method"]) == methods and set(faithfulness["rank"]) == {"species"}
     assert (faithfulness["n_images"] == 2).all() and (faithfulness["pixels_per_step"] == 3136).all()
     assert faithfulness[["insertion", "deletion", "model_top1"]].stack().between(0, 1).all()
     localization = pd.read_parquet(results / "localization.parquet")
-    assert list(localization.columns) == ["rank", "method", "part", "metric", "value", "n_images"]
+    assert list(localization.columns) == ["rank", "method", "part", "metric", "value", "value_low", "value_high",
+                                          "n_images", "contrast"]
     assert set(localization["rank"]) == set(RANKS) and set(localization["method"]) == methods | {"random", "prompt_cam"}
-    assert {"pointing_game", "energy_pointing_game", "part_consistency"} <= set(localization["metric"])
-    assert localization["value"].between(0, 1).all() and (localization["n_images"] > 0).all()
+    assert {"pointing_game", "pointing_game_tolerance", "energy_pointing_game", "part_consistency"} <= set(
+        localization["metric"])
+    assert localization[["value", "value_low", "value_high"]].stack().between(0, 1).all()
+    assert (localization["n_images"] > 0).all() and set(localization["contrast"]) == {"siblings"}
+    within_intervals(localization, "value")
     games = localization[localization["metric"] == "pointing_game"]
     assert (games["n_images"] == 8).all() and set(games["part"]) == {"order", "family", "genus", "species", "distractor"}
+    # a hit inside the target is a hit within the tolerance of it
+    near = localization[localization["metric"] == "pointing_game_tolerance"].set_index(["rank", "method", "part"])
+    assert (near["value"] >= games.set_index(["rank", "method", "part"])["value"].reindex(near.index) - 1e-9).all()
+    counterfactual = pd.read_parquet(results / "counterfactual.parquet")
+    assert set(counterfactual["rank"]) == set(RANKS) and set(counterfactual["model"]) == {"prompt_cam", "linear_probe"}
+    assert (counterfactual["n_images"] == 8).all() and set(counterfactual["contrast"]) == {"siblings"}
+    assert counterfactual[["flip_rate", "original_top1"]].stack().between(0, 1).all()
+    within_intervals(counterfactual, "flip_rate", "margin_drop", "probability_drop")
+    probe_rows = counterfactual[counterfactual["model"] == "linear_probe"]
+    assert probe_rows["peak_on_trait"].isna().all() and (probe_rows["n_peak_images"] == 0).all()
     with h5py.File(results / "species" / "saliency.h5") as h5:
         assert h5["maps"].shape == (8, 6, 2, 8, 8) and list(h5.attrs["methods"]) == sorted(methods, key=[
             "prompt_cam_traits", "prompt_cam_all", "grad_cam", "layer_cam", "eigen_cam", "rollout"].index)
     for name in ("faithfulness", "localization", "example_maps"):
         assert (results / "figures" / "evaluation" / f"{name}.png").is_file()
-    assert "Prompt-CAM against the baselines" in (results / "evaluation.md").read_text()
+    text = (results / "evaluation.md").read_text()
+    assert "Prompt-CAM against the baselines" in text and "## Counterfactual traits" in text
+    assert re.search(r"\| species \| Prompt-CAM \(trait heads\) \| prompt_cam \| [0-9.]+ \| \**[0-9.]+ \[[0-9.]+, [0-9.]+\]", text)
 
 
 def test_rerun_does_nothing(results):

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -88,6 +87,15 @@ class LinearProbe(nn.Module):
         return self.forward_tokens(self.tokens(images))
 
 
+def class_rivals(groups: torch.Tensor | None, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """bool [B, C]: the classes each class of `labels` [B] competes with, itself included: those of its group
+    (`taxotrait.model.sibling_groups`: contrast 'siblings'), or every class without groups (contrast 'rank')."""
+    if groups is None:
+        return torch.ones(len(labels), num_classes, dtype=torch.bool, device=labels.device)
+    groups = groups.to(labels.device)
+    return groups[None, :] == groups[labels][:, None]
+
+
 def fit_linear_probe(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -96,13 +104,22 @@ def fit_linear_probe(
     val_labels: torch.Tensor | None = None,
     l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2),
     max_iter: int = 100,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Multinomial logistic regression (full-batch L-BFGS from zeros, deterministic): (weight [C, D], bias [C], l2).
 
-    The L2 penalty (on the weights) is chosen from `l2_grid` by validation accuracy, ties to the strongest; without a
-    validation set the middle value is used.
+    With `groups` [C] (contrast 'siblings') the softmax of each image runs over its class's siblings only, the loss
+    Prompt-CAM is trained with (`taxotrait.train.contrast_loss`; images of a class without siblings add none), and
+    validation accuracy is the accuracy among the true class's siblings. The L2 penalty (on the weights) is chosen
+    from `l2_grid` by validation accuracy, ties to the strongest; without a validation set the middle value is used.
     """
+    from .train import contrast_loss
+
     features, labels = features.double(), labels.long()
+    rivals = class_rivals(groups, labels, num_classes)
+    counted = contrast_loss(torch.zeros(len(labels), num_classes), labels, rivals)[1]
+    if not counted.any():
+        raise ValueError("no training image has a class with a rival: nothing for a linear probe to tell apart")
     grid = list(l2_grid) if val_features is not None and len(val_features) else [sorted(l2_grid)[len(l2_grid) // 2]]
     best = None
     for l2 in sorted(grid, reverse=True):
@@ -113,7 +130,8 @@ def fit_linear_probe(
 
         def closure():
             optimizer.zero_grad()
-            loss = F.cross_entropy(features @ weight.T + bias, labels) + l2 * weight.pow(2).sum()
+            losses, _ = contrast_loss(features @ weight.T + bias, labels, rivals)
+            loss = losses[counted].mean() + l2 * weight.pow(2).sum()
             loss.backward()
             return loss
 
@@ -122,7 +140,9 @@ def fit_linear_probe(
         weight, bias = weight.detach(), bias.detach()
         if len(grid) == 1:
             return weight.float(), bias.float(), l2
-        accuracy = ((val_features.double() @ weight.T + bias).argmax(1) == val_labels).double().mean().item()
+        val_scores = (val_features.double() @ weight.T + bias).masked_fill(
+            ~class_rivals(groups, val_labels, num_classes), float("-inf"))
+        accuracy = (val_scores.argmax(1) == val_labels).double().mean().item()
         if best is None or accuracy > best[0]:
             best = (accuracy, weight, bias, l2)
     return best[1].float(), best[2].float(), best[3]
@@ -176,8 +196,44 @@ def vit_reshape(num_prefix_tokens: int, grid: tuple[int, int]):
     return reshape
 
 
+class SiblingContrastTarget:
+    """The CAM target of a class against its rivals: s[c] - logsumexp(s[j], j a rival of c other than c), the
+    decision of the sibling softmax (its gradient is s[c]'s minus the rivals' gradients weighted by their softmax
+    among themselves); s[c] alone when c has no other rival."""
+
+    def __init__(self, category: int, rivals: torch.Tensor):
+        self.category = int(category)
+        self.others = rivals.clone()
+        self.others[self.category] = False
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        score = output[..., self.category]
+        if not self.others.any():
+            return score
+        return score - torch.logsumexp(output[..., self.others.to(output.device)], dim=-1)
+
+
+def eigen_projection(activations: np.ndarray) -> np.ndarray:
+    """Eigen-CAM with its sign fixed: activations [B, K, h, w] -> maps [B, h, w].
+
+    Each image's activations (one row per position) are centred and projected on their first principal component
+    (pytorch-grad-cam's Eigen-CAM); the component's sign, arbitrary in an SVD, is chosen so that the map correlates
+    positively with the mean of the activations over channels at each position (the activations' mean)."""
+    maps = []
+    for image in np.nan_to_num(np.asarray(activations, dtype=np.float64)):
+        rows = image.reshape(image.shape[0], -1).T  # [positions, channels]
+        centred = rows - rows.mean(0)
+        projection = centred @ np.linalg.svd(centred, full_matrices=False)[2][0]
+        mean = rows.mean(1)
+        if np.dot(projection, mean - mean.mean()) < 0:
+            projection = -projection
+        maps.append(projection.reshape(image.shape[1:]))
+    return np.asarray(maps, dtype=np.float32)
+
+
 def _cam_class(method: str, grid: tuple[int, int]):
-    """The package's CAM class for `method`, returning maps on the patch grid (not resized to an input image)."""
+    """The package's CAM class for `method`, returning maps on the patch grid (not resized to an input image);
+    Eigen-CAM with its sign fixed (`eigen_projection`)."""
     from pytorch_grad_cam import EigenCAM, GradCAM, LayerCAM
 
     base = {"grad_cam": GradCAM, "layer_cam": LayerCAM, "eigen_cam": EigenCAM}[method]
@@ -186,15 +242,21 @@ def _cam_class(method: str, grid: tuple[int, int]):
         def get_target_width_height(self, input_tensor):
             return grid[1], grid[0]
 
+        if method == "eigen_cam":
+            def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):
+                return eigen_projection(activations)
+
     return OnGrid
 
 
 def cam_maps(method: str, probe: LinearProbe, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-             batch_size: int = 32) -> np.ndarray:
+             batch_size: int = 32, rivals: torch.Tensor | None = None) -> np.ndarray:
     """Grad-CAM, Layer-CAM or Eigen-CAM of the probe for classes `targets` [B], from cached tokens [B, T, D].
 
-    Maps [B, h, w] on the patch grid, as pytorch-grad-cam makes them: ReLU, then min-max normalised per image.
-    Eigen-CAM is class-agnostic (first principal component of the layer's activations).
+    The target is the class score s[c] (contrast 'rank'), or with `rivals` (bool [B, C], `class_rivals`: contrast
+    'siblings') the class against its siblings (`SiblingContrastTarget`). Maps [B, h, w] on the patch grid, as
+    pytorch-grad-cam makes them: ReLU, then min-max normalised per image. Eigen-CAM is class-agnostic (first
+    principal component of the layer's activations, sign fixed).
     """
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -205,14 +267,18 @@ def cam_maps(method: str, probe: LinearProbe, tokens: torch.Tensor, targets: tor
     cam = _cam_class(method, grid)(model=_TokenModel(probe), target_layers=[vit.blocks[-1].norm1],
                                    reshape_transform=vit_reshape(vit.num_prefix_tokens, grid))
     cam.compute_input_gradient = True  # the backbone is frozen: gradients reach the layer through the tokens
+    if targets is None:
+        chosen = None
+    elif rivals is None:
+        chosen = [ClassifierOutputTarget(int(t)) for t in targets]
+    else:
+        chosen = [SiblingContrastTarget(int(t), r) for t, r in zip(targets, rivals.cpu())]
     maps = []
     try:
         with torch.enable_grad():
             for start in range(0, len(tokens), batch_size):
                 chunk = tokens[start : start + batch_size].float()
-                chunk_targets = None if targets is None else [
-                    ClassifierOutputTarget(int(t)) for t in targets[start : start + batch_size]]
-                maps.append(cam(input_tensor=chunk, targets=chunk_targets))
+                maps.append(cam(input_tensor=chunk, targets=None if chosen is None else chosen[start : start + batch_size]))
     finally:
         cam.activations_and_grads.release()
     return np.concatenate(maps).astype(np.float32)

@@ -39,19 +39,25 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from .backbone import weights_digest
-from .baselines import LinearProbe, attention_rollout, cam_maps, fit_linear_probe, load_probe, save_probe
+from .baselines import (LinearProbe, attention_rollout, cam_maps, class_rivals, fit_linear_probe, load_probe,
+                        save_probe)
 from .data import AugmentConfig, ImageTransform, TokenCache, load_image
-from .dataset import class_names, labels
+from .dataset import class_names, class_parents, labels
 from .devices import autocast, mixed_precision, resolve_device, resolve_precision
 from .extract import map_statistics
-from .faithfulness import insertion_deletion, upsample
-from .localization import (KEYPOINTS, energy_shares, load_ground_truth, normalise_maps, part_consistency,
-                           pointing_hits)
+from .faithfulness import endpoint_probabilities, insertion_deletion, upsample
+from .intervals import bootstrap_interval, clears, interval_columns, mean_with_intervals
+from .localization import (KEYPOINTS, crop_mask, energy_shares, exclusive_masks, load_ground_truth, near_mask,
+                           normalise_maps, part_consistency, pointing_hits, top_trait_heads)
+from .model import PromptCAM, sibling_groups
 from .report import ALL_RANKS, EVALUATION_SETTINGS, page_html
 from .report import labels as report_labels
 from .runner import atomic_write, empty_table, write_parquet
+from .synthetic import RANKS as SYNTHETIC_RANKS
+from .synthetic import TRAIT_NAMES
 from .traits import rank_traits
 
 log = logging.getLogger("taxotrait.evaluation")
@@ -62,6 +68,7 @@ METHODS = PROMPT_CAM_METHODS + BASELINE_METHODS
 METHOD_LABELS = {"prompt_cam_traits": "Prompt-CAM (trait heads)", "prompt_cam_all": "Prompt-CAM (all heads)",
                  "grad_cam": "Grad-CAM", "layer_cam": "Layer-CAM", "eigen_cam": "Eigen-CAM", "rollout": "Rollout",
                  "random": "random point"}
+MODEL_LABELS = {"prompt_cam": "Prompt-CAM", "linear_probe": "linear probe"}
 # The paper's Table 1 (CUB, DINO ViT-B/16): insertion, deletion.
 PAPER_TABLE_1 = {"grad_cam": (0.52, 0.17), "layer_cam": (0.54, 0.13), "eigen_cam": (0.56, 0.22),
                  "rollout": (0.55, 0.27), "prompt_cam_traits": (0.61, 0.09)}
@@ -72,18 +79,28 @@ DEFAULTS = {
     "batch_size": 128,  # images per forward pass (perturbed images in faithfulness)
     "device": "auto",
     "parts": None,
-    # the CPU-friendly demo settings; the paper's protocol (config/paper_evaluation.yaml): 32, None, None
+    # the CPU-friendly demo settings; the paper's protocol (config/paper_evaluation.yaml): None, None, None
     "faithfulness": {"images": 8, "pixels_per_step": 6272, "finest_ranks": 1},
     "localization": {"tolerance": 15.0, "consistency": 0.8},
 }
 
-FAITHFULNESS_COLUMNS = {"rank": "string", "method": "string", "model": "string", "insertion": "float64",
-                        "deletion": "float64", "n_images": "int64", "model_top1": "float64",
-                        "pixels_per_step": "int64", "seconds": "float64", "device": "string"}
+FAITHFULNESS_COLUMNS = {"rank": "string", "method": "string", "model": "string",
+                        **{c: "float64" for c in interval_columns(["insertion", "deletion"])}, "n_images": "int64",
+                        "model_top1": "float64", "pixels_per_step": "int64", "seconds": "float64", "device": "string",
+                        "contrast": "string"}
 CURVE_COLUMNS = {"rank": "string", "method": "string", "curve": "string", "fraction": "float64",
                  "probability": "float64"}
 LOCALIZATION_COLUMNS = {"rank": "string", "method": "string", "part": "string", "metric": "string",
-                        "value": "float64", "n_images": "int64"}
+                        "value": "float64", "value_low": "float64", "value_high": "float64", "n_images": "int64",
+                        "contrast": "string"}
+# metric: (which of `GroundTruth.targets`' (strict, near, area) masks it scores, the per-image score)
+LOCALIZATION_GAMES = {"pointing_game": (0, pointing_hits), "pointing_game_tolerance": (1, pointing_hits),
+                      "energy_pointing_game": (2, energy_shares)}
+COUNTERFACTUAL_COLUMNS = {"rank": "string", "model": "string", "trait": "string",
+                          **{c: "float64" for c in interval_columns(["flip_rate", "peak_on_trait", "margin_drop",
+                                                                     "probability_drop"])},
+                          "n_images": "int64", "n_peak_images": "int64", "original_top1": "float64",
+                          "contrast": "string"}
 HEAD_PART_COLUMNS = {"rank": "string", "taxon": "string", "head": "int64", "part": "string", "share": "float64",
                      "n_images": "int64", "consistent": "bool", "is_trait_head": "bool"}
 
@@ -112,6 +129,18 @@ def faithfulness_ranks(config: dict, finest_ranks: int | None) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ probes
+def rank_groups(config: dict, classes: pd.DataFrame, rank: str) -> torch.Tensor | None:
+    """The sibling groups [C] of the classes of `rank` under contrast 'siblings', None under 'rank'."""
+    return sibling_groups(class_parents(classes, rank)) if config["contrast"] == "siblings" else None
+
+
+def rival_prediction(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """The best class [B] among the rivals of each true class (`class_rivals`): the prediction given the true parent
+    under contrast 'siblings', the flat prediction under 'rank' (as `PromptCAM.sibling_prediction`)."""
+    rivals = class_rivals(groups, labels.to(scores.device), scores.shape[1])
+    return scores.masked_fill(~rivals, float("-inf")).argmax(1)
+
+
 @torch.no_grad()
 def probe_features(probe: LinearProbe, cache: TokenCache, rows: np.ndarray, batch_size: int,
                    device: torch.device) -> torch.Tensor:
@@ -127,7 +156,9 @@ def probe_features(probe: LinearProbe, cache: TokenCache, rows: np.ndarray, batc
 
 def train_probes(inputs: dict, outputs: dict, config: dict) -> None:
     """A linear probe per rank on the final-norm CLS token of the frozen backbone (features computed once from the
-    token caches); the L2 penalty is chosen on the val split; top-1 on val and test is kept in the probe's file."""
+    token caches), with the configured contrast: under 'siblings' trained with the sibling softmax Prompt-CAM is
+    trained with; the L2 penalty is chosen on the val split; top-1 on val and test (among the true class's rivals:
+    the same decision as Prompt-CAM's) is kept in the probe's file."""
     from .workflow import backbone_of, new_model
 
     s = settings(config)
@@ -150,25 +181,38 @@ def train_probes(inputs: dict, outputs: dict, config: dict) -> None:
     views, digest = train_x.shape[1], weights_digest(probe.backbone)
     for rank, out in zip(config["ranks"], outputs["probes"]):
         names = class_names(classes, rank)
+        groups = rank_groups(config, classes, rank)
         y = torch.as_tensor(labels(train_rows, classes, rank).to_numpy())
         val = split_x.get("val")
         val_y = torch.as_tensor(labels(val[0], classes, rank).to_numpy()) if val else None
         weight, bias, l2 = fit_linear_probe(train_x.flatten(0, 1), y.repeat_interleave(views), len(names),
-                                            val[1] if val else None, val_y)
+                                            val[1] if val else None, val_y, groups=groups)
         top1 = {}
         for split, (rows, x) in split_x.items():
             truth = torch.as_tensor(labels(rows, classes, rank).to_numpy())
-            top1[split] = float(((x @ weight.T + bias).argmax(1) == truth).double().mean())
+            prediction = rival_prediction(x @ weight.T + bias, truth, groups)
+            top1[split] = float((prediction == truth).double().mean())
         rank_probe = LinearProbe(probe.backbone, names, first_block)
         with torch.no_grad():
             rank_probe.head.weight.copy_(weight)
             rank_probe.head.bias.copy_(bias)
         save_probe(rank_probe, out, config["backbone"]["name"], digest, rank=rank, l2=l2, top1=top1,
-                   device=str(device))
+                   device=str(device), contrast=config["contrast"])
         log.info("%s probe: l2 %g, top-1 %s", rank, l2, {k: round(v, 3) for k, v in top1.items()})
 
 
 # -------------------------------------------------------------------------------------------- saliency
+def model_groups(model: PromptCAM) -> torch.Tensor | None:
+    """The model's sibling groups [C] under contrast 'siblings', None under 'rank' (every class a rival)."""
+    return model.groups.cpu() if model.contrast == "siblings" else None
+
+
+def cam_rivals(groups: torch.Tensor | None, targets: torch.Tensor, names: list[str]) -> torch.Tensor | None:
+    """The rivals [B, C] a CAM target is contrasted with: the class's siblings under contrast 'siblings'; None
+    under 'rank' (the class score alone, as the paper)."""
+    return None if groups is None else class_rivals(groups, targets, len(names))
+
+
 def stratified_order(groups) -> np.ndarray:
     """Indices of `groups` in round-robin order over the groups (first image of every group in order of first
     appearance, then every second image, ...): any prefix is a subset stratified over the groups."""
@@ -222,14 +266,18 @@ def combine_heads(maps: np.ndarray, chosen: np.ndarray) -> np.ndarray:
     return np.einsum("nk,nkhw->nhw", weights, maps.astype(np.float64)).astype(np.float32)
 
 
-def load_eval_images(paths, config: dict, device: torch.device) -> torch.Tensor:
-    """Normalised eval crops [n, 3, S, S] (the transform of the eval token cache)."""
+def eval_transform(config: dict) -> ImageTransform:
+    """The transform of the eval token cache: PIL image -> normalised eval crop [3, S, S]."""
     from .backbone import data_normalisation
     from .workflow import backbone_of
 
-    vit = backbone_of(config)
-    transform = ImageTransform(config["backbone"]["img_size"], data_normalisation(vit),
-                               AugmentConfig(config["augment"]["resize"], False, False))
+    return ImageTransform(config["backbone"]["img_size"], data_normalisation(backbone_of(config)),
+                          AugmentConfig(config["augment"]["resize"], False, False))
+
+
+def load_eval_images(paths, config: dict, device: torch.device) -> torch.Tensor:
+    """Normalised eval crops [n, 3, S, S] (the transform of the eval token cache)."""
+    transform = eval_transform(config)
     return torch.stack([transform(load_image(p)) for p in paths]).to(device)
 
 
@@ -272,20 +320,25 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
 
     cache = TokenCache.open(inputs["eval_tokens"])
     tokens = torch.from_numpy(cache.tokens[cache.index(rows["path"]), 0].astype(np.float32)).to(device)
-    with torch.no_grad(), mixed_precision(device):
-        probe_prediction = torch.cat([probe.forward_tokens(tokens[i:i + s["batch_size"]]).float().argmax(1)
-                                      for i in range(0, len(tokens), s["batch_size"])]).cpu().numpy()
+    if probe.class_names != names:
+        raise ValueError(f"{inputs['probe']}: its classes are not those of {inputs['attention']}")
+    groups = model_groups(model)
     truth = torch.as_tensor(sub_label)
+    with torch.no_grad(), mixed_precision(device):
+        probe_scores = torch.cat([probe.forward_tokens(tokens[i:i + s["batch_size"]]).float().cpu()
+                                  for i in range(0, len(tokens), s["batch_size"])])
+    probe_prediction = rival_prediction(probe_scores, truth, groups).numpy()
     for column, method in enumerate(("grad_cam", "layer_cam", "eigen_cam"), start=2):
         if method == "eigen_cam":  # class-agnostic
             maps[:, column, 0] = maps[:, column, 1] = cam_maps(method, probe, tokens, None, s["batch_size"])
             continue
-        maps[:, column, 0] = cam_maps(method, probe, tokens, truth, s["batch_size"])
+        maps[:, column, 0] = cam_maps(method, probe, tokens, truth, s["batch_size"], cam_rivals(groups, truth, names))
         maps[:, column, 1] = maps[:, column, 0]
         wrong = np.flatnonzero(probe_prediction != sub_label)
         if len(wrong):
-            maps[wrong, column, 1] = cam_maps(method, probe, tokens[wrong], torch.as_tensor(probe_prediction[wrong]),
-                                              s["batch_size"])
+            predicted = torch.as_tensor(probe_prediction[wrong])
+            maps[wrong, column, 1] = cam_maps(method, probe, tokens[wrong], predicted, s["batch_size"],
+                                              cam_rivals(groups, predicted, names))
     rollout = []
     for start in range(0, len(rows), s["batch_size"]):
         images = load_eval_images(rows["path"].iloc[start:start + s["batch_size"]], config, device)
@@ -299,7 +352,7 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
         h5.attrs.update({"rank": rank, "methods": list(METHODS), "grid": grid, "img_size": config["backbone"]["img_size"],
                          "class_names": names, "prompt_cam_top1": prompt_cam_top1,
                          "probe_top1": float(meta["top1"].get(config["attention"]["split"], np.nan)),
-                         "slots": "true class, predicted class", "device": str(device)})
+                         "slots": "true class, predicted class", "device": str(device), "contrast": model.contrast})
     log.info("%s: maps of %d methods on %d images in %.1f s (probe top-1 on the subset %.3f)", rank, len(METHODS),
              len(order), time.time() - started, float((probe_prediction == sub_label).mean()))
 
@@ -346,23 +399,32 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
         with autocast(device, dtype):
             return probe(x)
 
+    groups = model_groups(model)
+    decisions = {}  # per model: (predict, targets, rivals, endpoints), the curves' ends computed once
+    for name, predict, predicted in (("prompt_cam", prompt_cam, sal["prediction"]),
+                                     ("linear_probe", linear_probe, sal["probe_prediction"])):
+        targets = torch.as_tensor(predicted[:n])
+        rivals = cam_rivals(groups, targets, model.class_names)
+        decisions[name] = (predict, targets, rivals, endpoint_probabilities(predict, images, targets, s["batch_size"],
+                                                                            rivals=rivals))
     rows, curves = [], []
     for column, method in enumerate(sal["methods"]):
         started = time.time()
         is_prompt_cam = method in PROMPT_CAM_METHODS
-        predict, targets = (prompt_cam, sal["prediction"]) if is_prompt_cam else (linear_probe, sal["probe_prediction"])
-        result = insertion_deletion(predict, images, torch.from_numpy(sal["maps"][:n, column, 1]),
-                                    torch.as_tensor(targets[:n]), pixels_per_step, s["batch_size"])
+        predict, targets, rivals, endpoints = decisions["prompt_cam" if is_prompt_cam else "linear_probe"]
+        result = insertion_deletion(predict, images, torch.from_numpy(sal["maps"][:n, column, 1]), targets,
+                                    pixels_per_step, s["batch_size"], rivals=rivals, endpoints=endpoints)
         seconds = time.time() - started
-        rows.append((rank, method, "prompt_cam" if is_prompt_cam else "linear_probe",
-                     float(result.insertion_auc.mean()), float(result.deletion_auc.mean()), n,
+        scores = [(float(auc.mean()), *bootstrap_interval(auc.numpy()))
+                  for auc in (result.insertion_auc, result.deletion_auc)]
+        rows.append((rank, method, "prompt_cam" if is_prompt_cam else "linear_probe", *scores[0], *scores[1], n,
                      float(sal["prompt_cam_top1"] if is_prompt_cam else sal["probe_top1"]), pixels_per_step, seconds,
-                     str(device)))
+                     str(device), model.contrast))
         for name, curve in (("insertion", result.insertion), ("deletion", result.deletion)):
             for fraction, probability in zip(result.fractions.tolist(), curve.mean(0).tolist()):
                 curves.append((rank, method, name, fraction, probability))
-        log.info("%s %s: insertion %.3f, deletion %.3f on %d images (%d steps) in %.1f s", rank, method,
-                 rows[-1][3], rows[-1][4], n, len(result.fractions) - 1, seconds)
+        log.info("%s %s: insertion %.3f [%.3f, %.3f], deletion %.3f [%.3f, %.3f] on %d images (%d steps) in %.1f s",
+                 rank, method, *scores[0], *scores[1], n, len(result.fractions) - 1, seconds)
     write_parquet(pd.DataFrame(rows, columns=list(FAITHFULNESS_COLUMNS)).astype(FAITHFULNESS_COLUMNS),
                    outputs["table"])
     write_parquet(pd.DataFrame(curves, columns=list(CURVE_COLUMNS)).astype(CURVE_COLUMNS), outputs["curves"])
@@ -371,31 +433,29 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
 # -------------------------------------------------------------------------------------------- localization
 def localization_rows(rank: str, maps: np.ndarray, methods: list[str], image_ids, truth: dict, img_size: int,
                       tolerance: float) -> list[tuple]:
-    """(rank, method, part, metric, value, n_images) of the pointing game and the energy-based pointing game of
-    maps [n, methods, h, w] on every ground-truth target, plus the random baseline (a uniformly random point / a
-    uniform map: the target's area share)."""
+    """Rows (`LOCALIZATION_COLUMNS`) of the pointing games and the energy-based pointing game of maps
+    [n, methods, h, w] on every ground-truth target (`GroundTruth.targets`), each with its bootstrap interval over
+    images, plus the random baseline (a uniformly random point / a uniform map: the target's area share)."""
     have = [i for i, image_id in enumerate(image_ids) if str(image_id) in truth]
     if not have:
         return []
-    targets = [truth[str(image_ids[i])].targets(img_size, tolerance) for i in have]
+    targets = [truth[str(image_ids[i])].targets(img_size, tolerance, maps.shape[-2:]) for i in have]
     names = list(dict.fromkeys(name for t in targets for name in t))
-    rows = []
+    records = []  # (method, part, metric, image, value)
     for column, method in enumerate(methods):
         upsampled = upsample(torch.from_numpy(normalise_maps(maps[have, column])), (img_size, img_size)).numpy()
         for name in names:
-            pick = [j for j, t in enumerate(targets) if name in t and t[name].any()]
-            if not pick:
-                continue
-            masks = np.stack([targets[j][name] for j in pick])
-            rows.append((rank, method, name, "pointing_game", float(pointing_hits(upsampled[pick], masks).mean()), len(pick)))
-            rows.append((rank, method, name, "energy_pointing_game", float(energy_shares(upsampled[pick], masks).mean()),
-                         len(pick)))
+            pick = [j for j, t in enumerate(targets) if name in t and t[name][2].any()]
+            for metric, (k, score) in LOCALIZATION_GAMES.items():
+                values = score(upsampled[pick], np.stack([targets[j][name][k] for j in pick])) if pick else []
+                records += [(method, name, metric, j, v) for j, v in zip(pick, values)]
     for name in names:
-        areas = [t[name].mean() for t in targets if name in t and t[name].any()]
-        if areas:
-            for metric in ("pointing_game", "energy_pointing_game"):
-                rows.append((rank, "random", name, metric, float(np.mean(areas)), len(areas)))
-    return rows
+        for metric, (k, _) in LOCALIZATION_GAMES.items():
+            records += [("random", name, metric, j, float(t[name][k].mean()))
+                        for j, t in enumerate(targets) if name in t and t[name][2].any()]
+    table = mean_with_intervals(pd.DataFrame(records, columns=["method", "part", "metric", "image", "value"]),
+                                ["method", "part", "metric"], {"value": "value"})
+    return [(rank, *row) for row in table.itertuples(index=False)]
 
 
 def head_part_table(rank: str, attention_path, heads: pd.DataFrame, truth: dict, img_size: int,
@@ -444,80 +504,245 @@ def localization_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
     rows = localization_rows(rank, sal["maps"][:, :, 0], sal["methods"], sal["image_id"], truth, img_size, tolerance)
     heads = head_part_table(rank, inputs["attention"], own_prompt_heads(inputs["heads"]), truth, img_size,
                             float(loc["consistency"]))
-    if len(heads):
-        images = int(heads.groupby("taxon")["n_images"].max().sum())
-        rows.append((rank, "prompt_cam", "", "part_consistency", float(heads["consistent"].mean()), images))
-        trait = heads[heads["is_trait_head"]]
-        if len(trait):
-            rows.append((rank, "prompt_cam", "", "trait_part_consistency", float(trait["consistent"].mean()), images))
-    table = pd.DataFrame(rows, columns=list(LOCALIZATION_COLUMNS)).astype(LOCALIZATION_COLUMNS)
+    images = int(heads.groupby("taxon")["n_images"].max().sum()) if len(heads) else 0
+    for metric, pairs in (("part_consistency", heads), ("trait_part_consistency", heads[heads["is_trait_head"]])):
+        if len(pairs):  # a share of (class, head) pairs: its interval resamples the pairs
+            consistent = pairs["consistent"].to_numpy(dtype=np.float64)
+            rows.append((rank, "prompt_cam", "", metric, float(consistent.mean()), *bootstrap_interval(consistent),
+                         images))
+    table = pd.DataFrame(rows, columns=list(LOCALIZATION_COLUMNS)[:-1]).assign(contrast=str(sal["contrast"]))
+    table = table.astype(LOCALIZATION_COLUMNS)
     write_parquet(table, outputs["table"])
     write_parquet(heads, outputs["head_parts"])
     log.info("%s localization:\n%s", rank, table.to_string(index=False))
 
 
+# ------------------------------------------------------------------------------------------- counterfactual
+@torch.no_grad()
+def _decision(model_scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None):
+    """For the true classes `labels` [B]: (the prediction among their rivals [B], their margin [B]: s[c] minus the
+    log-sum-exp of the other rivals' scores, the decision's log-odds (s[c] for a class without rivals), and their
+    probability among the rivals [B])."""
+    rivals = class_rivals(groups, labels, model_scores.shape[1])
+    own = model_scores.gather(1, labels[:, None])[:, 0]
+    others = rivals.clone()
+    others[torch.arange(len(labels)), labels] = False
+    margin = own - model_scores.masked_fill(~others, float("-inf")).logsumexp(1)
+    probability = model_scores.masked_fill(~rivals, float("-inf")).softmax(1).gather(1, labels[:, None])[:, 0]
+    return rival_prediction(model_scores, labels, groups), torch.where(others.any(1), margin, own), probability
+
+
+def counterfactual_step(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
+    """<rank>/counterfactual.parquet: each evaluated image of the demo rendered again with the rank's trait swapped for
+    the next sibling's (`taxotrait.synthetic.counterfactual_fish`), scored by Prompt-CAM and the linear probe; one row
+    per model (`COUNTERFACTUAL_COLUMNS`). Empty for a dataset that is not the demo (no generator to render with)."""
+    from .synthetic import build_taxonomy, counterfactual_fish, swapped_sibling
+    from .workflow import trained_model
+
+    synthetic = config["data"].get("synthetic")
+    if not synthetic:
+        log.info("%s: no counterfactual images (only the demo's generator can render them)", rank)
+        write_parquet(empty_table(COUNTERFACTUAL_COLUMNS), outputs["counterfactual"])
+        return
+    s = settings(config)
+    device = device_of(s)
+    started = time.time()
+    sal = read_saliency(inputs["saliency"])
+    model = trained_model(inputs["model"], config, device)
+    probe, _ = load_probe(inputs["probe"], model.backbone, model.backbone_digest)
+    probe = probe.to(device)
+    names, groups = model.class_names, model_groups(model)
+    taxonomy = {sp.species: sp for sp in build_taxonomy(
+        synthetic["n_orders"], synthetic["families_per_order"], synthetic["genera_per_family"],
+        synthetic["species_per_genus"])}
+    siblings = {"order": synthetic["n_orders"], "family": synthetic["families_per_order"],
+                "genus": synthetic["genera_per_family"], "species": synthetic["species_per_genus"]}[rank]
+    by_indices = {tuple(getattr(sp, f"{r}_idx") for r in SYNTHETIC_RANKS): sp for sp in taxonomy.values()}
+    manifest = pd.read_parquet(inputs["manifest"]).set_index("image_id", drop=False)
+    rows = manifest.loc[sal["image_id"]]
+    img_size, resize = config["backbone"]["img_size"], config["augment"]["resize"]
+    transform = eval_transform(config)
+    images, trait_masks, sibling_class = [], [], []
+    for image_id, species in zip(rows["image_id"], rows[config["ranks"][-1]]):
+        sp = taxonomy[species]
+        swap = swapped_sibling(sp, rank, siblings)
+        image, masks, _ = counterfactual_fish(image_id, sp, rank, swap, synthetic["image_size"], synthetic["seed"])
+        images.append(transform(Image.fromarray(image)))
+        region = exclusive_masks({k: crop_mask(m, resize, img_size) for k, m in masks.items()})[rank]
+        trait_masks.append(near_mask(region, float(s["localization"]["tolerance"]) * img_size / 224))
+        indices = {r: getattr(sp, f"{r}_idx") for r in SYNTHETIC_RANKS}
+        indices[rank] = swap
+        sibling_class.append(names.index(getattr(by_indices[tuple(indices.values())], rank)))
+    truth = torch.as_tensor(sal["label"])
+    cache = TokenCache.open(inputs["eval_tokens"])
+    original = torch.from_numpy(cache.tokens[cache.index(rows["path"]), 0].astype(np.float32)).to(device)
+    batches = torch.stack(images).to(device).split(s["batch_size"])
+    with torch.no_grad(), mixed_precision(device):
+        swapped = torch.cat([model.frozen_tokens(batch) for batch in batches])
+        scores = {"prompt_cam": [model.forward_tokens(t).float().cpu() for t in (original, swapped)],
+                  "linear_probe": [probe.forward_tokens(t).float().cpu() for t in (original, swapped)]}
+        attention = model.class_scores(model.last_block_input(swapped), truth[:, None].to(device),
+                                       return_attention=True)[1][:, 0].float().cpu().numpy()  # [n, heads, keys]
+    peak_x, peak_y, _ = map_statistics(attention[..., -int(np.prod(sal["grid"])):].reshape(
+        *attention.shape[:2], *(int(g) for g in sal["grid"])))
+    tops = top_trait_heads(own_prompt_heads(inputs["heads"])).set_index("image_id")["head"]
+    on_trait = np.full(len(rows), np.nan)
+    for i, image_id in enumerate(rows["image_id"]):
+        if image_id in tops.index:
+            head = int(tops[image_id])
+            y, x = (min(int(v * img_size), img_size - 1) for v in (peak_y[i, head], peak_x[i, head]))
+            on_trait[i] = float(trait_masks[i][y, x])
+    target = torch.as_tensor(sibling_class)
+    records = []
+    for name, (before, after) in scores.items():
+        prediction, margin, probability = _decision(before, truth, groups)
+        cf_prediction, cf_margin, cf_probability = _decision(after, truth, groups)
+        records.append(pd.DataFrame({
+            "model": name, "image": np.arange(len(rows)), "correct": (prediction == truth).double().numpy(),
+            "flip": (cf_prediction == target).double().numpy(),
+            "peak": on_trait if name == "prompt_cam" else np.nan,
+            "margin_drop": (margin - cf_margin).double().numpy(),
+            "probability_drop": (probability - cf_probability).double().numpy()}))
+    per_image = pd.concat(records, ignore_index=True)
+    table = mean_with_intervals(per_image, ["model"], {"flip_rate": "flip", "margin_drop": "margin_drop",
+                                                       "probability_drop": "probability_drop"})
+    peaks = mean_with_intervals(per_image.dropna(subset=["peak"]), ["model"], {"peak_on_trait": "peak"})
+    table = table.merge(peaks.rename(columns={"n_images": "n_peak_images"}), on="model", how="left")
+    table["n_peak_images"] = table["n_peak_images"].fillna(0)
+    table = table.merge(per_image.groupby("model")["correct"].mean().rename("original_top1"), on="model")
+    table = table.assign(rank=rank, trait=TRAIT_NAMES[rank], contrast=model.contrast)
+    table = table[list(COUNTERFACTUAL_COLUMNS)].astype(COUNTERFACTUAL_COLUMNS)
+    write_parquet(table, outputs["counterfactual"])
+    log.info("%s counterfactual (%s swapped, %d images, %.1f s):\n%s", rank, TRAIT_NAMES[rank], len(rows),
+             time.time() - started, table.to_string(index=False))
+
+
 # ------------------------------------------------------------------------------------------------ summary
+def with_interval(value: float, low: float, high: float, best: bool = False) -> str:
+    """A score and its 95 % interval as a table cell, in bold when `best`."""
+    cell = f"{value:.2f} [{low:.2f}, {high:.2f}]" if np.isfinite(low) else f"{value:.2f}"
+    return f"**{cell}**" if best else cell
+
+
+def clear_best(table: pd.DataFrame, column: str, higher_is_better: bool = True) -> str | None:
+    """The index of `table`'s best row on `column` when its interval (`column`_low, _high) clears the runner-up's,
+    else None (no method is shown best)."""
+    ranked = table.sort_values(column, ascending=not higher_is_better)
+    if len(ranked) < 2:
+        return None
+    best, runner_up = ((r[f"{column}_low"], r[f"{column}_high"]) for _, r in ranked.iloc[:2].iterrows())
+    return ranked.index[0] if clears(best, runner_up, higher_is_better) else None
+
+
 def verdicts(faithfulness: pd.DataFrame, localization: pd.DataFrame, rank: str) -> list[str]:
-    """Whether Prompt-CAM (trait heads) beats every baseline at `rank` on the pointing game of the rank's own
-    ground-truth mask (a mask named like the rank, else the keypoints) and on deletion; by how much otherwise."""
+    """Prompt-CAM (trait heads) against the best baseline at `rank`, on the pointing game within the tolerance of the
+    rank's own ground-truth target (a mask named like the rank, else the keypoints) and on deletion: ahead with
+    intervals that clear (a win), ahead within the intervals (no clear difference), or behind (MISSED, by how much)."""
     lines = []
     ours = "prompt_cam_traits"
-    loc = localization[(localization["rank"] == rank) & (localization["metric"] == "pointing_game")]
+    loc = localization[(localization["rank"] == rank) & (localization["metric"] == "pointing_game_tolerance")]
     part = rank if (loc["part"] == rank).any() else (KEYPOINTS if (loc["part"] == KEYPOINTS).any() else None)
+    comparisons = []
     if part is not None:
-        values = loc[loc["part"] == part].set_index("method")["value"]
-        others = values.reindex(list(BASELINE_METHODS)).dropna()
-        if ours in values and len(others):
-            gap = values[ours] - others.max()
-            verdict = "beats every baseline" if gap > 0 else f"MISSED: {METHOD_LABELS[others.idxmax()]} is ahead by {-gap:.3f}"
-            lines.append(f"- {rank}: pointing game on the {part} target: Prompt-CAM {values[ours]:.3f}, best baseline "
-                         f"{METHOD_LABELS[others.idxmax()]} {others.max():.3f} — {verdict}")
+        comparisons.append((f"pointing game within the tolerance of the {part} target",
+                            loc[loc["part"] == part].set_index("method"), "value", True))
     fa = faithfulness[faithfulness["rank"] == rank].set_index("method")
-    if ours in fa.index:
-        others = fa["deletion"].reindex(list(BASELINE_METHODS)).dropna()
-        if len(others):
-            gap = others.min() - fa.loc[ours, "deletion"]
-            verdict = "beats every baseline" if gap > 0 else f"MISSED: {METHOD_LABELS[others.idxmin()]} is lower by {-gap:.3f}"
-            lines.append(f"- {rank}: deletion (lower is better): Prompt-CAM {fa.loc[ours, 'deletion']:.3f}, best baseline "
-                         f"{METHOD_LABELS[others.idxmin()]} {others.min():.3f} — {verdict}")
+    comparisons.append(("deletion (lower is better)", fa, "deletion", False))
+    for title, table, column, higher in comparisons:
+        others = table.reindex(list(BASELINE_METHODS)).dropna(subset=[column])
+        if ours not in table.index or not len(others):
+            continue
+        baseline = others[column].idxmax() if higher else others[column].idxmin()
+        a, b = table.loc[ours], others.loc[baseline]
+        gap = (a[column] - b[column]) * (1 if higher else -1)
+        bounds = ((a[f"{column}_low"], a[f"{column}_high"]), (b[f"{column}_low"], b[f"{column}_high"]))
+        verdict = ("beats every baseline, the intervals clear" if clears(*bounds, higher) else
+                   f"ahead by {gap:.3f}, within the intervals: no clear difference" if gap > 0 else
+                   f"MISSED: level with {METHOD_LABELS[baseline]}" if gap == 0 else
+                   f"MISSED: {METHOD_LABELS[baseline]} is ahead by {-gap:.3f}"
+                   + ("" if clears(bounds[1], bounds[0], higher) else ", within the intervals"))
+        lines.append(f"- {rank}: {title}: Prompt-CAM {with_interval(a[column], *bounds[0])}, best baseline "
+                     f"{METHOD_LABELS[baseline]} {with_interval(b[column], *bounds[1])} — {verdict}")
     return lines
 
 
-def summary_markdown(faithfulness: pd.DataFrame, localization: pd.DataFrame, ranks: list[str]) -> str:
+LOCALIZATION_TITLES = {
+    "pointing_game": "Pointing game, strict (the map's maximum inside the target; keypoints: in a keypoint's patch)",
+    "pointing_game_tolerance": "Pointing game within the tolerance (the maximum within 15 px at 224 px of the target)",
+    "energy_pointing_game": "Energy-based pointing game (share of the map's mass inside)"}
+CONTRAST_NOTES = {
+    "siblings": "contrast siblings: every method explains the decision among the true class's siblings (Prompt-CAM "
+                "trained with the sibling softmax; the probe trained with the same loss; Grad-CAM and Layer-CAM of "
+                "s[c] minus the siblings' log-sum-exp; deletion and insertion follow the probability among the "
+                "siblings)",
+    "rank": "contrast rank: every method explains the decision among every class of the rank (the paper's set-up)"}
+
+
+def summary_markdown(faithfulness: pd.DataFrame, localization: pd.DataFrame, ranks: list[str],
+                     counterfactual: pd.DataFrame | None = None) -> str:
+    """evaluation.md: the paper's Table 1 (faithfulness), the pointing games, part consistency and counterfactual
+    traits, every score with its 95 % bootstrap interval over images; a method is in bold only where its interval
+    clears the runner-up's."""
     lines = ["# Evaluation of the explanations", ""]
+    contrasts = set(faithfulness["contrast"]) | set(localization["contrast"])
+    lines += [f"- {CONTRAST_NOTES.get(c, c)}." for c in sorted(contrasts)]
+    lines += ["- [low, high]: 95 % bootstrap interval over images (seeded); **bold**: the best method, only where its "
+              "interval clears the runner-up's.", ""]
     if len(faithfulness):
-        lines += ["## Faithfulness (insertion: higher is better; deletion: lower is better)", "",
+        lines += ["## Faithfulness (the paper's Table 1; insertion: higher is better; deletion: lower is better)", "",
                   "| rank | method | model | top-1 | insertion | deletion | images | px/step | seconds |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for r in faithfulness.itertuples(index=False):
-            lines.append(f"| {r.rank} | {METHOD_LABELS.get(r.method, r.method)} | {r.model} | {r.model_top1:.3f} | "
-                         f"{r.insertion:.3f} | {r.deletion:.3f} | {r.n_images} | {r.pixels_per_step} | {r.seconds:.0f} |")
+        for rank, table in faithfulness.groupby("rank", sort=False):
+            table = table.set_index("method")
+            best = {column: clear_best(table, column, column == "insertion") for column in ("insertion", "deletion")}
+            for method, r in table.iterrows():
+                cells = [with_interval(r[c], r[f"{c}_low"], r[f"{c}_high"], best[c] == method)
+                         for c in ("insertion", "deletion")]
+                lines.append(f"| {rank} | {METHOD_LABELS.get(method, method)} | {r.model} | {r.model_top1:.3f} | "
+                             f"{cells[0]} | {cells[1]} | {r.n_images} | {r.pixels_per_step} | {r.seconds:.0f} |")
         lines += ["", "The paper (CUB, DINO ViT-B/16), insertion / deletion: " + ", ".join(
             f"{METHOD_LABELS[m]} {i:.2f} / {d:.2f}" for m, (i, d) in PAPER_TABLE_1.items()) + "."]
     else:
         lines += ["No faithfulness scores (evaluation.faithfulness.finest_ranks)."]
     if len(localization):
-        maps = localization[localization["metric"].isin(["pointing_game", "energy_pointing_game"])]
+        maps = localization[localization["metric"].isin(list(LOCALIZATION_GAMES))]
         parts = list(dict.fromkeys(maps["part"]))
-        for metric, title in (("pointing_game", "Pointing game (the map's maximum inside the target)"),
-                              ("energy_pointing_game", "Energy-based pointing game (share of the map's mass inside)")):
+        for metric, title in LOCALIZATION_TITLES.items():
             lines += ["", f"## {title}", "", "| rank | method | " + " | ".join(parts) + " |",
                       "|---" * (len(parts) + 2) + "|"]
-            for (rank, method), rows in maps[maps["metric"] == metric].groupby(["rank", "method"], sort=False):
-                cells = rows.set_index("part")["value"]
-                lines.append(f"| {rank} | {METHOD_LABELS.get(method, method)} | " + " | ".join(
-                    f"{cells[p]:.2f}" if p in cells else "" for p in parts) + " |")
+            for rank, table in maps[maps["metric"] == metric].groupby("rank", sort=False):
+                best = {part: clear_best(rows[rows["method"] != "random"].set_index("method"), "value")
+                        for part, rows in table.groupby("part")}
+                for method, rows in table.groupby("method", sort=False):
+                    cells = rows.set_index("part")
+                    lines.append(f"| {rank} | {METHOD_LABELS.get(method, method)} | " + " | ".join(
+                        with_interval(*cells.loc[p, ["value", "value_low", "value_high"]], best[p] == method)
+                        if p in cells.index else "" for p in parts) + " |")
         consistency = localization[localization["metric"].str.endswith("part_consistency")]
         if len(consistency):
             lines += ["", "## Part consistency of Prompt-CAM's heads (share of (class, head) pairs hitting the same "
-                      "part on >= the threshold of the class's images)", "", "| rank | all heads | trait heads |",
-                      "|---|---|---|"]
+                      "part on >= the threshold of the class's images; interval over the pairs)", "",
+                      "| rank | all heads | trait heads |", "|---|---|---|"]
             for rank, rows in consistency.groupby("rank", sort=False):
-                values = rows.set_index("metric")["value"]
-                lines.append(f"| {rank} | {values.get('part_consistency', np.nan):.2f} | "
-                             f"{values.get('trait_part_consistency', np.nan):.2f} |")
+                values = rows.set_index("metric")
+                lines.append(f"| {rank} | " + " | ".join(
+                    with_interval(*values.loc[m, ["value", "value_low", "value_high"]]) if m in values.index else ""
+                    for m in ("part_consistency", "trait_part_consistency")) + " |")
     else:
         lines += ["", "No localization scores: the dataset has no ground truth (mask_path, evaluation.parts)."]
+    if counterfactual is not None and len(counterfactual):
+        lines += ["", "## Counterfactual traits (the rank's trait swapped for a sibling's, nothing else changed)", "",
+                  "| rank | trait swapped | model | top-1 before | moves to the sibling | top trait head on the "
+                  "swapped trait | true-class margin drop | true-class probability drop | images |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in counterfactual.itertuples(index=False):
+            cells = [with_interval(*(getattr(r, f"{c}{end}") for end in ("", "_low", "_high")))
+                     if np.isfinite(getattr(r, c)) else "—" for c in ("flip_rate", "peak_on_trait", "margin_drop",
+                                                                          "probability_drop")]
+            lines.append(f"| {r.rank} | {r.trait} | {MODEL_LABELS.get(r.model, r.model)} | {r.original_top1:.2f} | "
+                         + " | ".join(cells) + f" | {r.n_images} |")
+        lines += ["", "A model that uses the planted trait moves to the sibling whose trait the image now carries; "
+                  "one that uses something else keeps its answer."]
     targets = [line for rank in ranks for line in verdicts(faithfulness, localization, rank)]
     if targets:
         lines += ["", "## Prompt-CAM against the baselines", "", *targets]
@@ -620,7 +845,7 @@ def examples_figure(saliency_path, manifest: pd.DataFrame, config: dict, n: int 
 
 
 def evaluation_summary(inputs: dict, outputs: dict, config: dict) -> None:
-    """faithfulness.parquet, localization.parquet (every rank), their figures, the example maps, evaluation.md and its
+    """faithfulness.parquet, localization.parquet, counterfactual.parquet (every rank), their figures, the example maps, evaluation.md and its
     HTML page with the evaluation settings (evaluation.html)."""
     from .figures import save_figure
 
@@ -629,8 +854,12 @@ def evaluation_summary(inputs: dict, outputs: dict, config: dict) -> None:
     curves = pd.concat([pd.read_parquet(p) for p in inputs["curves"]], ignore_index=True)
     localization = pd.concat([pd.read_parquet(p) for p in inputs["localization"]], ignore_index=True)
     localization = localization.astype(LOCALIZATION_COLUMNS) if len(localization) else empty_table(LOCALIZATION_COLUMNS)
+    counterfactual = pd.concat([pd.read_parquet(p) for p in inputs["counterfactual"]], ignore_index=True)
+    counterfactual = counterfactual.astype(COUNTERFACTUAL_COLUMNS) if len(counterfactual) else empty_table(
+        COUNTERFACTUAL_COLUMNS)
     write_parquet(faithfulness, outputs["faithfulness"])
     write_parquet(localization, outputs["localization"])
+    write_parquet(counterfactual, outputs["counterfactual"])
     figures = Path(outputs["figures"])
     figures.mkdir(parents=True, exist_ok=True)
     ranks = list(dict.fromkeys(faithfulness["rank"]))
@@ -645,7 +874,7 @@ def evaluation_summary(inputs: dict, outputs: dict, config: dict) -> None:
         log.info("no ground truth (mask_path, evaluation.parts): no localization figure")
     save_figure(examples_figure(inputs["saliency"][-1], pd.read_parquet(inputs["manifest"]), config),
                 figures / "example_maps.png", report_labels=report_labels(config["ranks"][-1], kind="example maps"))
-    text = summary_markdown(faithfulness, localization, config["ranks"])
+    text = summary_markdown(faithfulness, localization, config["ranks"], counterfactual)
     page = page_html(text, {**config, "evaluation": settings(config)}, EVALUATION_SETTINGS)  # defaults filled in
     for path, content in ((outputs["summary"], text), (outputs["html"], page)):
         with atomic_write(path) as tmp:

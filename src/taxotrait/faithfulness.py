@@ -11,7 +11,9 @@ by the saliency map, upsampled (bilinear) to the input size, most salient first;
 
 A "pixel" is a spatial position (all three channels). Each curve has one point per step, from 0 to every pixel
 changed; its area is the trapezoid rule over the fraction of pixels changed, [0, 1]. Every perturbed image of every
-step and image is scored in batches of `batch_size`, so a GPU runs at full speed.
+step and image is scored in batches of `batch_size`, so a GPU runs at full speed. The curves' ends (the image, every
+pixel deleted, every pixel blurred) do not depend on the map: `endpoint_probabilities` scores them once for all the
+maps of one model.
 """
 
 from __future__ import annotations
@@ -75,6 +77,33 @@ class FaithfulnessResult:
         return auc(self.fractions, self.deletion)
 
 
+def _target_probability(predict, images, targets, rivals) -> torch.Tensor:
+    """Softmax probability [n] of class targets [n] (over rivals [n, C] when given) under predict(images)."""
+    scores = predict(images).float()
+    if rivals is not None:
+        scores = scores.masked_fill(~rivals, float("-inf"))
+    return scores.softmax(-1).gather(1, targets[:, None])[:, 0]
+
+
+@torch.no_grad()
+def endpoint_probabilities(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                           targets: torch.Tensor, batch_size: int = 64, blur_kernel: int = BLUR_KERNEL,
+                           blur_sigma: float = BLUR_SIGMA, rivals: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, 3]: the target's probability on each image as it is, with every pixel deleted (the mean colour) and
+    blurred: the ends of the deletion and insertion curves, the same for every map of one model and target (computed
+    once, `insertion_deletion`'s `endpoints`)."""
+    device = images.device
+    targets = targets.to(device)
+    rivals = None if rivals is None else rivals.to(device)
+    blurred = gaussian_blur(images, [blur_kernel, blur_kernel], [blur_sigma, blur_sigma])
+    ends = torch.stack([images, torch.zeros_like(images), blurred], 1).flatten(0, 1)  # [B * 3, 3, H, W]
+    index = torch.arange(len(images), device=device).repeat_interleave(3)
+    chunks = [_target_probability(predict, ends[i:i + batch_size], targets[index[i:i + batch_size]],
+                                  None if rivals is None else rivals[index[i:i + batch_size]])
+              for i in range(0, len(ends), batch_size)]
+    return torch.cat(chunks).view(len(images), 3).cpu().double()
+
+
 @torch.no_grad()
 def insertion_deletion(
     predict: Callable[[torch.Tensor], torch.Tensor],
@@ -85,11 +114,16 @@ def insertion_deletion(
     batch_size: int = 64,
     blur_kernel: int = BLUR_KERNEL,
     blur_sigma: float = BLUR_SIGMA,
+    rivals: torch.Tensor | None = None,
+    endpoints: torch.Tensor | None = None,
 ) -> FaithfulnessResult:
     """Insertion and deletion curves of normalised images [B, 3, H, W] explained by saliency maps [B, h, w].
 
     predict(images [n, 3, H, W]) -> class scores [n, C] (logits; softmax is applied here). targets [B]: the class
-    whose probability is followed. pixels_per_step: default W (RISE: 224 steps at 224 x 224).
+    whose probability is followed. rivals: bool [B, C], the classes each image's softmax runs over (contrast
+    'siblings': the target's siblings); default every class. pixels_per_step: default W (RISE: 224 steps at
+    224 x 224). endpoints: `endpoint_probabilities` of the same predict, images and targets, shared by the maps of
+    one model (computed here when not given).
     """
     from torchvision.transforms.functional import gaussian_blur  # here: the figures import this module, not torchvision
 
@@ -99,12 +133,15 @@ def insertion_deletion(
     counts = step_counts(height * width, pixels_per_step or width).to(device)
     blurred = gaussian_blur(images, [blur_kernel, blur_kernel], [blur_sigma, blur_sigma])
     num_steps = len(counts)
-    # every (curve, image, step): curve 0 = deletion, 1 = insertion
+    targets = targets.to(device)
+    rivals = None if rivals is None else rivals.to(device)
+    if endpoints is None:
+        endpoints = endpoint_probabilities(predict, images, targets, batch_size, blur_kernel, blur_sigma, rivals)
+    # every (curve, image, inner step): curve 0 = deletion, 1 = insertion; the first and last steps are endpoints
     curve, image, step = (g.flatten() for g in torch.meshgrid(
         torch.arange(2, device=device), torch.arange(num_images, device=device),
-        torch.arange(num_steps, device=device), indexing="ij"))
+        torch.arange(1, num_steps - 1, device=device), indexing="ij"))
     probabilities = torch.empty(len(curve), device=device)
-    targets = targets.to(device)
     for start in range(0, len(curve), batch_size):
         c, b, s = curve[start:start + batch_size], image[start:start + batch_size], step[start:start + batch_size]
         changed = (rank[b] < counts[s][:, None]).view(-1, 1, height, width)
@@ -112,8 +149,11 @@ def insertion_deletion(
         start_image = torch.where(deletion, images[b], blurred[b])
         end_image = torch.where(deletion, torch.zeros_like(images[b]), images[b])
         perturbed = torch.where(changed, end_image, start_image)
-        scores = predict(perturbed).float()
-        probabilities[start:start + batch_size] = scores.softmax(-1).gather(1, targets[b][:, None])[:, 0]
-    curves = probabilities.view(2, num_images, num_steps).cpu().double()
+        probabilities[start:start + batch_size] = _target_probability(
+            predict, perturbed, targets[b], None if rivals is None else rivals[b])
+    inner = probabilities.view(2, num_images, num_steps - 2).cpu().double()
+    original, deleted, blurred_end = endpoints.to(inner).unbind(1)
+    deletion = torch.cat([original[:, None], inner[0], deleted[:, None]], 1)
+    insertion = torch.cat([blurred_end[:, None], inner[1], original[:, None]], 1)
     fractions = counts.cpu().double() / (height * width)
-    return FaithfulnessResult(fractions, insertion=curves[1], deletion=curves[0])
+    return FaithfulnessResult(fractions, insertion=insertion, deletion=deletion)

@@ -20,9 +20,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .intervals import mean_with_intervals
+
+POINTING_RATES = {"hit_rate": "hit", "random_rate": "random", "tolerance_hit_rate": "near",
+                  "tolerance_random_rate": "near_random", "centre_rate": "centre"}  # rate: per-image column
 POINTING_COLUMNS = {"rank": "string", "mask": "string", "region": "string", "hit_rate": "float64",
                     "random_rate": "float64", "n_images": "int64", "tolerance_hit_rate": "float64",
-                    "tolerance_random_rate": "float64", "centre_rate": "float64", "contrast": "string"}
+                    "tolerance_random_rate": "float64", "centre_rate": "float64", "contrast": "string",
+                    **{f"{rate}_{end}": "float64" for rate in POINTING_RATES for end in ("low", "high")}}
 TOLERANCE_AT_224 = 15.0  # the pointing game's standard tolerance, in pixels of a 224 px input
 PLANTED, EXCLUSIVE = "planted", "exclusive"  # the values of `region`
 
@@ -89,7 +94,8 @@ def pointing_game(heads: pd.DataFrame, manifest: pd.DataFrame, load_masks, grid:
     - tolerance_hit_rate: the peak (the patch centre, in the eval crop) lies within `tolerance` pixels at 224 px
       (scaled with img_size) of the mask, the literature's pointing game; tolerance_random_rate: the share of patch
       centres that do;
-    - centre_rate: the pixel under the peak lies in the mask (for exclusive regions: the region under the peak).
+    - centre_rate: the pixel under the peak lies in the mask (for exclusive regions: the region under the peak);
+    - <rate>_low, <rate>_high: each rate's 95 % bootstrap interval over images (`taxotrait.intervals`).
 
     load_masks(mask_path) -> {name: bool array [H, W]}.
     """
@@ -108,12 +114,10 @@ def pointing_game(heads: pd.DataFrame, manifest: pd.DataFrame, load_masks, grid:
             rows.append((top.rank, name, region, float(hits[peak]), float(hits.mean()), float(near[peak]),
                          float(near.mean()), float(centre[peak])))
     table = pd.DataFrame(rows, columns=["rank", "mask", "region", "hit", "random", "near", "near_random", "centre"])
-    summary = table.groupby(["rank", "mask", "region"], sort=False).agg(
-        hit_rate=("hit", "mean"), random_rate=("random", "mean"), n_images=("hit", "size"),
-        tolerance_hit_rate=("near", "mean"), tolerance_random_rate=("near_random", "mean"),
-        centre_rate=("centre", "mean")).reset_index()
+    summary = mean_with_intervals(table, ["rank", "mask", "region"], POINTING_RATES)
     contrast = heads.groupby("rank", sort=False)["contrast"].first() if len(heads) else pd.Series(dtype=str)
-    return summary.assign(contrast=summary["rank"].map(contrast).fillna("")).astype(POINTING_COLUMNS)
+    summary = summary.assign(contrast=summary["rank"].map(contrast).fillna(""))
+    return summary[list(POINTING_COLUMNS)].astype(POINTING_COLUMNS)
 
 
 def patch_scores(masks: dict[str, np.ndarray], grid: tuple[int, int], resize: int, img_size: int,
@@ -121,8 +125,6 @@ def patch_scores(masks: dict[str, np.ndarray], grid: tuple[int, int], resize: in
     """Per (region, mask) of one image's masks, as planted and as exclusive regions, three bool arrays over the
     patches [h*w]: the patch overlaps the mask; its centre (in the eval crop) lies within `radius` crop pixels of it;
     the pixel under its centre is in it."""
-    from scipy.ndimage import distance_transform_edt
-
     h, w = grid
     centres = (np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2) + 0.5) \
         * np.array([img_size / h, img_size / w])  # (row, col) of each patch centre in crop pixels
@@ -133,8 +135,7 @@ def patch_scores(masks: dict[str, np.ndarray], grid: tuple[int, int], resize: in
     for region, regions in ((PLANTED, masks), (EXCLUSIVE, exclusive_masks(masks))):
         for name, mask in regions.items():
             inside = crop_mask(mask, resize, img_size)
-            near = distance_transform_edt(~inside)[cells[:, 0], cells[:, 1]] <= radius if inside.any() \
-                else np.zeros(len(cells), bool)
+            near = near_mask(inside, radius)[cells[:, 0], cells[:, 1]]
             scores[region, name] = (box_hits(mask, boxes), near, inside[cells[:, 0], cells[:, 1]])
     return scores
 
@@ -172,13 +173,19 @@ class GroundTruth:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     points: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def targets(self, size: int, tolerance: float) -> dict[str, np.ndarray]:
-        """What a map should point at: each mask, or for keypoints `KEYPOINTS`: discs of radius `tolerance` around
-        every visible keypoint (the keypoint pointing game is a hit within `tolerance` of one of them)."""
+    def targets(self, size: int, tolerance: float, grid: tuple[int, int]) -> dict[str, tuple[np.ndarray, ...]]:
+        """What a map should point at, by target name: (strict, near, area) bool [size, size].
+
+        - masks: strict = the mask; near = pixels within `tolerance` of it (the literature's pointing game);
+          area = the mask (the energy-based game's target);
+        - keypoints, one target `KEYPOINTS`: strict = the patches (`grid`) holding a visible keypoint; near = area =
+          discs of radius `tolerance` around every visible keypoint."""
         if self.masks:
-            return self.masks
+            return {name: (m, near_mask(m, tolerance), m) for name, m in self.masks.items()}
         if self.points:
-            return {KEYPOINTS: keypoint_mask(np.array(list(self.points.values())), size, tolerance)}
+            xy = np.array(list(self.points.values()))
+            discs = keypoint_mask(xy, size, tolerance)
+            return {KEYPOINTS: (keypoint_patches(xy, size, grid), discs, discs)}
         return {}
 
     @cached_property
@@ -199,6 +206,24 @@ class GroundTruth:
             xy = np.array([self.points[n] for n in names])
             return names[int(np.argmin(((xy - (x, y)) ** 2).sum(1)))]
         return ""
+
+
+def near_mask(mask: np.ndarray, radius: float) -> np.ndarray:
+    """bool mask: pixels whose centre lies within `radius` pixels of a pixel of `mask` (none for an empty mask)."""
+    from scipy.ndimage import distance_transform_edt
+
+    mask = np.asarray(mask, dtype=bool)
+    return distance_transform_edt(~mask) <= radius if mask.any() else np.zeros_like(mask)
+
+
+def keypoint_patches(points: np.ndarray, size: int, grid: tuple[int, int]) -> np.ndarray:
+    """bool [size, size]: the patches of a `grid` over the crop that hold one of `points` [n, 2] (x, y)."""
+    h, w = grid
+    rows = np.clip((np.asarray(points, dtype=np.float64).reshape(-1, 2)[:, 1] * h / size).astype(int), 0, h - 1)
+    cols = np.clip((np.asarray(points, dtype=np.float64).reshape(-1, 2)[:, 0] * w / size).astype(int), 0, w - 1)
+    cells = np.zeros((h, w), dtype=bool)
+    cells[rows, cols] = True
+    return cells[np.ix_(np.arange(size) * h // size, np.arange(size) * w // size)]
 
 
 def keypoint_mask(points: np.ndarray, size: int, radius: float) -> np.ndarray:

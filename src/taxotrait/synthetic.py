@@ -77,6 +77,8 @@ __all__ = [
     "build_taxonomy",
     "trait_table",
     "render_fish",
+    "counterfactual_fish",
+    "swapped_sibling",
     "head_direction",
     "generate_dataset",
     "load_masks",
@@ -330,6 +332,24 @@ def _pattern_polygons(pattern: Pattern, body: BodyShape, r0: float, r1: float) -
     raise ValueError(pattern.kind)  # pragma: no cover
 
 
+def _outline_parts(body: BodyShape, tail: Tail) -> tuple[np.ndarray, ...]:
+    """Canonical polygons (body, tail, dorsal fin, anal fin) of a fish with this body and tail."""
+    a = body.a
+    top = lambda x: -float(body.half_height(x))  # noqa: E731
+    d0, d1 = -0.2 * a, 0.32 * a
+    dorsal = np.asarray([(d0, top(d0) + 3), (d0 + 0.25 * (d1 - d0), top(d0 + 0.25 * (d1 - d0)) - 15),
+                         (d1, top(d1) + 3)], dtype=float)
+    a0, a1 = -0.62 * a, -0.3 * a
+    anal = np.asarray([(a0, -top(a0) - 3), (a0 + 0.2 * (a1 - a0), -top(a0 + 0.2 * (a1 - a0)) + 11),
+                       (a1, -top(a1) - 3)], dtype=float)
+    return body.outline(), _tail_polygon(tail.shape, -a + 6.0), dorsal, anal
+
+
+def fish_outline(body: BodyShape, tail: Tail) -> np.ndarray:
+    """Every outline point of a fish with this body and tail (what its pose must keep in the frame)."""
+    return np.concatenate(_outline_parts(body, tail))
+
+
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
     """A murky, low-contrast clutter of blobs and lines, drawn at half size, returned at 2x size."""
     base = np.array([rng.uniform(45, 105), rng.uniform(65, 120), rng.uniform(60, 125)])
@@ -381,11 +401,14 @@ def _poly(draw: ImageDraw.ImageDraw, pts: np.ndarray, fill: int, outline: int | 
 
 
 def render_fish(order_idx: int, family_idx: int, genus_idx: int, species_idx: int, image_size: int = 224,
-                rng: np.random.Generator | int | None = 0) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+                rng: np.random.Generator | int | None = 0,
+                pose_from: tuple[int, int] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
     """Draw one fish with the given trait variants.
 
     Returns the RGB image (uint8, H x W x 3), the masks (``MASK_KEYS`` -> bool H x W) and the
     pose (``flipped``, ``angle`` in degrees, ``scale`` relative to nominal, body centre ``cx``, ``cy``).
+    pose_from: the (order_idx, family_idx) whose outline fits the fish in the frame (default its own): a
+    counterfactual with another body or tail keeps the pose of its original (`counterfactual_fish`).
     """
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     body = BODY_SHAPES[order_idx]
@@ -400,15 +423,8 @@ def render_fish(order_idx: int, family_idx: int, genus_idx: int, species_idx: in
 
     # ---- canonical geometry
     a = body.a
-    body_pts = body.outline()
-    tail_pts = _tail_polygon(tail.shape, -a + 6.0)
+    body_pts, tail_pts, dorsal, anal = _outline_parts(body, tail)
     top = lambda x: -float(body.half_height(x))  # noqa: E731
-    d0, d1 = -0.2 * a, 0.32 * a
-    dorsal = np.asarray([(d0, top(d0) + 3), (d0 + 0.25 * (d1 - d0), top(d0 + 0.25 * (d1 - d0)) - 15),
-                         (d1, top(d1) + 3)], dtype=float)
-    a0, a1 = -0.62 * a, -0.3 * a
-    anal = np.asarray([(a0, -top(a0) - 3), (a0 + 0.2 * (a1 - a0), -top(a0 + 0.2 * (a1 - a0)) + 11),
-                       (a1, -top(a1) - 3)], dtype=float)
     xe = a - EYE_FROM_SNOUT
     ye = 0.3 * top(xe)
     xo = a - OPERCULUM_FROM_SNOUT
@@ -425,7 +441,9 @@ def render_fish(order_idx: int, family_idx: int, genus_idx: int, species_idx: in
     flipped = bool(rng.integers(0, 2))
     angle = float(rng.uniform(-MAX_ROTATION, MAX_ROTATION))
     scale = float(rng.uniform(*SCALE_RANGE))
-    outline_pts = np.concatenate([body_pts, tail_pts, dorsal, anal])
+    outline_pts = fish_outline(body, tail)
+    if pose_from is not None and tuple(pose_from) != (order_idx, family_idx):
+        outline_pts = fish_outline(BODY_SHAPES[pose_from[0]], TAILS[pose_from[1]])
     margin = 3.0 * unit
     for _ in range(8):
         ext = _transform(outline_pts, _Pose(flipped, angle, scale, 0.0, 0.0), unit)
@@ -534,10 +552,41 @@ def load_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {k: z[k].astype(bool, copy=False) for k in z.files}
 
 
+def image_rng(seed: int, index: int) -> np.random.Generator:
+    """The random stream of image number `index` of a dataset generated with `seed`."""
+    return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(index,)))
+
+
+def image_index(image_id: str) -> int:
+    """The generation index of a demo image from its id (``img<index>``, as `generate_dataset` names them)."""
+    if not (str(image_id).startswith("img") and str(image_id)[3:].isdigit()):
+        raise ValueError(f"{image_id!r} is not an image id of the synthetic generator (img<number>)")
+    return int(str(image_id)[3:])
+
+
+def swapped_sibling(sp: Species, rank: str, siblings: int) -> int:
+    """The sibling index the counterfactual of `sp` takes at `rank`: the next of its `siblings` variants."""
+    return (getattr(sp, f"{rank}_idx") + 1) % siblings
+
+
+def counterfactual_fish(image_id: str, sp: Species, rank: str, sibling_idx: int, image_size: int = 224,
+                        seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+    """The demo image `image_id` of species `sp` rendered again with exactly one trait, the one of `rank`, taken
+    from the sibling of index `sibling_idx` (the species mark's colour, the genus pattern, the family tail or the
+    order body shape): the same random stream, so the same background, pose, body colour and noise. Returns what
+    `render_fish` returns; pixels change only where the trait was or now is (for the body shape: the whole fish)."""
+    if rank not in RANKS:
+        raise ValueError(f"rank must be one of {RANKS}, got {rank!r}")
+    traits = {r: getattr(sp, f"{r}_idx") for r in RANKS}
+    traits[rank] = int(sibling_idx)
+    return render_fish(traits["order"], traits["family"], traits["genus"], traits["species"], image_size,
+                       image_rng(seed, image_index(image_id)), pose_from=(sp.order_idx, sp.family_idx))
+
+
 def _render_job(job: tuple) -> dict:
     index, image_id, split, sp, image_size, seed, out_dir = job
-    rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(index,)))
-    img, masks, info = render_fish(sp.order_idx, sp.family_idx, sp.genus_idx, sp.species_idx, image_size, rng)
+    img, masks, info = render_fish(sp.order_idx, sp.family_idx, sp.genus_idx, sp.species_idx, image_size,
+                                   image_rng(seed, index))
     rel = f"images/{split}/{sp.species}/{image_id}.png"
     mrel = f"masks/{image_id}.npz"
     Image.fromarray(img).save(Path(out_dir) / rel, format="PNG", compress_level=1)

@@ -1,6 +1,6 @@
 # Evaluation of the explanations (config `evaluation`, taxotrait.evaluation): faithfulness (insertion, deletion)
-# against Grad-CAM, Layer-CAM, Eigen-CAM and attention rollout on a linear probe, and localization against the ground
-# truth (masks or CUB-style part keypoints).
+# against Grad-CAM, Layer-CAM, Eigen-CAM and attention rollout on a linear probe, localization against the ground
+# truth (masks or CUB-style part keypoints) and, on the demo, counterfactual traits; every score with its interval.
 from taxotrait import report as reporting
 
 rule train_probes:
@@ -13,7 +13,8 @@ rule train_probes:
     output:
         probes=expand(f"{RESULTS}/{{rank}}/probe.pt", rank=RANKS),
     params:
-        settings=lambda wildcards: params_json("backbone", "model") + evaluation_params("device", "batch_size")(wildcards),
+        settings=lambda wildcards: params_json("backbone", "model", "contrast")
+        + evaluation_params("device", "batch_size")(wildcards),
     log:
         f"{LOGS}/train_probes.log",
     benchmark:
@@ -49,18 +50,24 @@ rule saliency_maps:
         "../scripts/saliency_maps.py"
 
 
+# insertion/deletion and, on the demo, counterfactual traits: whether each model uses what its maps show (one job,
+# one model load per rank)
 rule faithfulness:
     input:
         model=trained_model,
         probe=f"{RESULTS}/{{rank}}/probe.pt",
         saliency=f"{RESULTS}/{{rank}}/saliency.h5",
+        heads=f"{RESULTS}/{{rank}}/heads.parquet",
         manifest=f"{RESULTS}/manifest.parquet",
+        eval_tokens=f"{RESULTS}/cache/eval.tokens.npy",
         weights=backbone_weights(),
     output:
         table=f"{RESULTS}/{{rank}}/faithfulness.parquet",
         curves=f"{RESULTS}/{{rank}}/faithfulness_curves.parquet",
+        counterfactual=f"{RESULTS}/{{rank}}/counterfactual.parquet",
     params:
-        settings=evaluation_params("faithfulness", "device", "batch_size"),
+        settings=lambda wildcards: params_json("data")
+        + evaluation_params("faithfulness", "localization", "device", "batch_size")(wildcards),
         precision=config["backbone"].get("precision"),
     log:
         f"{LOGS}/faithfulness.{{rank}}.log",
@@ -98,11 +105,13 @@ rule evaluation_summary:
         faithfulness=expand(f"{RESULTS}/{{rank}}/faithfulness.parquet", rank=RANKS),
         curves=expand(f"{RESULTS}/{{rank}}/faithfulness_curves.parquet", rank=RANKS),
         localization=expand(f"{RESULTS}/{{rank}}/localization.parquet", rank=RANKS),
+        counterfactual=expand(f"{RESULTS}/{{rank}}/counterfactual.parquet", rank=RANKS),
         saliency=expand(f"{RESULTS}/{{rank}}/saliency.h5", rank=RANKS),
         manifest=f"{RESULTS}/manifest.parquet",
     output:
         faithfulness=f"{RESULTS}/faithfulness.parquet",
         localization=f"{RESULTS}/localization.parquet",
+        counterfactual=f"{RESULTS}/counterfactual.parquet",
         figures=report(
             directory(f"{RESULTS}/figures/evaluation"),
             patterns=["{name}.png"],

@@ -1,5 +1,11 @@
-# Snakemake adapter: insertion and deletion of every method at one rank.
+# Snakemake adapter: insertion and deletion of every method, and the counterfactual traits, at one rank.
 from taxotrait import evaluation
 from taxotrait.runner import run_script
 
-run_script(snakemake, lambda s: evaluation.faithfulness_step(s.wildcards.rank, s.input, s.output, s.config))
+
+def steps(s):
+    evaluation.faithfulness_step(s.wildcards.rank, s.input, s.output, s.config)
+    evaluation.counterfactual_step(s.wildcards.rank, s.input, s.output, s.config)
+
+
+run_script(snakemake, steps)
