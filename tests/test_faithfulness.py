@@ -67,7 +67,7 @@ def test_deletion_auc_known_answer(left, expected):
 def test_insertion_auc_known_answer(monkeypatch, left, expected):
     # with a blur that removes everything (all zeros), inserting the informative half first rises to 0.5 at
     # half the pixels (area 0.125 + 0.25)
-    monkeypatch.setattr(fa, "gaussian_blur", lambda x, k, s: torch.zeros_like(x))
+    monkeypatch.setattr(fa, "blur", lambda x, k, s: torch.zeros_like(x))
     result = fa.insertion_deletion(mean_model, half_image(), saliency_on(left), torch.tensor([0]), pixels_per_step=4)
     assert result.insertion_auc.item() == pytest.approx(expected, abs=1e-6)
 

@@ -77,6 +77,13 @@ class FaithfulnessResult:
         return auc(self.fractions, self.deletion)
 
 
+def blur(images: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
+    """Gaussian blur of images [B, 3, H, W]: the insertion curve's start."""
+    from torchvision.transforms.functional import gaussian_blur  # here: the figures import this module, not torchvision
+
+    return gaussian_blur(images, [kernel, kernel], [sigma, sigma])
+
+
 def _target_probability(predict, images, targets, rivals) -> torch.Tensor:
     """Softmax probability [n] of class targets [n] (over rivals [n, C] when given) under predict(images)."""
     scores = predict(images).float()
@@ -95,7 +102,7 @@ def endpoint_probabilities(predict: Callable[[torch.Tensor], torch.Tensor], imag
     device = images.device
     targets = targets.to(device)
     rivals = None if rivals is None else rivals.to(device)
-    blurred = gaussian_blur(images, [blur_kernel, blur_kernel], [blur_sigma, blur_sigma])
+    blurred = blur(images, blur_kernel, blur_sigma)
     ends = torch.stack([images, torch.zeros_like(images), blurred], 1).flatten(0, 1)  # [B * 3, 3, H, W]
     index = torch.arange(len(images), device=device).repeat_interleave(3)
     chunks = [_target_probability(predict, ends[i:i + batch_size], targets[index[i:i + batch_size]],
@@ -125,13 +132,11 @@ def insertion_deletion(
     224 x 224). endpoints: `endpoint_probabilities` of the same predict, images and targets, shared by the maps of
     one model (computed here when not given).
     """
-    from torchvision.transforms.functional import gaussian_blur  # here: the figures import this module, not torchvision
-
     num_images, _, height, width = images.shape
     device = images.device
     rank = pixel_rank(upsample(saliency.to(device), (height, width)))  # [B, H*W]
     counts = step_counts(height * width, pixels_per_step or width).to(device)
-    blurred = gaussian_blur(images, [blur_kernel, blur_kernel], [blur_sigma, blur_sigma])
+    blurred = blur(images, blur_kernel, blur_sigma)
     num_steps = len(counts)
     targets = targets.to(device)
     rivals = None if rivals is None else rivals.to(device)
