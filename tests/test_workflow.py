@@ -135,7 +135,7 @@ def test_the_taxotrait_command_describes_a_taxon_of_the_run(results, tmp_path):
     assert out[1] == f"key: at the fork {node}, told from {sibling} by the heads above"
     ancestors = hierarchy[hierarchy["species"] == species]
     assert [line.split()[0] for line in out[2:]] == list(dict.fromkeys(ancestors["rank"]))  # coarse to fine
-    assert all(line.split()[1] == taxon for line, taxon in zip(out[2:], ancestors.drop_duplicates("rank")["taxon"]))
+    assert [line.split()[1] for line in out[2:]] == [f"{taxon}:" for taxon in ancestors.drop_duplicates("rank")["taxon"]]
     unknown = subprocess.run([str(Path(sys.executable).with_name("taxotrait")), "describe", str(results), "Nemo"],
                              capture_output=True, text=True)
     assert unknown.returncode == 1 and f"'Nemo': no traits in {results}" in unknown.stderr
@@ -342,7 +342,7 @@ def test_killed_training_job_resumes_on_rerun(results, tmp_path, monkeypatch):
         ("manifest", "manifest.parquet"), ("classes", "classes.parquet"), ("train_tokens", "cache/train.tokens.npy"),
         ("eval_tokens", "cache/eval.tokens.npy"))}
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # as the train rule's job
+    torch.set_num_threads(1)  # as the train rule's job (threads: 1)
     try:
         with pytest.raises(Killed):
             workflow.train_rank("order", inputs, {"model": folder / "model.pt",
