@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from bench_engine import machine  # bench/, the script's folder, is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_S = 360
@@ -73,12 +74,6 @@ def run_demo(results: Path, cores: int) -> tuple[float, float]:
     return times[0], times[1]
 
 
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return f"{model or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cores", type=int, default=2)
@@ -98,11 +93,9 @@ def main() -> None:
         results = Path(tempfile.mkdtemp(prefix="demo-times-"))
         wall, report = run_demo(results, args.cores)
         columns["this run"] = rule_times(results / "demo" / "benchmarks")
-    load_after = os.getloadavg()
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## Demo wall time, {stamp}", "",
-             f"- machine: {machine()}; load average before {load_before[0]:.2f}, after "
-             f"{' '.join(f'{x:.2f}' for x in load_after)}",
+             f"- machine: {machine('cpu')}; load average at the start {load_before[0]:.2f}",
              f"- command: `python bench/demo_times.py {' '.join(sys.argv[1:])}`"]
     if wall is not None:
         total = wall + report

@@ -7,7 +7,8 @@ from torchvision.transforms.functional import gaussian_blur
 
 from taxotrait import faithfulness as fa
 from taxotrait.baselines import (CAM_METHODS, LinearProbe, _cam_class, attention_rollout, block_first_token, cam_maps,
-                                 class_rivals, eigen_projection, fit_linear_probe, load_probe, save_probe, vit_reshape)
+                                 eigen_projection, fit_linear_probe, load_probe, save_probe, vit_reshape)
+from taxotrait.model import class_rivals
 
 SIZE = 8  # 8 x 8 images: 64 pixels
 

@@ -23,6 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .backbone import tokens_entering, weights_digest
+from .model import class_rivals, rival_prediction
 from .naive import naive_block
 
 CAM_METHODS = ("grad_cam", "layer_cam", "eigen_cam")
@@ -87,15 +88,6 @@ class LinearProbe(nn.Module):
         return self.forward_tokens(self.tokens(images))
 
 
-def class_rivals(groups: torch.Tensor | None, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """bool [B, C]: the classes each class of `labels` [B] competes with, itself included: those of its group
-    (`taxotrait.model.sibling_groups`: contrast 'siblings'), or every class without groups (contrast 'rank')."""
-    if groups is None:
-        return torch.ones(len(labels), num_classes, dtype=torch.bool, device=labels.device)
-    groups = groups.to(labels.device)
-    return groups[None, :] == groups[labels][:, None]
-
-
 def fit_linear_probe(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -140,9 +132,8 @@ def fit_linear_probe(
         weight, bias = weight.detach(), bias.detach()
         if len(grid) == 1:
             return weight.float(), bias.float(), l2
-        val_scores = (val_features.double() @ weight.T + bias).masked_fill(
-            ~class_rivals(groups, val_labels, num_classes), float("-inf"))
-        accuracy = (val_scores.argmax(1) == val_labels).double().mean().item()
+        prediction = rival_prediction(val_features.double() @ weight.T + bias, val_labels, groups)
+        accuracy = (prediction == val_labels).double().mean().item()
         if best is None or accuracy > best[0]:
             best = (accuracy, weight, bias, l2)
     return best[1].float(), best[2].float(), best[3]

@@ -42,8 +42,7 @@ import torch
 from PIL import Image
 
 from .backbone import weights_digest
-from .baselines import (LinearProbe, attention_rollout, cam_maps, class_rivals, fit_linear_probe, load_probe,
-                        save_probe)
+from .baselines import LinearProbe, attention_rollout, cam_maps, fit_linear_probe, load_probe, save_probe
 from .data import AugmentConfig, ImageTransform, TokenCache, load_image
 from .dataset import class_names, class_parents, labels
 from .devices import autocast, mixed_precision, resolve_device, resolve_precision
@@ -52,10 +51,10 @@ from .faithfulness import endpoint_probabilities, insertion_deletion, upsample
 from .intervals import bootstrap_interval, clears, interval_columns, mean_with_intervals
 from .localization import (KEYPOINTS, crop_mask, energy_shares, exclusive_masks, load_ground_truth, near_mask,
                            normalise_maps, part_consistency, pointing_hits, top_trait_heads)
-from .model import PromptCAM, sibling_groups
+from .model import PromptCAM, class_rivals, rival_prediction, sibling_groups
 from .report import ALL_RANKS, EVALUATION_SETTINGS, page_html
 from .report import labels as report_labels
-from .runner import atomic_write, empty_table, write_parquet
+from .runner import SYNTHETIC_BRANCHING, atomic_write, empty_table, write_parquet
 from .synthetic import RANKS as SYNTHETIC_RANKS
 from .synthetic import TRAIT_NAMES
 from .traits import rank_traits
@@ -132,13 +131,6 @@ def faithfulness_ranks(config: dict, finest_ranks: int | None) -> list[str]:
 def rank_groups(config: dict, classes: pd.DataFrame, rank: str) -> torch.Tensor | None:
     """The sibling groups [C] of the classes of `rank` under contrast 'siblings', None under 'rank'."""
     return sibling_groups(class_parents(classes, rank)) if config["contrast"] == "siblings" else None
-
-
-def rival_prediction(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
-    """The best class [B] among the rivals of each true class (`class_rivals`): the prediction given the true parent
-    under contrast 'siblings', the flat prediction under 'rank' (as `PromptCAM.sibling_prediction`)."""
-    rivals = class_rivals(groups, labels.to(scores.device), scores.shape[1])
-    return scores.masked_fill(~rivals, float("-inf")).argmax(1)
 
 
 @torch.no_grad()
@@ -555,8 +547,7 @@ def counterfactual_step(rank: str, inputs: dict, outputs: dict, config: dict) ->
     taxonomy = {sp.species: sp for sp in build_taxonomy(
         synthetic["n_orders"], synthetic["families_per_order"], synthetic["genera_per_family"],
         synthetic["species_per_genus"])}
-    siblings = {"order": synthetic["n_orders"], "family": synthetic["families_per_order"],
-                "genus": synthetic["genera_per_family"], "species": synthetic["species_per_genus"]}[rank]
+    siblings = synthetic[dict(SYNTHETIC_BRANCHING)[rank]]
     by_indices = {tuple(getattr(sp, f"{r}_idx") for r in SYNTHETIC_RANKS): sp for sp in taxonomy.values()}
     manifest = pd.read_parquet(inputs["manifest"]).set_index("image_id", drop=False)
     rows = manifest.loc[sal["image_id"]]

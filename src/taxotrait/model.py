@@ -34,6 +34,22 @@ def sibling_groups(parents: list[str]) -> torch.Tensor:
     return torch.tensor([index.setdefault(parent, len(index)) for parent in parents], dtype=torch.long)
 
 
+def class_rivals(groups: torch.Tensor | None, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """bool [B, C]: the classes each class of `labels` [B] competes with, itself included: those of its group
+    (`sibling_groups`: contrast 'siblings'), or every class without groups (contrast 'rank')."""
+    if groups is None:
+        return torch.ones(len(labels), num_classes, dtype=torch.bool, device=labels.device)
+    groups = groups.to(labels.device)
+    return groups[None, :] == groups[labels][:, None]
+
+
+def rival_prediction(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """The best class [B] among the rivals (`class_rivals`) of each true class `labels` [B]: the prediction given the
+    true parent under contrast 'siblings', the flat prediction without groups."""
+    rivals = class_rivals(groups, labels.to(scores.device), scores.shape[1])
+    return scores.masked_fill(~rivals, float("-inf")).argmax(1)
+
+
 @dataclass(frozen=True)
 class PromptConfig:
     """How prompts are placed: the variant, prompt depth k and number of class-agnostic prompts."""
@@ -114,8 +130,7 @@ class PromptCAM(nn.Module):
     def rivals(self, classes: torch.Tensor) -> torch.Tensor:
         """bool [B, C]: the classes each class of `classes` [B] competes with, itself included (its siblings under
         contrast 'siblings', every class under 'rank')."""
-        groups = self.groups.to(classes.device)
-        return groups[None, :] == groups[classes][:, None]
+        return class_rivals(self.groups, classes, self.num_classes)
 
     def rival_columns(self, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(columns, rivals): the classes to score for images of classes `classes` [B], and which are rivals.
@@ -143,7 +158,7 @@ class PromptCAM(nn.Module):
 
     def sibling_prediction(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The best class [B] among the rivals of each true class `labels` (given the true parent)."""
-        return scores.masked_fill(~self.rivals(labels.to(scores.device)), float("-inf")).argmax(1)
+        return rival_prediction(scores, labels, self.groups)
 
     @property
     def num_heads(self) -> int:

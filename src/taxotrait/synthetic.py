@@ -441,9 +441,8 @@ def render_fish(order_idx: int, family_idx: int, genus_idx: int, species_idx: in
     flipped = bool(rng.integers(0, 2))
     angle = float(rng.uniform(-MAX_ROTATION, MAX_ROTATION))
     scale = float(rng.uniform(*SCALE_RANGE))
-    outline_pts = fish_outline(body, tail)
-    if pose_from is not None and tuple(pose_from) != (order_idx, family_idx):
-        outline_pts = fish_outline(BODY_SHAPES[pose_from[0]], TAILS[pose_from[1]])
+    pose_order, pose_family = (order_idx, family_idx) if pose_from is None else pose_from
+    outline_pts = fish_outline(BODY_SHAPES[pose_order], TAILS[pose_family])
     margin = 3.0 * unit
     for _ in range(8):
         ext = _transform(outline_pts, _Pose(flipped, angle, scale, 0.0, 0.0), unit)
