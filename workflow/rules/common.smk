@@ -62,6 +62,15 @@ def trained_model(wildcards):
     return f"{RESULTS}/{wildcards.rank}/model.pt"
 
 
+def train_params(wildcards):
+    """What a rank's training depends on: backbone, model, contrast and the rank's train settings (its rank_overrides applied),
+    so that changing one rank's override re-trains that rank only. Not the number of data-parallel processes."""
+    settings = {**config["train"], **(config.get("rank_overrides") or {}).get(wildcards.rank, {})}
+    settings.pop("processes", None)
+    return json.dumps({"backbone": config["backbone"], "model": config["model"], "train": settings,
+                       "contrast": config["contrast"]}, sort_keys=True)
+
+
 def evaluation_config():
     """The `evaluation` section as given (taxotrait.evaluation fills in the defaults)."""
     return config.get("evaluation") or {}
