@@ -110,9 +110,8 @@ def greedy_head_masking(
     # each image's class and its rivals only (`PromptCAM.rival_columns`): the full rank under contrast 'rank'
     columns, others = model.rival_columns(classes)
     rival_scores = model.class_scores(None, columns, chunk_size=chunk_size, keys_values=keys_values)[0]  # [B, R]
-    columns = columns.expand(len(classes), -1)
+    columns, own = model.own_columns(columns, classes)  # own: the column of each image's class
     batch = torch.arange(len(classes), device=classes.device)
-    own = (columns == classes[:, None]).int().argmax(1)  # the column of each image's class
     others[batch, own] = False  # the classes each image's class competes with
     slots = torch.cat([own[:, None], rival_prompts(model, rival_scores, others, sibling_prompts)], dim=1)  # columns
     present = slots >= 0  # [B, K]

@@ -151,6 +151,13 @@ class PromptCAM(nn.Module):
         index = (self.family_start.to(classes.device)[family][:, None] + offsets).clamp(max=self.num_classes - 1)
         return torch.where(rivals, self.family_members.to(classes.device)[index], classes[:, None]), rivals
 
+    @staticmethod
+    def own_columns(columns: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rival_columns`' columns as [B, R] and the position [B] of each image's own class among them (its first
+        column: the padding comes later)."""
+        columns = columns.expand(len(classes), -1)
+        return columns, (columns == classes[:, None]).int().argmax(1)
+
     @property
     def has_rival(self) -> torch.Tensor:
         """bool [C]: whether each class competes with another (False for a monotypic taxon under 'siblings')."""

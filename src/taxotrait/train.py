@@ -98,8 +98,7 @@ def rival_loss(model: PromptCAM, forward, x: torch.Tensor, labels: torch.Tensor,
     columns, rivals = model.rival_columns(labels)
     with mixed_precision(x.device):
         scores = forward(x, classes=columns, chunk_size=chunk_size)
-    scores, columns = scores.float(), columns.expand(len(labels), -1)
-    position = (columns == labels[:, None]).int().argmax(1)  # the label's first column (padding comes later)
+    scores, (columns, position) = scores.float(), model.own_columns(columns, labels)
     losses, counted = contrast_loss(scores, position, rivals, label_smoothing)
     best = scores.masked_fill(~rivals, float("-inf")).argmax(1)
     return losses, counted, columns.gather(1, best[:, None]).squeeze(1) == labels
