@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import heads_table
 from taxotrait.evaluation import class_trait_heads, combine_heads, stratified_order, trait_head_masks
-from taxotrait.extract import HEADS_COLUMNS
 from taxotrait.localization import (BACKGROUND, KEYPOINTS, GroundTruth, crop_mask, crop_points, energy_shares,
                                     head_peak_parts, keypoint_mask, load_ground_truth, normalise_maps,
                                     part_consistency, pointing_hits)
@@ -93,13 +93,10 @@ def test_part_consistency_threshold():
     assert table.loc[1, "share"] == pytest.approx(0.6) and (table["n_images"] == 5).all()
 
 
-def heads_table(rows, rank="species"):
+def trait_heads(rows, rank="species"):
     """rows: (image_id, taxon, head, trait, peak_x, peak_y)"""
-    frame = pd.DataFrame(rows, columns=["image_id", "taxon", "head", "is_trait_head", "peak_x", "peak_y"])
-    frame = frame.assign(rank=rank, removal_step=frame["head"], score_before_removal=1.0, score_after_removal=0.5,
-                         margin_before_removal=1.0, margin_after_removal=0.5, prompt=frame["taxon"], contrast="rank",
-                         spread=0.1)
-    return frame.astype(HEADS_COLUMNS)[list(HEADS_COLUMNS)]
+    return heads_table(rows, ["image_id", "taxon", "head", "is_trait_head", "peak_x", "peak_y"], rank=rank,
+                       margin_before_removal=1.0, margin_after_removal=0.5)
 
 
 def test_named_traits_from_nested_masks(tmp_path):
@@ -114,7 +111,7 @@ def test_named_traits_from_nested_masks(tmp_path):
     manifest = pd.DataFrame(manifest, columns=["image_id", "mask_path"])
     # crop pixel = original - 8; (68, 68) crop -> (76, 76) original: in the mark; (150, 150) -> body only
     mark_xy, body_xy = 68 / 224, 150 / 224
-    heads = heads_table([
+    heads = trait_heads([
         ("i0", "S", 0, True, mark_xy, mark_xy), ("i0", "S", 1, True, body_xy, body_xy),
         ("i1", "S", 0, True, mark_xy, mark_xy), ("i1", "S", 1, False, 0.01, 0.01),
         ("i2", "S", 0, True, body_xy, body_xy), ("i2", "S", 1, True, 0.01, 0.01),
@@ -177,7 +174,7 @@ def test_cub_keypoints_in_the_crop(cub):
 
 def test_named_traits_from_keypoints(cub):
     root, manifest = cub
-    heads = heads_table([("x1", "Scott Oriole", 1, True, 112 / 224, 56 / 224),
+    heads = trait_heads([("x1", "Scott Oriole", 1, True, 112 / 224, 56 / 224),
                          ("x2", "Scott Oriole", 1, True, 120 / 224, 70 / 224),
                          ("x1", "Scott Oriole", 11, True, 110 / 224, 170 / 224),
                          ("x2", "Scott Oriole", 11, True, 0.5, 0.9)])
@@ -191,7 +188,7 @@ def test_named_traits_from_keypoints(cub):
 
 def test_stratified_order_and_trait_heads():
     assert stratified_order(["a", "a", "b", "b", "c", "a"]).tolist() == [0, 2, 4, 1, 3, 5]
-    heads = heads_table([("i0", "A", 0, True, 0.5, 0.5), ("i0", "A", 1, False, 0.5, 0.5),
+    heads = trait_heads([("i0", "A", 0, True, 0.5, 0.5), ("i0", "A", 1, False, 0.5, 0.5),
                          ("i1", "A", 0, False, 0.5, 0.5), ("i1", "A", 1, True, 0.5, 0.5),
                          ("i2", "A", 0, True, 0.5, 0.5), ("i2", "A", 1, False, 0.5, 0.5)])
     by_class = class_trait_heads(heads, ["A", "B"], 2)

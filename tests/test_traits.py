@@ -4,22 +4,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from taxotrait.extract import HEADS_COLUMNS, map_statistics
+from conftest import heads_table
+from taxotrait.extract import map_statistics
 from taxotrait.localization import box_hits, exclusive_masks, patch_boxes, pointing_game, top_trait_heads
 from taxotrait.traits import hierarchy_traits, rank_traits, top_traits
 
 
-def heads_table(rows):
+def rank_heads(rows):
     """rows: (image_id, taxon, head, step, before, after, trait, peak_x, peak_y)"""
-    frame = pd.DataFrame(rows, columns=["image_id", "taxon", "head", "removal_step", "score_before_removal",
-                                        "score_after_removal", "is_trait_head", "peak_x", "peak_y"])
-    frame = frame.assign(rank="genus", spread=0.1, prompt=frame["taxon"], contrast="rank",
-                         margin_before_removal=frame["score_before_removal"] - 1.0,
-                         margin_after_removal=frame["score_after_removal"] - 1.0)  # rank contrast: a fixed rival
-    return frame.astype(HEADS_COLUMNS)[list(HEADS_COLUMNS)]
+    return heads_table(rows, ["image_id", "taxon", "head", "removal_step", "score_before_removal",
+                              "score_after_removal", "is_trait_head", "peak_x", "peak_y"], rank="genus")
 
 
-HEADS = heads_table([
+HEADS = rank_heads([
     ("i1", "G1", 0, 0, 5.0, 4.5, False, 0.1, 0.1), ("i1", "G1", 1, 1, 4.5, 2.0, True, 0.5, 0.25),
     ("i2", "G1", 0, 1, 6.0, 3.0, True, 0.3, 0.3), ("i2", "G1", 1, 0, 7.0, 6.0, False, 0.9, 0.9),
     ("i3", "G1", 0, 0, 3.0, 2.9, False, 0.2, 0.2), ("i3", "G1", 1, 1, 2.9, 0.9, True, 0.7, 0.75),
@@ -72,7 +69,7 @@ def test_patch_boxes_undo_the_eval_crop():
 def test_pointing_game_hits_and_random_baseline(tmp_path):
     mask = np.zeros((240, 240), bool)
     mask[64:120, 64:120] = True  # exactly patch (row 1, col 1)
-    heads = heads_table([
+    heads = rank_heads([
         ("a", "S", 0, 1, 1.0, 0.0, True, 0.375, 0.375), ("a", "S", 1, 0, 1.0, 1.0, False, 0.9, 0.9),
         ("b", "S", 0, 0, 1.0, 1.0, False, 0.375, 0.375), ("b", "S", 1, 1, 1.0, 0.0, True, 0.9, 0.9),
     ])
