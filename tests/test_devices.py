@@ -14,6 +14,7 @@ CPU branches, and every table records the device it was made on.
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -323,3 +324,48 @@ def test_backbone_precision_auto_is_bf16_where_the_device_has_it_natively(native
         assert torch.is_autocast_enabled("cpu")
     with devices.autocast(cpu, torch.float32):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_a_registered_method_is_mapped_and_scored_like_the_others(dataset, monkeypatch, tmp_path):
+    """Adding a baseline is one function and one registry entry: saliency.h5 then holds its maps and the
+    faithfulness table its scores, for the model it names."""
+    from taxotrait import methods
+
+    root, config = dataset
+    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+
+    @methods.method("corner", "corner prior", "linear_probe")
+    def corner(x):  # all weight on the top-left patch, for the true and the predicted class
+        maps = np.zeros((len(x.truth), 2, *x.attention.shape[-2:]), dtype=np.float32)
+        maps[..., 0, 0] = 1
+        return maps
+
+    monkeypatch.setattr(evaluation, "METHODS", methods.METHODS)
+    rank, out = "species", tmp_path
+    inputs = {"manifest": root / "manifest.parquet", "classes": root / "classes.parquet",
+              "train_tokens": out / "train.tokens.npy", "eval_tokens": out / "eval.tokens.npy",
+              "model": out / "model.pt", "attention": out / "attention.h5", "heads": out / "heads.parquet",
+              "saliency": out / "saliency.h5"}
+    for kind in ("train", "eval"):
+        workflow.cache_tokens(kind, inputs["manifest"], inputs[f"{kind}_tokens"], config)
+    workflow.train_rank(rank, inputs, {"model": inputs["model"], "log_table": out / "log.parquet"}, config)
+    workflow.extract_rank_attention(rank, inputs, {"attention": inputs["attention"]}, config)
+    workflow.mask_rank_heads(rank, inputs, {"heads": inputs["heads"]}, config)
+    probes = [out / f"{r}.probe.pt" for r in config["ranks"]]
+    evaluation.train_probes(inputs, {"probes": probes}, config)
+    inputs["probe"] = probes[-1]
+    evaluation.saliency_maps(rank, inputs, {"saliency": inputs["saliency"]}, config)
+    table = out / "faithfulness.parquet"
+    evaluation.faithfulness_step(rank, inputs, {"table": table, "curves": out / "curves.parquet"}, config)
+
+    with h5py.File(inputs["saliency"]) as h5:
+        names = [str(name) for name in h5.attrs["methods"]]
+        assert names == [*methods.METHODS] and names[-1] == "corner"
+        attention = np.zeros((len(h5["label"]), 2, 1, *h5.attrs["grid"]))
+        np.testing.assert_array_equal(h5["maps"][:, -1], corner(SimpleNamespace(truth=h5["label"][:],
+                                                                                attention=attention)))
+        assert h5["maps"][:, names.index("grad_cam")].std() > 0  # the others are still computed
+    scores = pd.read_parquet(table).set_index("method")
+    assert list(scores.index) == names
+    assert scores.loc["corner", "model"] == "linear_probe" and 0 <= scores.loc["corner", "insertion"] <= 1
+    assert methods.method_label("corner") == "corner prior"

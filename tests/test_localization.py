@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from conftest import heads_table
-from taxotrait.evaluation import class_trait_heads, combine_heads, stratified_order, trait_head_masks
+from taxotrait.evaluation import class_trait_heads, stratified_order, trait_head_masks
+from taxotrait.methods import combine_heads
 from taxotrait.localization import (BACKGROUND, KEYPOINTS, GroundTruth, crop_mask, crop_points, energy_shares,
                                     head_peak_parts, keypoint_mask, load_ground_truth, normalise_maps,
                                     part_consistency, pointing_hits)

@@ -9,6 +9,7 @@ import pytest
 from taxotrait import evaluation, report
 from taxotrait.figures import new_figure, save_figure
 from taxotrait.localization import POINTING_COLUMNS
+from taxotrait.methods import METHODS
 from taxotrait.runner import empty_table
 from taxotrait.summary import summary_text
 
@@ -94,7 +95,7 @@ def test_figure_labels_travel_in_the_png(tmp_path):
 def localization_table(ranks, parts=("order", "family", "genus", "species", "distractor")):
     rng = np.random.default_rng(0)
     rows = [(rank, method, part, metric, *np.sort(rng.uniform(size=3))[[1, 0, 2]], 8, "siblings") for rank in ranks
-            for method in (*evaluation.METHODS, "random") for part in parts
+            for method in (*METHODS, "random") for part in parts
             for metric in ("pointing_game", "energy_pointing_game")]
     return pd.DataFrame(rows, columns=list(evaluation.LOCALIZATION_COLUMNS))
 
@@ -105,7 +106,7 @@ def test_localization_figure_is_legible_and_its_legend_covers_no_bars():
     renderer = fig.canvas.get_renderer()
     (legend,) = fig.legends
     box = legend.get_window_extent(renderer)
-    assert len(legend.get_texts()) == len(evaluation.METHODS) + 1
+    assert len(legend.get_texts()) == len(METHODS) + 1
     for axis in fig.axes:
         assert not box.overlaps(axis.get_window_extent(renderer)), axis.get_title()
         assert min(t.get_fontsize() for t in axis.get_xticklabels() + [axis.title]) >= 10

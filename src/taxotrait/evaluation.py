@@ -1,7 +1,7 @@
 """Evaluation of the explanations, as workflow steps: faithfulness against CAM baselines (the Prompt-CAM paper's
 Table 1) and localization against ground truth.
 
-Methods (`METHODS`):
+Methods (the registry `taxotrait.methods.METHODS`):
 
 - ``prompt_cam_traits``: Prompt-CAM, the class prompt's last-block attention averaged over the class's trait heads;
 - ``prompt_cam_all``: the same averaged over every head;
@@ -42,13 +42,14 @@ import torch
 from PIL import Image
 
 from .backbone import weights_digest
-from .baselines import LinearProbe, attention_rollout, cam_maps, fit_linear_probe, load_probe, save_probe
+from .baselines import LinearProbe, fit_linear_probe, load_probe, save_probe
 from .data import AugmentConfig, ImageTransform, TokenCache, load_image
 from .dataset import class_names, class_parents, labels
 from .devices import autocast, mixed_precision, resolve_device, resolve_precision
 from .extract import map_statistics
 from .faithfulness import endpoint_probabilities, insertion_deletion, upsample
 from .intervals import bootstrap_interval, clears, interval_columns, mean_with_intervals
+from .methods import METHODS, MODEL_LABELS, MapInputs, cam_rivals, method_label
 from .localization import (KEYPOINTS, crop_mask, energy_shares, exclusive_masks, load_ground_truth, near_mask,
                            normalise_maps, part_consistency, pointing_hits, top_trait_heads)
 from .model import PromptCAM, class_rivals, rival_prediction, sibling_groups
@@ -61,13 +62,6 @@ from .traits import rank_traits
 
 log = logging.getLogger("taxotrait.evaluation")
 
-PROMPT_CAM_METHODS = ("prompt_cam_traits", "prompt_cam_all")
-BASELINE_METHODS = ("grad_cam", "layer_cam", "eigen_cam", "rollout")
-METHODS = PROMPT_CAM_METHODS + BASELINE_METHODS
-METHOD_LABELS = {"prompt_cam_traits": "Prompt-CAM (trait heads)", "prompt_cam_all": "Prompt-CAM (all heads)",
-                 "grad_cam": "Grad-CAM", "layer_cam": "Layer-CAM", "eigen_cam": "Eigen-CAM", "rollout": "Rollout",
-                 "random": "random point"}
-MODEL_LABELS = {"prompt_cam": "Prompt-CAM", "linear_probe": "linear probe"}
 # The paper's Table 1 (CUB, DINO ViT-B/16): insertion, deletion.
 PAPER_TABLE_1 = {"grad_cam": (0.52, 0.17), "layer_cam": (0.54, 0.13), "eigen_cam": (0.56, 0.22),
                  "rollout": (0.55, 0.27), "prompt_cam_traits": (0.61, 0.09)}
@@ -199,12 +193,6 @@ def model_groups(model: PromptCAM) -> torch.Tensor | None:
     return model.groups.cpu() if model.contrast == "siblings" else None
 
 
-def cam_rivals(groups: torch.Tensor | None, targets: torch.Tensor, names: list[str]) -> torch.Tensor | None:
-    """The rivals [B, C] a CAM target is contrasted with: the class's siblings under contrast 'siblings'; None
-    under 'rank' (the class score alone, as the paper)."""
-    return None if groups is None else class_rivals(groups, targets, len(names))
-
-
 def stratified_order(groups) -> np.ndarray:
     """Indices of `groups` in round-robin order over the groups (first image of every group in order of first
     appearance, then every second image, ...): any prefix is a subset stratified over the groups."""
@@ -249,13 +237,6 @@ def trait_head_masks(image_ids, label, prediction, heads: pd.DataFrame, names: l
         if label[row] == prediction[row] and image_id in own:
             true_heads[row] = predicted_heads[row] = own[image_id]
     return true_heads, predicted_heads
-
-
-def combine_heads(maps: np.ndarray, chosen: np.ndarray) -> np.ndarray:
-    """Mean over the chosen heads [n, heads] of maps [n, heads, h, w] -> [n, h, w]."""
-    weights = chosen.astype(np.float64)
-    weights /= np.clip(weights.sum(1, keepdims=True), 1, None)
-    return np.einsum("nk,nkhw->nhw", weights, maps.astype(np.float64)).astype(np.float32)
 
 
 def eval_transform(config: dict) -> ImageTransform:
@@ -305,11 +286,6 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
     rows = manifest.loc[sub_ids]
     true_heads, predicted_heads = trait_head_masks(sub_ids, sub_label, sub_prediction,
                                                    own_prompt_heads(inputs["heads"]), names, num_heads)
-    maps = np.zeros((len(order), len(METHODS), 2, *grid), dtype=np.float32)
-    maps[:, 0, 0] = combine_heads(attention[:, 0], true_heads)
-    maps[:, 0, 1] = combine_heads(attention[:, 1], predicted_heads)
-    maps[:, 1] = attention.mean(2)
-
     cache = TokenCache.open(inputs["eval_tokens"])
     tokens = torch.from_numpy(cache.tokens[cache.index(rows["path"]), 0].astype(np.float32)).to(device)
     if probe.class_names != names:
@@ -320,22 +296,12 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
         probe_scores = torch.cat([probe.forward_tokens(tokens[i:i + s["batch_size"]]).float().cpu()
                                   for i in range(0, len(tokens), s["batch_size"])])
     probe_prediction = rival_prediction(probe_scores, truth, groups).numpy()
-    for column, method in enumerate(("grad_cam", "layer_cam", "eigen_cam"), start=2):
-        if method == "eigen_cam":  # class-agnostic
-            maps[:, column, 0] = maps[:, column, 1] = cam_maps(method, probe, tokens, None, s["batch_size"])
-            continue
-        maps[:, column, 0] = cam_maps(method, probe, tokens, truth, s["batch_size"], cam_rivals(groups, truth, names))
-        maps[:, column, 1] = maps[:, column, 0]
-        wrong = np.flatnonzero(probe_prediction != sub_label)
-        if len(wrong):
-            predicted = torch.as_tensor(probe_prediction[wrong])
-            maps[wrong, column, 1] = cam_maps(method, probe, tokens[wrong], predicted, s["batch_size"],
-                                              cam_rivals(groups, predicted, names))
-    rollout = []
-    for start in range(0, len(rows), s["batch_size"]):
-        images = load_eval_images(rows["path"].iloc[start:start + s["batch_size"]], config, device)
-        rollout.append(attention_rollout(probe.backbone, images).float().cpu().numpy())
-    maps[:, 5, 0] = maps[:, 5, 1] = np.concatenate(rollout)
+    paths = rows["path"].tolist()
+    inputs_of_maps = MapInputs(attention, true_heads, predicted_heads, probe, tokens, truth, probe_prediction, groups,
+                               names, s["batch_size"],
+                               lambda: (load_eval_images(paths[i:i + s["batch_size"]], config, device)
+                                        for i in range(0, len(paths), s["batch_size"])))
+    maps = np.stack([entry.maps(inputs_of_maps) for entry in METHODS.values()], axis=1).astype(np.float32)
 
     with atomic_write(outputs["saliency"]) as tmp, h5py.File(tmp, "w") as h5:
         h5.create_dataset("image_id", data=np.array(sub_ids, dtype=object), dtype=h5py.string_dtype())
@@ -402,14 +368,15 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
     rows, curves = [], []
     for column, method in enumerate(sal["methods"]):
         started = time.time()
-        is_prompt_cam = method in PROMPT_CAM_METHODS
-        predict, targets, rivals, endpoints = decisions["prompt_cam" if is_prompt_cam else "linear_probe"]
+        explained = METHODS[method].model
+        is_prompt_cam = explained == "prompt_cam"
+        predict, targets, rivals, endpoints = decisions[explained]
         result = insertion_deletion(predict, images, torch.from_numpy(sal["maps"][:n, column, 1]), targets,
                                     pixels_per_step, s["batch_size"], rivals=rivals, endpoints=endpoints)
         seconds = time.time() - started
         scores = [(float(auc.mean()), *bootstrap_interval(auc.numpy()))
                   for auc in (result.insertion_auc, result.deletion_auc)]
-        rows.append((rank, method, "prompt_cam" if is_prompt_cam else "linear_probe", *scores[0], *scores[1], n,
+        rows.append((rank, method, explained, *scores[0], *scores[1], n,
                      float(sal["prompt_cam_top1"] if is_prompt_cam else sal["probe_top1"]), pixels_per_step, seconds,
                      str(device), model.contrast))
         for name, curve in (("insertion", result.insertion), ("deletion", result.deletion)):
@@ -640,7 +607,7 @@ def verdicts(faithfulness: pd.DataFrame, localization: pd.DataFrame, rank: str) 
     fa = faithfulness[faithfulness["rank"] == rank].set_index("method")
     comparisons.append(("deletion (lower is better)", fa, "deletion", False))
     for title, table, column, higher in comparisons:
-        others = table.reindex(list(BASELINE_METHODS)).dropna(subset=[column])
+        others = table.reindex([n for n, m in METHODS.items() if m.model != "prompt_cam"]).dropna(subset=[column])
         if ours not in table.index or not len(others):
             continue
         baseline = others[column].idxmax() if higher else others[column].idxmin()
@@ -649,11 +616,11 @@ def verdicts(faithfulness: pd.DataFrame, localization: pd.DataFrame, rank: str) 
         bounds = ((a[f"{column}_low"], a[f"{column}_high"]), (b[f"{column}_low"], b[f"{column}_high"]))
         verdict = ("beats every baseline, the intervals clear" if clears(*bounds, higher) else
                    f"ahead by {gap:.3f}, within the intervals: no clear difference" if gap > 0 else
-                   f"MISSED: level with {METHOD_LABELS[baseline]}" if gap == 0 else
-                   f"MISSED: {METHOD_LABELS[baseline]} is ahead by {-gap:.3f}"
+                   f"MISSED: level with {method_label(baseline)}" if gap == 0 else
+                   f"MISSED: {method_label(baseline)} is ahead by {-gap:.3f}"
                    + ("" if clears(bounds[1], bounds[0], higher) else ", within the intervals"))
         lines.append(f"- {rank}: {title}: Prompt-CAM {with_interval(a[column], *bounds[0])}, best baseline "
-                     f"{METHOD_LABELS[baseline]} {with_interval(b[column], *bounds[1])} — {verdict}")
+                     f"{method_label(baseline)} {with_interval(b[column], *bounds[1])} — {verdict}")
     return lines
 
 
@@ -689,10 +656,10 @@ def summary_markdown(faithfulness: pd.DataFrame, localization: pd.DataFrame, ran
             for method, r in table.iterrows():
                 cells = [with_interval(r[c], r[f"{c}_low"], r[f"{c}_high"], best[c] == method)
                          for c in ("insertion", "deletion")]
-                lines.append(f"| {rank} | {METHOD_LABELS.get(method, method)} | {r.model} | {r.model_top1:.3f} | "
+                lines.append(f"| {rank} | {method_label(method)} | {r.model} | {r.model_top1:.3f} | "
                              f"{cells[0]} | {cells[1]} | {r.n_images} | {r.pixels_per_step} | {r.seconds:.0f} |")
         lines += ["", "The paper (CUB, DINO ViT-B/16), insertion / deletion: " + ", ".join(
-            f"{METHOD_LABELS[m]} {i:.2f} / {d:.2f}" for m, (i, d) in PAPER_TABLE_1.items()) + "."]
+            f"{method_label(m)} {i:.2f} / {d:.2f}" for m, (i, d) in PAPER_TABLE_1.items()) + "."]
     else:
         lines += ["No faithfulness scores (evaluation.faithfulness.finest_ranks)."]
     if len(localization):
@@ -706,7 +673,7 @@ def summary_markdown(faithfulness: pd.DataFrame, localization: pd.DataFrame, ran
                         for part, rows in table.groupby("part")}
                 for method, rows in table.groupby("method", sort=False):
                     cells = rows.set_index("part")
-                    lines.append(f"| {rank} | {METHOD_LABELS.get(method, method)} | " + " | ".join(
+                    lines.append(f"| {rank} | {method_label(method)} | " + " | ".join(
                         with_interval(*cells.loc[p, ["value", "value_low", "value_high"]], best[p] == method)
                         if p in cells.index else "" for p in parts) + " |")
         consistency = localization[localization["metric"].str.endswith("part_consistency")]
@@ -751,7 +718,7 @@ def faithfulness_figure(table: pd.DataFrame, curves: pd.DataFrame):
     grid = fig.add_gridspec(2, 2, height_ratios=[0.22 * len(table) + 0.8, 3.2])
     ax = fig.add_subplot(grid[0, :])
     ax.axis("off")
-    cells = [[r.rank, METHOD_LABELS.get(r.method, r.method), f"{r.model_top1:.3f}", f"{r.insertion:.3f}",
+    cells = [[r.rank, method_label(r.method), f"{r.model_top1:.3f}", f"{r.insertion:.3f}",
               f"{r.deletion:.3f}", str(r.n_images)] for r in table.itertuples(index=False)]
     shown = ax.table(cellText=cells, colLabels=["rank", "method", "top-1", "insertion ↑", "deletion ↓", "images"],
                      loc="center", cellLoc="center")
@@ -763,7 +730,7 @@ def faithfulness_figure(table: pd.DataFrame, curves: pd.DataFrame):
     for column, name in enumerate(("insertion", "deletion")):
         axis = fig.add_subplot(grid[1, column])
         for method, rows in curves[(curves["rank"] == rank) & (curves["curve"] == name)].groupby("method", sort=False):
-            axis.plot(rows["fraction"], rows["probability"], label=METHOD_LABELS.get(method, method),
+            axis.plot(rows["fraction"], rows["probability"], label=method_label(method),
                       lw=2.2 if method.startswith("prompt_cam") else 1.2)
         axis.set_xlabel(f"fraction of pixels {'restored' if name == 'insertion' else 'removed'}")
         axis.set_ylabel("probability of the predicted class")
@@ -797,7 +764,7 @@ def localization_figure(table: pd.DataFrame):
             parts = list(dict.fromkeys(rows["part"]))
             for k, method in enumerate(methods):
                 values = rows[rows["method"] == method].set_index("part")["value"].reindex(parts)
-                handles[METHOD_LABELS.get(method, method)] = axis.bar(
+                handles[method_label(method)] = axis.bar(
                     np.arange(len(parts)) + (k - (len(methods) - 1) / 2) * bar, values, bar,
                     color="0.75" if method == "random" else f"C{k}")
             axis.set_xticks(np.arange(len(parts)), parts, fontsize=10, rotation=30, ha="right",
@@ -829,7 +796,7 @@ def examples_figure(saliency_path, manifest: pd.DataFrame, config: dict, n: int 
         show_image(ax, image, names[sal["label"][row]], fontsize=10)
         for column, method in enumerate(sal["methods"]):
             ax = fig.add_subplot(n, len(sal["methods"]) + 1, row * (len(sal["methods"]) + 1) + column + 2)
-            title = METHOD_LABELS[method].replace(" (", "\n(") if row == 0 else None
+            title = method_label(method).replace(" (", "\n(") if row == 0 else None
             overlay(ax, image, sal["maps"][row, column, 0], title=title, fontsize=10)
     fig.suptitle(f"{sal['rank']}: maps of the true class", fontsize=12)
     return fig
