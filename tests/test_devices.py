@@ -31,6 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from taxotrait import devices, evaluation, workflow
 from taxotrait.dataset import prepare_files
 from taxotrait.runner import validate_config
+from taxotrait.schema import defaults, with_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 STAND_IN = torch.device("cpu", 0)  # "cpu:0": a CPU device that the spy tells apart from the host ("cpu")
@@ -190,6 +191,7 @@ def dataset(tmp_path_factory):
     config["attention"] = {"split": "test", "extra_classes": 1, "batch_size": 4}
     config["evaluation"] = {"images": 6, "batch_size": 16, "device": "cpu:0",
                             "faithfulness": {"images": 2, "pixels_per_step": 256, "finest_ranks": 1}}
+    with_defaults(config)  # the keys the sections above leave out, as the workflow fills them in
     tables = {key: root / f"{key}.parquet" for key in ("manifest", "classes", "rejects")}
     prepare_files({"taxonomy": config["data"]["taxonomy"]}, tables, config)
     return root, config
@@ -299,12 +301,12 @@ def test_a_step_that_leaves_its_model_on_the_host_is_caught(dataset, monkeypatch
 def test_the_paper_protocol_config_is_valid_and_the_faithfulness_settings_do_not_follow_the_host():
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     paper = yaml.safe_load((REPO / "config" / "paper_evaluation.yaml").read_text())
-    merged = {**config, "evaluation": {**config["evaluation"], **paper["evaluation"]}}
+    merged = with_defaults({**config, "evaluation": {**config["evaluation"], **paper["evaluation"]}})
     validate_config(merged, REPO / "workflow" / "schemas" / "config.schema.yaml")
-    assert evaluation.settings(merged)["faithfulness"] == {"images": None, "pixels_per_step": None, "finest_ranks": None}
-    assert evaluation.settings(merged)["images"] is None  # every image of attention.split
-    assert evaluation.settings(config)["faithfulness"] == {"images": 8, "pixels_per_step": 6272, "finest_ranks": 1}
-    assert evaluation.settings({})["faithfulness"] == evaluation.settings(config)["faithfulness"]  # schema = code
+    assert merged["evaluation"]["faithfulness"] == {"images": None, "pixels_per_step": None, "finest_ranks": None}
+    assert merged["evaluation"]["images"] is None  # every image of attention.split
+    assert config["evaluation"]["faithfulness"] == {"images": 8, "pixels_per_step": 6272, "finest_ranks": 1}
+    assert defaults()["evaluation"]["faithfulness"] == config["evaluation"]["faithfulness"]  # schema = config.yaml
 
 
 @pytest.mark.parametrize("native", [True, False])

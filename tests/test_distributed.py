@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from taxotrait.distributed import DataParallel, launch
+from taxotrait.schema import with_defaults
 
 HERE = Path(__file__).resolve().parent
 CLASSES, IMAGES = 5, 17  # batches of 8: 8, 8, 1 -> shards 4/4, 4/4 and 1/0 (an empty share)
@@ -144,6 +145,7 @@ def test_the_train_step_runs_data_parallel_with_train_processes(tmp_path, monkey
               "augment": {"resize": 36, "crop": True, "hflip": True, "views": 1},
               "train": {"epochs": 2, "batch_size": 4, "optimizer": "sgd", "lr": 0.05, "device": "cpu", "seed": 0,
                         "prompt_init": "cls_mean"}}
+    with_defaults(config)
     inputs = {"manifest": str(tmp_path / "manifest.parquet"), "classes": str(tmp_path / "classes.parquet"),
               "train_tokens": str(tmp_path / "train.npy"), "eval_tokens": str(tmp_path / "eval.npy")}
     for kind in ("train", "eval"):
@@ -161,5 +163,5 @@ def test_the_train_step_runs_data_parallel_with_train_processes(tmp_path, monkey
     for name, value in models[1].items():
         assert torch.allclose(models[2][name], value, atol=2e-5, rtol=1e-4), name
     assert "rank 0" in (tmp_path / "train.log").read_text()  # the main process logged to the rule's log
-    assert workflow.train_processes({"train": {}}, gpus=4) == (min(4, torch.cuda.device_count())
+    assert workflow.train_processes(with_defaults({}), gpus=4) == (min(4, torch.cuda.device_count())
                                                                if torch.cuda.is_available() else 1)

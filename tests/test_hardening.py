@@ -35,6 +35,7 @@ from taxotrait.dataset import (
 )
 from taxotrait.extract import extract_attention
 from taxotrait.runner import ConfigError, apply_image_limit, atomic_outputs, atomic_write
+from taxotrait.schema import with_defaults
 from taxotrait.train import TrainConfig, train
 from taxotrait.traits import write_rank_traits
 from test_data import AUGMENT, make_model, one_thread, write_images  # noqa: F401 (autouse fixture: one thread)
@@ -218,6 +219,7 @@ def test_non_ascii_names_and_spaces_end_to_end_without_a_val_split(tmp_path, mon
     config["train"].update(epochs=12, batch_size=4, lr=0.05, warmup_epochs=0.5, device="cpu")
     config["attention"] = {"split": "test", "extra_classes": 1, "batch_size": 4}
     config["figures"] = {"gallery_images": 2, "max_heads": 2}
+    with_defaults(config)
     tables = {key: out / f"{key}.parquet" for key in ("manifest", "classes", "rejects")}
     prepare_files({"taxonomy": config["data"]["taxonomy"]}, tables, config)
     inputs = {"manifest": tables["manifest"], "classes": tables["classes"],

@@ -10,6 +10,7 @@ from PIL import Image
 
 from taxotrait.dataset import DatasetError, prepare_files
 from taxotrait.runner import ConfigError, check_config
+from taxotrait.schema import with_defaults
 from taxotrait.taxonomy import parse_newick, tree_depth, tree_taxonomy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def image_tree(root: Path, species=SPECIES) -> Path:
 def prepare(tmp_path, data: dict, ranks=RANKS) -> pd.DataFrame:
     outputs = {key: tmp_path / f"{key}.parquet" for key in ("manifest", "classes", "rejects")}
     inputs = {key: value for key, value in data.items() if key in ("taxonomy", "tree", "manifest")}
-    prepare_files(inputs, outputs, {"data": data, "ranks": ranks})
+    prepare_files(inputs, outputs, with_defaults({"data": data, "ranks": ranks}))
     return pd.read_parquet(outputs["classes"])
 
 

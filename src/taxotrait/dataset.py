@@ -536,7 +536,7 @@ def prepare_files(inputs: dict, outputs: dict, config: dict) -> None:
 
         taxonomy = tree_taxonomy(inputs["tree"], ranks)
         check_leaves(taxonomy, images[ranks[-1]], str(inputs["tree"]))
-    manifest, classes, rejects = prepare_dataset(images, taxonomy, ranks, source, data.get("max_reject_fraction", 0.01))
+    manifest, classes, rejects = prepare_dataset(images, taxonomy, ranks, source, data["max_reject_fraction"])
     for table, key in ((manifest, "manifest"), (classes, "classes"), (rejects, "rejects")):
         write_parquet(table, outputs[key])
     skipped = rejects["reason"].str.startswith(SKIPPED)

@@ -30,7 +30,6 @@ Steps (functions of (inputs, outputs, config), called by workflow/scripts):
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from pathlib import Path
@@ -66,17 +65,6 @@ log = logging.getLogger("taxotrait.evaluation")
 PAPER_TABLE_1 = {"grad_cam": (0.52, 0.17), "layer_cam": (0.54, 0.13), "eigen_cam": (0.56, 0.22),
                  "rollout": (0.55, 0.27), "prompt_cam_traits": (0.61, 0.09)}
 
-DEFAULTS = {
-    "enabled": True,
-    "images": 64,  # per rank, stratified over species; None: every image of attention.split
-    "batch_size": 128,  # images per forward pass (perturbed images in faithfulness)
-    "device": "auto",
-    "parts": None,
-    # the CPU-friendly demo settings; the paper's protocol (config/paper_evaluation.yaml): None, None, None
-    "faithfulness": {"images": 8, "pixels_per_step": 6272, "finest_ranks": 1},
-    "localization": {"tolerance": 15.0, "consistency": 0.8},
-}
-
 FAITHFULNESS_COLUMNS = {"rank": "string", "method": "string", "model": "string",
                         **{c: "float64" for c in interval_columns(["insertion", "deletion"])}, "n_images": "int64",
                         "model_top1": "float64", "pixels_per_step": "int64", "seconds": "float64", "device": "string",
@@ -99,21 +87,9 @@ HEAD_PART_COLUMNS = {"rank": "string", "taxon": "string", "head": "int64", "part
 
 
 # --------------------------------------------------------------------------------------------- settings
-def _merge(base: dict, override: dict | None) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in (override or {}).items():
-        merged[key] = _merge(merged[key], value) if isinstance(merged.get(key), dict) and isinstance(value, dict) else value
-    return merged
-
-
-def settings(config: dict) -> dict:
-    """The `evaluation` section of a workflow config with the defaults filled in."""
-    return _merge(DEFAULTS, config.get("evaluation"))
-
-
 def device_of(s: dict) -> torch.device:
     """The device of the evaluation settings `s` (`evaluation.device`)."""
-    return resolve_device(s.get("device", "auto"), "evaluation.device")
+    return resolve_device(s["device"], "evaluation.device")
 
 
 def faithfulness_ranks(config: dict, finest_ranks: int | None) -> list[str]:
@@ -147,7 +123,7 @@ def train_probes(inputs: dict, outputs: dict, config: dict) -> None:
     the same decision as Prompt-CAM's) is kept in the probe's file."""
     from .workflow import backbone_of, new_model
 
-    s = settings(config)
+    s = config["evaluation"]
     device = device_of(s)
     manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
     first_block = new_model(config, ["probe"]).first_prompted_block
@@ -264,7 +240,7 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
     """
     from .workflow import trained_model
 
-    s = settings(config)
+    s = config["evaluation"]
     device = device_of(s)
     started = time.time()
     model = trained_model(inputs["model"], config, device)
@@ -330,7 +306,7 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
     <rank>/faithfulness_curves.parquet (the mean curves). Ranks outside `finest_ranks` get empty tables."""
     from .workflow import trained_model
 
-    s = settings(config)
+    s = config["evaluation"]
     device = device_of(s)
     f = s["faithfulness"]
     if rank not in faithfulness_ranks(config, f["finest_ranks"]):
@@ -346,8 +322,8 @@ def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> N
     manifest = pd.read_parquet(inputs["manifest"]).set_index("image_id", drop=False)
     images = load_eval_images(manifest.loc[sal["image_id"][:n], "path"], config, device)
     pixels_per_step = int(f["pixels_per_step"] or config["backbone"]["img_size"])
-    chunk = config["model"].get("class_chunk")
-    dtype = resolve_precision(config["backbone"].get("precision"), device)  # every perturbed image: a frozen forward
+    chunk = config["model"]["class_chunk"]
+    dtype = resolve_precision(config["backbone"]["precision"], device)  # every perturbed image: a frozen forward
 
     def prompt_cam(x):
         with autocast(device, dtype):
@@ -447,7 +423,7 @@ def head_part_table(rank: str, attention_path, heads: pd.DataFrame, truth: dict,
 
 def localization_step(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
     """<rank>/localization.parquet and <rank>/head_parts.parquet (empty without ground truth)."""
-    s = settings(config)
+    s = config["evaluation"]
     loc = s["localization"]
     img_size = config["backbone"]["img_size"]
     tolerance = float(loc["tolerance"]) * img_size / 224
@@ -498,12 +474,12 @@ def counterfactual_step(rank: str, inputs: dict, outputs: dict, config: dict) ->
     from .synthetic import build_taxonomy, counterfactual_fish, swapped_sibling
     from .workflow import trained_model
 
-    synthetic = config["data"].get("synthetic")
+    synthetic = config["data"]["synthetic"]
     if not synthetic:
         log.info("%s: no counterfactual images (only the demo's generator can render them)", rank)
         write_parquet(empty_table(COUNTERFACTUAL_COLUMNS), outputs["counterfactual"])
         return
-    s = settings(config)
+    s = config["evaluation"]
     device = device_of(s)
     started = time.time()
     sal = read_saliency(inputs["saliency"])
@@ -833,7 +809,7 @@ def evaluation_summary(inputs: dict, outputs: dict, config: dict) -> None:
     save_figure(examples_figure(inputs["saliency"][-1], pd.read_parquet(inputs["manifest"]), config),
                 figures / "example_maps.png", report_labels=report_labels(config["ranks"][-1], kind="example maps"))
     text = summary_markdown(faithfulness, localization, config["ranks"], counterfactual)
-    page = page_html(text, {**config, "evaluation": settings(config)}, EVALUATION_SETTINGS)  # defaults filled in
+    page = page_html(text, config, EVALUATION_SETTINGS)  # defaults filled in
     for path, content in ((outputs["summary"], text), (outputs["html"], page)):
         with atomic_write(path) as tmp:
             Path(tmp).write_text(content, encoding="utf-8")

@@ -58,12 +58,11 @@ def unique_name(name: str, used: set[str]) -> str:
 
 
 def figure_settings(config: dict) -> dict:
-    """gallery_images, max_heads and resize from the workflow config (defaults where missing)."""
-    figures = config.get("figures") or {}
+    """gallery_images, max_heads and resize from the workflow config."""
     return {
-        "gallery_images": int(figures.get("gallery_images", 4)),
-        "max_heads": int(figures.get("max_heads", 4)),
-        "resize": int((config.get("augment") or {}).get("resize", 240)),
+        "gallery_images": int(config["figures"]["gallery_images"]),
+        "max_heads": int(config["figures"]["max_heads"]),
+        "resize": int(config["augment"]["resize"]),
     }
 
 
@@ -466,12 +465,12 @@ def species_columns(species: str, files: list[AttentionFile], table: pd.DataFram
 def hierarchy_figures(attention_h5_by_rank: dict, hierarchy_parquet, manifest_parquet, out_dir,
                       config: dict) -> list[Path]:
     """Write out_dir/<species>.png for every species of hierarchy_traits.parquet that has an image in every rank's
-    attention.h5 (ranks in `config['ranks']` order, else the dict's order, coarse to fine); returns the paths."""
+    attention.h5 (ranks in `config['ranks']` order, coarse to fine); returns the paths."""
     settings = figure_settings(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ranks = [r for r in config.get("ranks", []) if r in attention_h5_by_rank] or list(attention_h5_by_rank)
-    species_rank = (config.get("ranks") or ranks)[-1]
+    ranks = [r for r in config["ranks"] if r in attention_h5_by_rank]
+    species_rank = config["ranks"][-1]
     table = pd.read_parquet(hierarchy_parquet)
     manifest = pd.read_parquet(manifest_parquet)
     written, used = [], set()

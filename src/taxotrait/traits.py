@@ -147,7 +147,7 @@ def _naming(config: dict | None) -> tuple[int, int, str | None] | None:
     if not config:
         return None
     return (config["augment"]["resize"], config["backbone"]["img_size"],
-            (config.get("evaluation") or {}).get("parts"))
+            config["evaluation"]["parts"])
 
 
 def write_rank_traits(heads_path: str | os.PathLike, out_path: str | os.PathLike,

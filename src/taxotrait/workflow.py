@@ -37,14 +37,14 @@ def _backbone(name: str, weights: str | None, img_size: int, antialias: bool):
 def backbone_of(config: dict):
     """The frozen backbone described by `config['backbone']` (built once per process)."""
     b = config["backbone"]
-    return _backbone(b["name"], b.get("weights"), b["img_size"], b.get("antialias", True))
+    return _backbone(b["name"], b["weights"], b["img_size"], b["antialias"])
 
 
 def new_model(config: dict, names: list[str], parents: list[str] | None = None) -> PromptCAM:
     """An untrained PromptCAM for `names` on the configured backbone; with `parents` (contrast 'siblings') each
     class competes only with the classes of its parent."""
     m = config["model"]
-    prompts = PromptConfig(m.get("variant", "scalable"), m.get("prompt_depth", 1), m.get("num_prompts", 8))
+    prompts = PromptConfig(m["variant"], m["prompt_depth"], m["num_prompts"])
     return PromptCAM(backbone_of(config), names, prompts, backbone_name=config["backbone"]["name"],
                      class_parents=parents)
 
@@ -60,18 +60,22 @@ def trained_model(path, config: dict, device: torch.device | None = None) -> Pro
     return load_checkpoint(path, backbone=backbone_of(config)).eval().to(device or "cpu")
 
 
+def rank_train_settings(config: dict, rank: str | None) -> dict:
+    """The `train` section of `rank`: config['train'] with config['rank_overrides'][rank] on top."""
+    return {**config["train"], **config["rank_overrides"].get(rank, {})}
+
+
 def model_step_device(config: dict, rank: str | None = None) -> torch.device:
     """The device of the model steps (cache_tokens, train, evaluate, extract_attention, mask_heads): `train.device`,
     the rank's override first (evaluate scores every rank in one job: `train.device`)."""
-    settings = {**config["train"], **(config.get("rank_overrides") or {}).get(rank, {})}
-    return resolve_device(settings.get("device", "auto"), "train.device")
+    return resolve_device(rank_train_settings(config, rank)["device"], "train.device")
 
 
 def train_config(config: dict, rank: str) -> TrainConfig:
     """TrainConfig of `rank`: config['train'] with config['rank_overrides'][rank] on top."""
-    settings = {**config["train"], **(config.get("rank_overrides") or {}).get(rank, {})}
+    settings = rank_train_settings(config, rank)
     known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(class_chunk=config["model"].get("class_chunk"),
+    return TrainConfig(class_chunk=config["model"]["class_chunk"],
                        **{k: v for k, v in settings.items() if k in known})
 
 
@@ -95,8 +99,8 @@ def cache_tokens(kind: str, manifest_path, out_path, config: dict) -> None:
         paths = manifest.loc[manifest["split"] != "train", "path"]
         augment, views = AugmentConfig(a["resize"], False, False), 1
     build_token_cache(probe, paths.tolist(), out_path, views=views, augment=augment,
-                      seed=config["train"].get("seed", 0), device=model_step_device(config),
-                      precision=config["backbone"].get("precision", "auto"))
+                      seed=config["train"]["seed"], device=model_step_device(config),
+                      precision=config["backbone"]["precision"])
 
 
 def token_data(cache_path, manifest: pd.DataFrame, classes: pd.DataFrame, rank: str, split: str | None):
@@ -109,7 +113,7 @@ def token_data(cache_path, manifest: pd.DataFrame, classes: pd.DataFrame, rank: 
 def train_processes(config: dict, gpus: int = 0, rank: str | None = None) -> int:
     """Processes of data-parallel training: `train.processes` (the rank's override first) when set, else one per GPU
     the job was given (the rule's `gpu` resource) and CUDA sees."""
-    processes = {**config["train"], **(config.get("rank_overrides") or {}).get(rank, {})}.get("processes")
+    processes = rank_train_settings(config, rank)["processes"]
     if processes:
         return int(processes)
     return max(1, min(gpus, torch.cuda.device_count() if torch.cuda.is_available() else 0))
@@ -174,7 +178,7 @@ def evaluate(inputs: dict, outputs: dict, config: dict) -> None:
         if split_rows.empty:
             continue
         scores = [predict(m, token_data(inputs["eval_tokens"], manifest, classes, r, split)[0],
-                          chunk_size=config["model"].get("class_chunk")) for m, r in zip(models, ranks)]
+                          chunk_size=config["model"]["class_chunk"]) for m, r in zip(models, ranks)]
         for depth, (rank, model, logits) in enumerate(zip(ranks, models, scores)):
             truth = torch.as_tensor(labels(split_rows, classes, rank).to_numpy())
             sibling = model.sibling_prediction(logits, truth) == truth
@@ -202,7 +206,7 @@ def eval_batches(inputs: dict, config: dict, rank: str):
     if rows.empty:
         raise ConfigError(f"attention.split: the dataset has no {split} images ({inputs['manifest']}); set "
                           f"attention.split to a split that has images ({', '.join(sorted(set(manifest['split'])))})")
-    ids, size = rows["image_id"].tolist(), config["attention"].get("batch_size", 32)
+    ids, size = rows["image_id"].tolist(), config["attention"]["batch_size"]
 
     def batches():
         for start in range(0, len(ids), size):
@@ -216,9 +220,9 @@ def extract_rank_attention(rank: str, inputs: dict, outputs: dict, config: dict)
     model = trained_model(inputs["model"], config, model_step_device(config, rank))
     batches, count, classes = eval_batches(inputs, config, rank)
     rank_classes = classes[classes["rank"] == rank].sort_values("class_index")
-    extra = sibling_classes(rank_classes["parent"].tolist(), config["attention"].get("extra_classes", 2))
+    extra = sibling_classes(rank_classes["parent"].tolist(), config["attention"]["extra_classes"])
     extract_attention(model, batches(), count, outputs["attention"], rank, extra,
-                      chunk_size=config["model"].get("class_chunk"))
+                      chunk_size=config["model"]["class_chunk"])
 
 
 def mask_rank_heads(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
@@ -226,7 +230,7 @@ def mask_rank_heads(rank: str, inputs: dict, outputs: dict, config: dict) -> Non
     batches, _, _ = eval_batches(inputs, config, rank)
     m = config["masking"]
     heads = mask_heads(model, batches(), inputs["attention"], rank, m["blur_mode"], m["stopping"], m["top_k"],
-                       config["model"].get("class_chunk"), m["sibling_prompts"])
+                       config["model"]["class_chunk"], m["sibling_prompts"])
     write_parquet(heads, outputs["heads"])
     log.info("%s: %d correctly classified images masked, %.2f trait heads per image", rank,
              heads["image_id"].nunique(), heads["is_trait_head"].sum() / max(1, heads["image_id"].nunique()))

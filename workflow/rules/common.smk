@@ -5,11 +5,13 @@ from pathlib import Path
 from snakemake.logging import logger
 
 from taxotrait.runner import check_config, ranks_to_train, stopping_at_start, validate_config
+from taxotrait.schema import with_defaults
 
 # every key against the schema (an unknown key, a wrong type or range: ConfigError naming the key), then the rest;
 # ranks with a single taxon are dropped (a warning names them), a single species stops: the message alone is shown
+# every key the config files leave out takes its schema default (the one place defaults live)
 with stopping_at_start(logger.error):
-    validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
+    validate_config(with_defaults(config), Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
     check_config(config)
     config["ranks"] = ranks_to_train(config, warn=workflow.is_main_process)
 
@@ -72,8 +74,8 @@ def train_params(wildcards):
 
 
 def evaluation_config():
-    """The `evaluation` section as given (taxotrait.evaluation fills in the defaults)."""
-    return config.get("evaluation") or {}
+    """The `evaluation` section (its defaults filled in from the schema)."""
+    return config["evaluation"]
 
 
 def evaluation_params(*keys):
