@@ -9,10 +9,9 @@ from PIL import Image
 from conftest import heads_table
 from taxotrait.evaluation import class_trait_heads, stratified_order, trait_head_masks
 from taxotrait.methods import combine_heads
-from taxotrait.localization import (BACKGROUND, KEYPOINTS, GroundTruth, crop_mask, crop_points, energy_shares,
-                                    head_peak_parts, keypoint_mask, load_ground_truth, normalise_maps,
-                                    part_consistency, pointing_hits)
-from taxotrait.synthetic import save_masks
+from taxotrait.groundtruth import (BACKGROUND, KEYPOINTS, GroundTruth, crop_mask, crop_points, keypoint_mask,
+                                   load_ground_truth, save_masks)
+from taxotrait.localization import energy_shares, head_peak_parts, normalise_maps, part_consistency, pointing_hits
 from taxotrait.traits import describe_traits, name_heads, rank_traits
 
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from taxotrait import synthetic as syn
+from taxotrait.groundtruth import load_masks, save_masks
 
 SIZE = 128
 
@@ -61,7 +62,7 @@ def _indices(ds_dir: Path) -> dict[str, dict[str, int]]:
 def _images(ds_dir: Path, man: pd.DataFrame):
     for row in man.itertuples():
         img = np.asarray(Image.open(ds_dir / row.path).convert("RGB")).astype(float)
-        yield row, img, syn.load_masks(ds_dir / row.mask_path)
+        yield row, img, load_masks(ds_dir / row.mask_path)
 
 
 # ------------------------------------------------------------------------------------------ determinism
@@ -171,8 +172,8 @@ def test_masks_shapes_nonempty_and_nested(ds):
 def test_load_masks_roundtrip(tmp_path):
     rng = np.random.default_rng(0)
     masks = {k: rng.random((5, 7)) > 0.5 for k in syn.MASK_KEYS}
-    syn.save_masks(tmp_path / "m.npz", masks)
-    back = syn.load_masks(tmp_path / "m.npz")
+    save_masks(tmp_path / "m.npz", masks)
+    back = load_masks(tmp_path / "m.npz")
     assert list(back) == list(masks)
     assert all(np.array_equal(back[k], masks[k]) and back[k].dtype == bool for k in masks)
     with np.load(tmp_path / "m.npz") as z:  # a plain .npz

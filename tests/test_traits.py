@@ -6,7 +6,8 @@ import pytest
 
 from conftest import heads_table
 from taxotrait.extract import map_statistics
-from taxotrait.localization import box_hits, exclusive_masks, patch_boxes, pointing_game, top_trait_heads
+from taxotrait.groundtruth import exclusive_masks
+from taxotrait.localization import box_hits, patch_boxes, pointing_game, top_trait_heads
 from taxotrait.traits import hierarchy_traits, rank_traits, top_traits
 
 

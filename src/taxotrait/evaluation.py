@@ -48,9 +48,9 @@ from .devices import autocast, mixed_precision, resolve_device, resolve_precisio
 from .extract import map_statistics
 from .faithfulness import endpoint_probabilities, insertion_deletion, upsample
 from .intervals import bootstrap_interval, clears, interval_columns, mean_with_intervals
+from .groundtruth import KEYPOINTS, crop_mask, exclusive_masks, load_ground_truth, near_mask
+from .localization import energy_shares, normalise_maps, part_consistency, pointing_hits, top_trait_heads
 from .methods import METHODS, MODEL_LABELS, MapInputs, cam_rivals, method_label
-from .localization import (KEYPOINTS, crop_mask, energy_shares, exclusive_masks, load_ground_truth, near_mask,
-                           normalise_maps, part_consistency, pointing_hits, top_trait_heads)
 from .model import PromptCAM, class_rivals, rival_prediction, sibling_groups
 from .report import ALL_RANKS, EVALUATION_SETTINGS, page_html
 from .report import labels as report_labels

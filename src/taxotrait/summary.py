@@ -8,10 +8,10 @@ from pathlib import Path
 import h5py
 import pandas as pd
 
+from .groundtruth import load_masks
 from .localization import EXCLUSIVE, PLANTED, POINTING_COLUMNS, pointing_game
 from .report import SUMMARY_SETTINGS, page_html
 from .runner import empty_table, write_parquet
-from .synthetic import load_masks
 
 log = logging.getLogger("taxotrait.summary")
 

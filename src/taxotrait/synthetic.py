@@ -24,7 +24,7 @@ box-downsampled; masks come from the same 2x label raster (a pixel is in a mask 
 half of its 2x2 sub-pixels are), so every transform is applied identically to image and masks.
 
 Masks (``masks/<image_id>.npz``, one compressed ``.npz`` per image, readable with
-:func:`load_masks` or ``np.load``; keys :data:`MASK_KEYS`, bool arrays of shape (H, W)):
+:func:`taxotrait.groundtruth.load_masks` or ``np.load``; keys :data:`MASK_KEYS`, bool arrays of shape (H, W)):
 
 - ``order``: the body silhouette (it contains the genus region, both marks, the eye);
 - ``family``: the visible tail (behind the body, so disjoint from ``order``);
@@ -53,16 +53,16 @@ files carry no timestamps.
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
+
+from .groundtruth import load_masks, save_masks
 
 __all__ = [
     "MASK_KEYS",
@@ -81,8 +81,6 @@ __all__ = [
     "swapped_sibling",
     "head_direction",
     "generate_dataset",
-    "load_masks",
-    "save_masks",
     "contact_sheet",
     "main",
 ]
@@ -531,24 +529,6 @@ def render_fish(order_idx: int, family_idx: int, genus_idx: int, species_idx: in
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-
-
-def save_masks(path: str | os.PathLike, masks: dict[str, np.ndarray]) -> None:
-    """A compressed .npz of bool arrays, without timestamps (byte-identical for identical masks)."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for key in masks:
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(masks[key], dtype=bool), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, buf.getvalue())
-
-
-def load_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The masks of one image: ``MASK_KEYS`` -> bool arrays of shape (H, W)."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k].astype(bool, copy=False) for k in z.files}
 
 
 def image_rng(seed: int, index: int) -> np.random.Generator:

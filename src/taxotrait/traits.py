@@ -4,7 +4,7 @@
 traits at every rank measured on that species' own images. Columns are documented in config/README.md.
 
 Named traits: where the images have ground truth (masks, e.g. the demo's planted traits, or CUB-style part
-keypoints; `taxotrait.localization.load_ground_truth`), each trait gets the part its head's attention peak points to
+keypoints; `taxotrait.groundtruth.load_ground_truth`), each trait gets the part its head's attention peak points to
 on most of the images where it is a trait head (`part`) and that share of those images (`part_share`), so a trait
 table reads "Scott Oriole: head 1: crown (92%), head 11: belly (85%)" (`describe_traits`).
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .localization import head_peak_parts, load_ground_truth, modal_parts
+from .groundtruth import load_ground_truth
+from .localization import head_peak_parts, modal_parts
 from .runner import atomic_write, empty_table, write_parquet
 
 TRAIT_COLUMNS = ["n_images", "frequency", "mean_importance", "peak_x", "peak_y", "spread", "part", "part_share"]

@@ -89,7 +89,7 @@ def part_annotation_inputs(wildcards=None):
     folder = evaluation_config().get("parts")
     if not folder:
         return {}
-    from taxotrait.localization import part_annotation_files
+    from taxotrait.groundtruth import part_annotation_files
 
     return {key: str(path) for key, path in part_annotation_files(folder).items()}
 
