@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from taxotrait import devices, evaluation, workflow
 from taxotrait.dataset import prepare_files
-from taxotrait.runner import validate_config
+from taxotrait.config import validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 STAND_IN = torch.device("cpu", 0)  # "cpu:0": a CPU device that the spy tells apart from the host ("cpu")

@@ -54,7 +54,8 @@ from .localization import (KEYPOINTS, crop_mask, energy_shares, exclusive_masks,
 from .model import PromptCAM, class_rivals, rival_prediction, sibling_groups
 from .report import ALL_RANKS, EVALUATION_SETTINGS, page_html
 from .report import labels as report_labels
-from .runner import SYNTHETIC_BRANCHING, atomic_write, empty_table, write_parquet
+from .config import SYNTHETIC_BRANCHING
+from .io import atomic_write, empty_table, write_parquet
 from .synthetic import RANKS as SYNTHETIC_RANKS
 from .synthetic import TRAIT_NAMES
 from .traits import rank_traits

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .localization import EXCLUSIVE, PLANTED, POINTING_COLUMNS, pointing_game
 from .report import SUMMARY_SETTINGS, page_html
-from .runner import empty_table, write_parquet
+from .io import empty_table, write_parquet
 from .synthetic import load_masks
 
 log = logging.getLogger("taxotrait.summary")

@@ -4,7 +4,8 @@ from pathlib import Path
 
 from snakemake.logging import logger
 
-from taxotrait.runner import check_config, ranks_to_train, stopping_at_start, validate_config
+from taxotrait.config import check_config, ranks_to_train, validate_config
+from taxotrait.runner import stopping_at_start
 
 # every key against the schema (an unknown key, a wrong type or range: ConfigError naming the key), then the rest;
 # ranks with a single taxon are dropped (a warning names them), a single species stops: the message alone is shown
