@@ -7,7 +7,8 @@ min_version("9.0")
 
 # a YAML mistake in it is named with its file and line (Snakemake reads --configfile files itself, before this)
 from snakemake.logging import logger
-from taxotrait.runner import check_yaml, stopping_at_start
+from taxotrait.config import check_yaml
+from taxotrait.runner import stopping_at_start
 
 with stopping_at_start(logger.error):
     check_yaml("config/config.yaml")

@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from taxotrait.config import check_yaml, ranks_to_train
 from taxotrait.dataset import (
-    DatasetError, check_image, dataset_fingerprint, prepare_dataset, read_manifest, read_taxonomy, scan_image_tree,
+    check_image, dataset_fingerprint, prepare_dataset, read_manifest, read_taxonomy, scan_image_tree,
 )
-from taxotrait.runner import ConfigError, check_yaml, ranks_to_train
+from taxotrait.errors import ConfigError, DatasetError
 from taxotrait.traits import describe_traits, image_region
 from test_workflow import REPO, snakemake
 

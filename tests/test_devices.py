@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from taxotrait import devices, evaluation, workflow
 from taxotrait.dataset import prepare_files
-from taxotrait.runner import validate_config
+from taxotrait.config import validate_config
 from taxotrait.schema import defaults, with_defaults
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,10 +31,12 @@ from taxotrait.backbone import BackboneWeightsError, create_backbone, read_state
 from taxotrait.checkpoint import FORMAT, CheckpointError, load_official_checkpoint, read_checkpoint
 from taxotrait.data import AugmentConfig, ImageTransform, TokenCache, TokenDataset, build_token_cache, load_image
 from taxotrait.dataset import (
-    DatasetError, ImageError, check_image, prepare_dataset, prepare_files, read_manifest, scan_image_tree,
+    ImageError, check_image, prepare_dataset, prepare_files, read_manifest, scan_image_tree,
 )
+from taxotrait.errors import ConfigError, DatasetError
 from taxotrait.extract import extract_attention
-from taxotrait.runner import ConfigError, apply_image_limit, atomic_outputs, atomic_write
+from taxotrait.io import atomic_outputs, atomic_write
+from taxotrait.runner import apply_image_limit
 from taxotrait.schema import with_defaults
 from taxotrait.train import TrainConfig, train
 from taxotrait.traits import write_rank_traits

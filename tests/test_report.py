@@ -8,9 +8,9 @@ import pytest
 
 from taxotrait import evaluation, report
 from taxotrait.figures import new_figure, save_figure
+from taxotrait.io import empty_table
 from taxotrait.localization import POINTING_COLUMNS
 from taxotrait.methods import METHODS
-from taxotrait.runner import empty_table
 from taxotrait.summary import summary_text
 
 RANKS = ["order", "family", "genus", "species"]

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from taxotrait.runner import ConfigError, validate_config
+from taxotrait.config import validate_config
+from taxotrait.errors import ConfigError
 from taxotrait.schema import SCHEMA, defaults, load_schema, with_defaults
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from taxotrait.runner import free_port, stop_process
+from taxotrait.distributed import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"

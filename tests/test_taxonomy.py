@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from taxotrait.dataset import DatasetError, prepare_files
-from taxotrait.runner import ConfigError, check_config
+from taxotrait.config import check_config
+from taxotrait.dataset import prepare_files
+from taxotrait.errors import ConfigError, DatasetError
 from taxotrait.schema import with_defaults
 from taxotrait.taxonomy import parse_newick, tree_depth, tree_taxonomy
 

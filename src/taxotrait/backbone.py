@@ -14,8 +14,6 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from .runner import OFFLINE_WEIGHTS  # noqa: F401  (re-exported: the converted offline DINOv2 ViT-S/14)
-
 OFFLINE_BACKBONE = "vit_small_patch14_dinov2.lvd142m"
 
 RANDOM_WEIGHTS_SEED = 0  # backbone.weights: random

@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .backbone import AUTHORS_NORMALISATION, create_backbone, safe_torch_load, weights_digest
 from .model import PromptCAM, PromptConfig
-from .runner import atomic_write
+from .io import atomic_write
 
 FORMAT = "taxotrait-promptcam-1"
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .dataset import ImageError, read_image  # noqa: F401  (ImageError: re-exported)
 from .devices import autocast, resolve_device, resolve_precision
 from .groundtruth import centre_crop, resized_size
-from .runner import atomic_write
+from .io import atomic_write
 
 if TYPE_CHECKING:  # the figures read images through this module without importing timm
     from .model import PromptCAM

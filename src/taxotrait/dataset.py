@@ -24,7 +24,8 @@ import pandas as pd
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .runner import InputError, write_parquet
+from .errors import DatasetError
+from .io import write_parquet
 
 log = logging.getLogger("taxotrait.dataset")
 
@@ -40,10 +41,6 @@ MIN_IMAGE_SIDE = 8  # pixels; smaller images are rejected, larger ones are resiz
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent images are composited onto white, as an image viewer shows them
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 'I' (32-bit integer) is read as 16-bit too
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
-
-
-class DatasetError(InputError):
-    """The dataset or taxonomy is inconsistent; the message names the file and row or taxon."""
 
 
 class ImageError(ValueError):

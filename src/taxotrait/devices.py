@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from .runner import ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger("taxotrait.devices")
 

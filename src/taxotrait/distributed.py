@@ -17,6 +17,7 @@ import importlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,9 +27,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .runner import free_port, stop_process
-
 log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(process: subprocess.Popen, grace_s: float) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL when it has not exited after `grace_s` seconds."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 class DataParallel:

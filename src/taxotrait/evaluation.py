@@ -54,7 +54,8 @@ from .methods import METHODS, MODEL_LABELS, MapInputs, cam_rivals, method_label
 from .model import PromptCAM, class_rivals, rival_prediction, sibling_groups
 from .report import ALL_RANKS, EVALUATION_SETTINGS, page_html
 from .report import labels as report_labels
-from .runner import SYNTHETIC_BRANCHING, atomic_write, empty_table, write_parquet
+from .config import SYNTHETIC_BRANCHING
+from .io import atomic_write, empty_table, write_parquet
 from .synthetic import RANKS as SYNTHETIC_RANKS
 from .synthetic import TRAIT_NAMES
 from .traits import rank_traits

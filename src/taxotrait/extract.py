@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .devices import mixed_precision, model_device, to_host
 from .masking import greedy_head_masking
 from .model import PromptCAM
-from .runner import atomic_write, empty_table
+from .io import atomic_write, empty_table
 
 TokenBatch = tuple[list[str], torch.Tensor, torch.Tensor]  # image ids, frozen tokens [B, T, D], labels [B]
 

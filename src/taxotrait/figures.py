@@ -30,7 +30,7 @@ from PIL import Image
 from .data import AugmentConfig, ImageTransform, load_image
 from .faithfulness import upsample
 from .report import ALL_RANKS, labels, png_labels
-from .runner import atomic_write
+from .io import atomic_write
 
 log = logging.getLogger("taxotrait.figures")
 

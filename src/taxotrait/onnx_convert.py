@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taxotrait.backbone import OFFLINE_BACKBONE, OFFLINE_WEIGHTS, create_backbone
+from taxotrait.backbone import OFFLINE_BACKBONE, create_backbone
+from taxotrait.config import OFFLINE_WEIGHTS
 
 ONNX_INPUT = "input_image"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

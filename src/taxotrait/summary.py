@@ -11,7 +11,7 @@ import pandas as pd
 from .groundtruth import load_masks
 from .localization import EXCLUSIVE, PLANTED, POINTING_COLUMNS, pointing_game
 from .report import SUMMARY_SETTINGS, page_html
-from .runner import empty_table, write_parquet
+from .io import empty_table, write_parquet
 
 log = logging.getLogger("taxotrait.summary")
 

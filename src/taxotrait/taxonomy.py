@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .dataset import DatasetError
+from .errors import DatasetError
 
 STAND_IN = "{leaf} [{rank}]"
 

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from .groundtruth import load_ground_truth
+from .io import atomic_write, empty_table, write_parquet
 from .localization import head_peak_parts, modal_parts
-from .runner import atomic_write, empty_table, write_parquet
 
 TRAIT_COLUMNS = ["n_images", "frequency", "mean_importance", "peak_x", "peak_y", "spread", "part", "part_share"]
 PROMPT_COLUMNS = ["prompt", "contrast"]  # whose prompt the head is (the taxon's own or a sibling's), and the contrast

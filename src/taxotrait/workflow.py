@@ -21,7 +21,8 @@ from .devices import model_device, resolve_device
 from .distributed import DataParallel, launch
 from .extract import extract_attention, mask_heads, sibling_classes
 from .model import PromptCAM, PromptConfig
-from .runner import ConfigError, write_parquet
+from .errors import ConfigError
+from .io import write_parquet
 from .taxonomy import top_down_prediction
 from .train import TrainConfig, predict, top_k_accuracy, train
 

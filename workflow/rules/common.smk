@@ -4,7 +4,8 @@ from pathlib import Path
 
 from snakemake.logging import logger
 
-from taxotrait.runner import check_config, ranks_to_train, stopping_at_start, validate_config
+from taxotrait.config import check_config, ranks_to_train, validate_config
+from taxotrait.runner import stopping_at_start
 from taxotrait.schema import with_defaults
 
 # every key against the schema (an unknown key, a wrong type or range: ConfigError naming the key), then the rest;

@@ -1,5 +1,6 @@
 # Snakemake adapter: accuracy, pointing game and targets (every output written under a temporary name, then renamed).
-from taxotrait.runner import atomic_outputs, run_script
+from taxotrait.io import atomic_outputs
+from taxotrait.runner import run_script
 from taxotrait.summary import summarise
 
 
