@@ -23,8 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .backbone import tokens_entering, weights_digest
-from .model import class_rivals, rival_prediction
-from .naive import naive_block
+from .model import block_attention, class_rivals, rival_prediction
 
 CAM_METHODS = ("grad_cam", "layer_cam", "eigen_cam")
 PROBE_FORMAT = "taxotrait-linear-probe-1"
@@ -32,15 +31,7 @@ PROBE_FORMAT = "taxotrait-linear-probe-1"
 
 def block_first_token(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`block(x)[:, 0]` of a pre-norm timm ViT block, computing the attention and MLP at the first token only."""
-    attn = block.attn
-    batch, length, dim = x.shape
-    qkv = attn.qkv(block.norm1(x)).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = attn.q_norm(qkv[0][:, :, :1]), attn.k_norm(qkv[1]), qkv[2]
-    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
-    mixed = attn.norm((weights @ v).transpose(1, 2).reshape(batch, 1, dim))
-    z = x[:, :1] + block.ls1(attn.proj(mixed))
-    z = z + block.ls2(block.mlp(block.norm2(z)))
-    return z[:, 0]
+    return block_attention(block, x, num_queries=1)[0][:, 0]
 
 
 class LinearProbe(nn.Module):
@@ -282,8 +273,8 @@ def attention_rollout(backbone: VisionTransformer, images: torch.Tensor, residua
 
     Per block: the heads' attention averaged (head fusion "mean"), plus `residual` x identity for the skip
     connection (A' = (1 - r) A + r I, r = 0.5), rows renormalised; the rollout is the product A'_L ... A'_1 and the
-    map its CLS row over the patch tokens. Attention is computed explicitly from the block weights (`naive_block`),
-    so timm's fused attention needs no switching off.
+    map its CLS row over the patch tokens. Attention is computed explicitly from the block weights
+    (`taxotrait.model.block_attention`), so timm's fused attention needs no switching off.
     """
     vit = backbone
     x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
@@ -291,7 +282,7 @@ def attention_rollout(backbone: VisionTransformer, images: torch.Tensor, residua
     eye = torch.eye(length, device=x.device, dtype=x.dtype)
     rollout = eye.expand(x.shape[0], -1, -1)
     for block in vit.blocks:
-        x, weights = naive_block(block, x)
+        x, weights = block_attention(block, x)
         fused = (1 - residual) * weights.mean(1) + residual * eye
         rollout = (fused / fused.sum(-1, keepdim=True)) @ rollout
     h, w = vit.patch_embed.grid_size

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import PromptCAM
+from .model import PromptCAM, attention_weights
 
 STOPPING = ("prediction", "top_k")
 
@@ -122,7 +122,7 @@ def greedy_head_masking(
 
     queries = model.class_prompts[prompts.clamp(min=0)].to(image_tokens.dtype)  # [B, K, D]
     q, k, v = model.class_queries_keys_values(keys_values, queries)
-    attention = model.attention_weights(q, k)  # [B, H, K, keys]
+    attention = attention_weights(model.backbone.blocks[-1], q, k)  # [B, H, K, keys]
     kept = (attention @ v).transpose(1, 2)  # per-head outputs [B, K, H, d]
     blurred = model.uniform_row(attention, blur_mode) @ v  # [B, H, d]
     grid = model.grid_size(image_tokens.shape[1])

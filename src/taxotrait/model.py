@@ -50,6 +50,68 @@ def rival_prediction(scores: torch.Tensor, labels: torch.Tensor, groups: torch.T
     return scores.masked_fill(~rivals, float("-inf")).argmax(1)
 
 
+# ------------------------------------------------------------------- one pre-norm timm ViT block, step by step
+def split_heads(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """[B, L, H*d] -> [B, H, L, d] for the heads of `block`."""
+    return x.unflatten(-1, (block.attn.num_heads, block.attn.head_dim)).transpose(1, 2)
+
+
+def qkv_parameters(block: Block):
+    """((w_q, b_q), (w_kv, b_kv)) of the block's qkv projection (biases may be None)."""
+    attn = block.attn
+    w_q, w_kv = attn.qkv.weight.split([attn.attn_dim, 2 * attn.attn_dim])
+    b_q, b_kv = attn.qkv.bias.split([attn.attn_dim, 2 * attn.attn_dim]) if attn.qkv.bias is not None else (None, None)
+    return (w_q, b_q), (w_kv, b_kv)
+
+
+def block_queries(block: Block, normed: torch.Tensor) -> torch.Tensor:
+    """Per-head queries [B, H, L, d] of tokens [B, L, D] after the block's first norm (`block.norm1`)."""
+    w_q, b_q = qkv_parameters(block)[0]
+    return block.attn.q_norm(split_heads(block, F.linear(normed, w_q, b_q)))
+
+
+def block_keys_values(block: Block, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head keys and values ([B, H, L, d] each) of tokens [B, L, D] after the block's first norm."""
+    w_kv, b_kv = qkv_parameters(block)[1]
+    k, v = F.linear(normed, w_kv, b_kv).chunk(2, dim=-1)
+    return block.attn.k_norm(split_heads(block, k)), split_heads(block, v)
+
+
+def attention_weights(block: Block, q: torch.Tensor, k: torch.Tensor,
+                      key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention [B, H, queries, keys], computed explicitly; key_mask: bool [queries, keys], True where a
+    query may attend to a key."""
+    logits = (q * block.attn.scale) @ k.transpose(-2, -1)
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def block_output(block: Block, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+    """The block's output at query tokens x [B|1, L, D] from their attention outputs per head `mixed` [B, H, L, d]:
+    projection, layer-scaled residual, then the MLP's."""
+    attn = block.attn
+    z = x + block.ls1(attn.proj(attn.norm(mixed.transpose(1, 2).flatten(-2))))
+    return z + block.ls2(block.mlp(block.norm2(z)))
+
+
+def block_attention(block: Block, x: torch.Tensor, key_mask: torch.Tensor | None = None, row_override=None,
+                    num_queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm timm ViT block on tokens x [B, L, D] with explicit attention: (output tokens, attention).
+
+    Only the first `num_queries` tokens (all by default) are queries: the output is [B, num_queries, D], the
+    attention [B, H, num_queries, L]. key_mask: see `attention_weights`. row_override(attention) may replace
+    attention rows before they mix the values.
+    """
+    normed = block.norm1(x)  # once for the whole sequence, as in `block(x)` (a CAM hooks this layer)
+    queries = slice(None, num_queries)
+    k, v = block_keys_values(block, normed)
+    weights = attention_weights(block, block_queries(block, normed[:, queries]), k, key_mask)
+    if row_override is not None:
+        weights = row_override(weights)
+    return block_output(block, x[:, queries], weights @ v), weights
+
+
 @dataclass(frozen=True)
 class PromptConfig:
     """How prompts are placed: the variant, prompt depth k and number of class-agnostic prompts."""
@@ -303,10 +365,7 @@ class PromptCAM(nn.Module):
         With prompt depth 1 they depend on no trainable parameter: training computes them once per image view.
         """
         block = self.backbone.blocks[-1]
-        attn = block.attn
-        w_kv, b_kv = self._qkv_parameters()[1]
-        k, v = F.linear(block.norm1(image_tokens), w_kv, b_kv).chunk(2, dim=-1)
-        return torch.stack([attn.k_norm(self._split_heads(k)), self._split_heads(v)], dim=1)
+        return torch.stack(block_keys_values(block, block.norm1(image_tokens)), dim=1)
 
     def forward_keys_values(self, keys_values: torch.Tensor, classes: torch.Tensor | None = None,
                             chunk_size: int | None = None) -> torch.Tensor:
@@ -324,45 +383,25 @@ class PromptCAM(nn.Module):
             mixed = F.scaled_dot_product_attention(q, k, v)
             attention = None
         else:
-            attention = self.attention_weights(q, k)
+            attention = attention_weights(self.backbone.blocks[-1], q, k)
             if blur is not None:
                 attention = self.blur_attention(attention, blur, blur_mode)
             mixed = attention @ v
         scores = self.scores_from_head_outputs(queries, mixed)
         return scores, (attention.transpose(1, 2) if return_attention else None)
 
-    def _qkv_parameters(self):
-        """((w_q, b_q), (w_kv, b_kv)) of the last block's qkv projection (biases may be None)."""
-        attn = self.backbone.blocks[-1].attn
-        w_q, w_kv = attn.qkv.weight.split([attn.attn_dim, 2 * attn.attn_dim])
-        b_q, b_kv = attn.qkv.bias.split([attn.attn_dim, 2 * attn.attn_dim]) if attn.qkv.bias is not None else (None, None)
-        return (w_q, b_q), (w_kv, b_kv)
-
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, L, H*d] -> [B, H, L, d]."""
-        attn = self.backbone.blocks[-1].attn
-        return x.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2)
-
     def class_queries_keys_values(self, keys_values: torch.Tensor, queries: torch.Tensor):
         """Per-head q [B|1, H, K, d] of the prompt tokens `queries`, and the keys and values [B, H, keys, d] they see:
         the image tokens' (`keys_values`), preceded by every class prompt's in the reference variant."""
         block = self.backbone.blocks[-1]
-        attn = block.attn
-        (w_q, b_q), (w_kv, b_kv) = self._qkv_parameters()
-        q = attn.q_norm(self._split_heads(F.linear(block.norm1(queries), w_q, b_q)))
+        q = block_queries(block, block.norm1(queries))
         k, v = keys_values.unbind(1)
         if self.joint_class_attention:  # every class prompt is also a key/value (reference variant)
-            prompts = self.class_prompts.to(keys_values.dtype)[None]
-            pk, pv = F.linear(block.norm1(prompts), w_kv, b_kv).chunk(2, dim=-1)
-            pk, pv = attn.k_norm(self._split_heads(pk)), self._split_heads(pv)
+            pk, pv = block_keys_values(block, block.norm1(self.class_prompts.to(keys_values.dtype)[None]))
             batch = keys_values.shape[0]
             k = torch.cat([pk.expand(batch, -1, -1, -1), k], dim=2)
             v = torch.cat([pv.expand(batch, -1, -1, -1), v], dim=2)
         return q, k, v
-
-    def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Softmax attention [B, H, K, keys] of queries over keys, computed explicitly."""
-        return ((q * self.backbone.blocks[-1].attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
     def blur_attention(self, attention: torch.Tensor, blur: torch.Tensor, blur_mode: str) -> torch.Tensor:
         """Replace the rows [B, H, K, keys] of blurred heads (blur [B, K, H] bool) by `uniform_row`."""
@@ -383,9 +422,4 @@ class PromptCAM(nn.Module):
 
         queries: prompt tokens [B|1, K, D]; mixed: attention outputs per head [B, H, K, d] -> scores [B, K].
         """
-        block = self.backbone.blocks[-1]
-        attn = block.attn
-        x = attn.proj(attn.norm(mixed.transpose(1, 2).flatten(-2)))
-        z = queries + block.ls1(x)
-        z = z + block.ls2(block.mlp(block.norm2(z)))
-        return self.head(self.backbone.norm(z)).squeeze(-1)
+        return self.head(self.backbone.norm(block_output(self.backbone.blocks[-1], queries, mixed))).squeeze(-1)

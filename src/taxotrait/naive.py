@@ -1,38 +1,15 @@
 """A slow, obviously-correct Prompt-CAM: the equations written out, one full sequence per block.
 
 Every block is evaluated on the whole sequence [prompts, CLS, (registers), patches] with explicit attention
-computed from the block's weights, and an optional key mask. It is the oracle of the tests and the baseline of the
-benchmarks; use `taxotrait.model.PromptCAM` for real work.
+computed from the block's weights (`taxotrait.model.block_attention`), and an optional key mask. It is the oracle
+of the tests and the baseline of the benchmarks; use `taxotrait.model.PromptCAM` for real work.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .model import PromptCAM
-
-
-def naive_block(block: nn.Module, x: torch.Tensor, key_mask: torch.Tensor | None = None, row_override=None):
-    """One pre-norm ViT block with explicit attention.
-
-    key_mask: [L, L] bool, True where query i may attend to key j. row_override(attention [B, H, L, L]) may replace
-    attention rows before they mix the values. Returns (output tokens, attention).
-    """
-    attn = block.attn
-    batch, length, dim = x.shape
-    qkv = attn.qkv(block.norm1(x)).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]
-    logits = (q @ k.transpose(-2, -1)) * attn.scale
-    if key_mask is not None:
-        logits = logits.masked_fill(~key_mask, float("-inf"))
-    weights = logits.softmax(dim=-1)
-    if row_override is not None:
-        weights = row_override(weights)
-    mixed = (weights @ v).transpose(1, 2).reshape(batch, length, dim)
-    x = x + block.ls1(attn.proj(attn.norm(mixed)))
-    x = x + block.ls2(block.mlp(block.norm2(x)))
-    return x, weights
+from .model import PromptCAM, block_attention
 
 
 def naive_forward(model: PromptCAM, images: torch.Tensor, blur: torch.Tensor | None = None, blur_mode: str = "uniform_patches"):
@@ -46,10 +23,10 @@ def naive_forward(model: PromptCAM, images: torch.Tensor, blur: torch.Tensor | N
     for index, block in enumerate(vit.blocks[:-1]):
         offset = index - model.first_prompted_block
         if offset < 0:
-            x, _ = naive_block(block, x)
+            x, _ = block_attention(block, x)
             continue
         prompts = model.agnostic_prompts[offset]
-        out, _ = naive_block(block, torch.cat([prompts.expand(x.shape[0], -1, -1), x], dim=1))
+        out, _ = block_attention(block, torch.cat([prompts.expand(x.shape[0], -1, -1), x], dim=1))
         x = out[:, prompts.shape[0] :]
     sequence = torch.cat([model.class_prompts.expand(x.shape[0], -1, -1), x], dim=1)
     length = sequence.shape[1]
@@ -74,7 +51,7 @@ def naive_forward(model: PromptCAM, images: torch.Tensor, blur: torch.Tensor | N
             weights[b, h, c] = row
         return weights
 
-    out, weights = naive_block(vit.blocks[-1], sequence, key_mask, override)
+    out, weights = block_attention(vit.blocks[-1], sequence, key_mask, override)
     scores = model.head(vit.norm(out[:, :num_classes])).squeeze(-1)
     attention = weights[:, :, :num_classes].transpose(1, 2)
     if not model.joint_class_attention:
