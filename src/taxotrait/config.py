@@ -58,6 +58,11 @@ def validate_config(config: dict, schema_path: str | os.PathLike) -> None:
         raise ConfigError("invalid configuration (config/README.md documents every key):\n  " + "\n  ".join(problems))
 
 
+def rank_train_settings(config: dict, rank: str | None) -> dict:
+    """The `train` section of `rank`: config['train'] with config['rank_overrides'][rank] on top."""
+    return {**config["train"], **config["rank_overrides"].get(rank, {})}
+
+
 def check_config(config: dict) -> None:
     """Checks beyond the JSON schema, made before any job runs: files exist, exactly one data source."""
     data = config["data"]

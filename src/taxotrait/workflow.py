@@ -16,6 +16,7 @@ import torch
 from .backbone import create_backbone
 from .checkpoint import atomic_save, checkpoint_payload, load_checkpoint
 from .data import AugmentConfig, TokenCache, TokenDataset, build_token_cache, derived_seed
+from .config import rank_train_settings
 from .dataset import class_names, class_parents, labels
 from .devices import model_device, resolve_device
 from .distributed import DataParallel, launch
@@ -59,11 +60,6 @@ def rank_model(config: dict, classes: pd.DataFrame, rank: str) -> PromptCAM:
 def trained_model(path, config: dict, device: torch.device | None = None) -> PromptCAM:
     """The checkpoint at `path` on the configured backbone, in eval mode, on `device` (default: the CPU)."""
     return load_checkpoint(path, backbone=backbone_of(config)).eval().to(device or "cpu")
-
-
-def rank_train_settings(config: dict, rank: str | None) -> dict:
-    """The `train` section of `rank`: config['train'] with config['rank_overrides'][rank] on top."""
-    return {**config["train"], **config["rank_overrides"].get(rank, {})}
 
 
 def model_step_device(config: dict, rank: str | None = None) -> torch.device:

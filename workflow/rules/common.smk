@@ -4,7 +4,7 @@ from pathlib import Path
 
 from snakemake.logging import logger
 
-from taxotrait.config import check_config, ranks_to_train, validate_config
+from taxotrait.config import check_config, rank_train_settings, ranks_to_train, validate_config
 from taxotrait.runner import stopping_at_start
 from taxotrait.schema import with_defaults
 
@@ -68,8 +68,8 @@ def trained_model(wildcards):
 def train_params(wildcards):
     """What a rank's training depends on: backbone, model, contrast and the rank's train settings (its rank_overrides applied),
     so that changing one rank's override re-trains that rank only. Not the number of data-parallel processes."""
-    settings = {**config["train"], **(config.get("rank_overrides") or {}).get(wildcards.rank, {})}
-    settings.pop("processes", None)
+    settings = rank_train_settings(config, wildcards.rank)
+    settings.pop("processes")
     return json.dumps({"backbone": config["backbone"], "model": config["model"], "train": settings,
                        "contrast": config["contrast"]}, sort_keys=True)
 
