@@ -28,7 +28,13 @@ from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from taxotrait import devices, evaluation, workflow
+from taxotrait import devices, evaluation
+from taxotrait.steps import attention as attention_step
+from taxotrait.steps import cache as cache_step
+from taxotrait.steps import common
+from taxotrait.steps import evaluate as evaluate_step
+from taxotrait.steps import masking as masking_step
+from taxotrait.steps import train as train_step
 from taxotrait.dataset import prepare_files
 from taxotrait.config import validate_config
 from taxotrait.schema import defaults, with_defaults
@@ -156,7 +162,7 @@ def run_on_stand_in(step, config: dict) -> StandInDevice:
     hook = register_module_forward_pre_hook(spy.check_module)
     try:
         with spy:
-            workflow.backbone_of(config).cpu()
+            common.backbone_of(config).cpu()
             step()
     finally:
         hook.remove()
@@ -193,7 +199,7 @@ def dataset(tmp_path_factory):
                             "faithfulness": {"images": 2, "pixels_per_step": 256, "finest_ranks": 1}}
     with_defaults(config)  # the keys the sections above leave out, as the workflow fills them in
     tables = {key: root / f"{key}.parquet" for key in ("manifest", "classes", "rejects")}
-    prepare_files({"taxonomy": config["data"]["taxonomy"]}, tables, config)
+    prepare_files({"taxonomy": config["data"]["taxonomy"]}, tables, config["data"], config["ranks"])
     return root, config
 
 
@@ -215,7 +221,7 @@ def test_every_model_step_keeps_the_model_and_its_data_on_the_resolved_device(da
         calls[name] = [autocast for _, autocast in spy.module_calls]
 
     for kind in ("train", "eval"):
-        step(f"cache_tokens {kind}", lambda: workflow.cache_tokens(kind, inputs["manifest"], inputs[f"{kind}_tokens"],
+        step(f"cache_tokens {kind}", lambda: cache_step.cache_tokens(kind, inputs["manifest"], inputs[f"{kind}_tokens"],
                                                                     config))
         assert json.loads((out / f"{kind}.tokens.npy.json").read_text())["device"] == "cpu:0"
     probes = [out / rank / "probe.pt" for rank in config["ranks"]]
@@ -223,17 +229,17 @@ def test_every_model_step_keeps_the_model_and_its_data_on_the_resolved_device(da
     assert torch.load(probes[-1], weights_only=True)["metadata"]["device"] == "cpu:0"
     rank, folder, order = "species", out / "species", out / "order" / "model.pt"
     inputs.update(model=order)
-    step("train order", lambda: workflow.train_rank("order", inputs, {"model": order,
+    step("train order", lambda: train_step.train("order", inputs, {"model": order,
                                                                       "log_table": out / "order" / "log.parquet"}, config))
     inputs.update(model=folder / "model.pt", attention=folder / "attention.h5", heads=folder / "heads.parquet",
                   probe=probes[-1], saliency=folder / "saliency.h5", models=[order, folder / "model.pt"])
-    step("train", lambda: workflow.train_rank(rank, inputs, {"model": inputs["model"],
+    step("train", lambda: train_step.train(rank, inputs, {"model": inputs["model"],
                                                              "log_table": folder / "train_log.parquet"}, config))
-    step("evaluate", lambda: workflow.evaluate(inputs, {"metrics": [out / "order" / "metrics.parquet",
+    step("evaluate", lambda: evaluate_step.evaluate(inputs, {"metrics": [out / "order" / "metrics.parquet",
                                                                     folder / "metrics.parquet"]}, config))
-    step("extract_attention", lambda: workflow.extract_rank_attention(rank, inputs, {"attention": inputs["attention"]},
+    step("extract_attention", lambda: attention_step.extract_attention(rank, inputs, {"attention": inputs["attention"]},
                                                                       config))
-    step("mask_heads", lambda: workflow.mask_rank_heads(rank, inputs, {"heads": inputs["heads"]}, config))
+    step("mask_heads", lambda: masking_step.mask_heads(rank, inputs, {"heads": inputs["heads"]}, config))
     step("saliency_maps", lambda: evaluation.saliency_maps(rank, inputs, {"saliency": inputs["saliency"]}, config))
     step("faithfulness", lambda: evaluation.faithfulness_step(
         rank, inputs, {"table": folder / "faithfulness.parquet", "curves": folder / "curves.parquet"}, config))
@@ -288,13 +294,13 @@ def test_a_step_that_leaves_its_model_on_the_host_is_caught(dataset, monkeypatch
     inputs = {"manifest": root / "manifest.parquet", "classes": root / "classes.parquet",
               "train_tokens": tmp_path / "train.tokens.npy", "eval_tokens": tmp_path / "eval.tokens.npy"}
     for kind in ("train", "eval"):
-        workflow.cache_tokens(kind, inputs["manifest"], inputs[f"{kind}_tokens"], config)
+        cache_step.cache_tokens(kind, inputs["manifest"], inputs[f"{kind}_tokens"], config)
     inputs["model"] = tmp_path / "model.pt"
-    workflow.train_rank("species", inputs, {"model": inputs["model"], "log_table": tmp_path / "log.parquet"}, config)
-    loaded = workflow.trained_model
-    monkeypatch.setattr(workflow, "trained_model", lambda path, config, device=None: loaded(path, config))
+    train_step.train("species", inputs, {"model": inputs["model"], "log_table": tmp_path / "log.parquet"}, config)
+    loaded = attention_step.trained_model
+    monkeypatch.setattr(attention_step, "trained_model", lambda path, config, device=None: loaded(path, config))
     with pytest.raises(DeviceMisuse, match="off the device"):
-        run_on_stand_in(lambda: workflow.extract_rank_attention("species", inputs, {"attention": tmp_path / "a.h5"},
+        run_on_stand_in(lambda: attention_step.extract_attention("species", inputs, {"attention": tmp_path / "a.h5"},
                                                                 config), config)
 
 
@@ -349,10 +355,10 @@ def test_a_registered_method_is_mapped_and_scored_like_the_others(dataset, monke
               "model": out / "model.pt", "attention": out / "attention.h5", "heads": out / "heads.parquet",
               "saliency": out / "saliency.h5"}
     for kind in ("train", "eval"):
-        workflow.cache_tokens(kind, inputs["manifest"], inputs[f"{kind}_tokens"], config)
-    workflow.train_rank(rank, inputs, {"model": inputs["model"], "log_table": out / "log.parquet"}, config)
-    workflow.extract_rank_attention(rank, inputs, {"attention": inputs["attention"]}, config)
-    workflow.mask_rank_heads(rank, inputs, {"heads": inputs["heads"]}, config)
+        cache_step.cache_tokens(kind, inputs["manifest"], inputs[f"{kind}_tokens"], config)
+    train_step.train(rank, inputs, {"model": inputs["model"], "log_table": out / "log.parquet"}, config)
+    attention_step.extract_attention(rank, inputs, {"attention": inputs["attention"]}, config)
+    masking_step.mask_heads(rank, inputs, {"heads": inputs["heads"]}, config)
     probes = [out / f"{r}.probe.pt" for r in config["ranks"]]
     evaluation.train_probes(inputs, {"probes": probes}, config)
     inputs["probe"] = probes[-1]

@@ -118,12 +118,13 @@ def test_a_failing_rank_stops_the_group(monkeypatch):
 
 
 def test_the_train_step_runs_data_parallel_with_train_processes(tmp_path, monkeypatch):
-    """workflow.train_rank with train.processes = 2 (what a job with 2 GPUs does by itself) writes the model that one
+    """The train step with train.processes = 2 (what a job with 2 GPUs does by itself) writes the model that one
     process writes."""
     import pandas as pd
     from safetensors.torch import save_file
 
-    from taxotrait import workflow
+    from taxotrait.steps import cache as cache_step
+    from taxotrait.steps import train as train_step
     from taxotrait.backbone import create_backbone
 
     torch.manual_seed(0)
@@ -149,19 +150,19 @@ def test_the_train_step_runs_data_parallel_with_train_processes(tmp_path, monkey
     inputs = {"manifest": str(tmp_path / "manifest.parquet"), "classes": str(tmp_path / "classes.parquet"),
               "train_tokens": str(tmp_path / "train.npy"), "eval_tokens": str(tmp_path / "eval.npy")}
     for kind in ("train", "eval"):
-        workflow.cache_tokens(kind, inputs["manifest"], inputs[f"{kind}_tokens"], config)
+        cache_step.cache_tokens(kind, inputs["manifest"], inputs[f"{kind}_tokens"], config)
     models = {}
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for processes in (1, 2):
-        config["train"]["processes"] = processes
         outputs = {"model": str(tmp_path / f"p{processes}" / "model.pt"),
                    "log_table": str(tmp_path / f"p{processes}" / "train_log.parquet")}
-        workflow.train_rank("species", inputs, outputs, config, log_file=str(tmp_path / "train.log"))
+        train_step.train("species", inputs, outputs, config, processes=processes, log_file=str(tmp_path / "train.log"))
         models[processes] = torch.load(outputs["model"], weights_only=True)["state_dict"]
         assert pd.read_parquet(outputs["log_table"])["epoch"].tolist() == [1, 2]
         assert not (tmp_path / f"p{processes}" / "train_state.pt").exists()
     for name, value in models[1].items():
         assert torch.allclose(models[2][name], value, atol=2e-5, rtol=1e-4), name
     assert "rank 0" in (tmp_path / "train.log").read_text()  # the main process logged to the rule's log
-    assert workflow.train_processes(with_defaults({}), gpus=4) == (min(4, torch.cuda.device_count())
-                                                               if torch.cuda.is_available() else 1)
+    assert train_step.train_processes(None, gpus=4) == (min(4, torch.cuda.device_count())
+                                                        if torch.cuda.is_available() else 1)
+    assert train_step.train_processes(3, gpus=4) == 3

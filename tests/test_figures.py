@@ -16,8 +16,7 @@ from taxotrait.traits import hierarchy_traits, rank_traits
 RANKS = ["genus", "species"]
 # odd characters on purpose: file names must be sanitised
 TAXONOMY = {"Ab/x sp.1": "Gen x", "Ab/x sp.2": "Gen x", "Cd y": "Gen (y)", "Cd z": "Gen (y)"}
-CONFIG = {"ranks": RANKS, "augment": {"resize": 36}, "backbone": {"img_size": 32},
-          "figures": {"gallery_images": 3, "max_heads": 2}}
+FIGURES = figures.FigureSettings(resize=36, gallery_images=3, max_heads=2)
 N_IMAGES = 12
 
 
@@ -131,7 +130,7 @@ def test_rank_figures_write_one_gallery_per_taxon(products, tmp_path):
         assert len(traits) and traits["taxon"].nunique() >= 2, "fixture should give several taxa with traits"
         out = tmp_path / rank
         written = figures.rank_figures(rank, products["attention"][rank], products["traits"][rank],
-                                       products["manifest"], out, CONFIG)
+                                       products["manifest"], out, FIGURES)
         expected = {f"gallery_{figures.safe_name(t)}.png" for t in traits["taxon"].unique()} | {"shared_traits.png"}
         assert {p.name for p in out.iterdir()} == expected
         assert sorted(written) == sorted(out.iterdir())
@@ -184,8 +183,8 @@ def test_shared_traits_compare_own_and_sibling_prompts(products):
 
 def test_hierarchy_figures_one_column_per_rank(products, tmp_path):
     out = tmp_path / "hierarchy"
-    written = figures.hierarchy_figures(products["attention"], products["hierarchy"], products["manifest"], out,
-                                        CONFIG)
+    written = figures.hierarchy_figures(products["attention"], products["hierarchy"], products["manifest"], out, RANKS,
+                                        FIGURES)
     table = pd.read_parquet(products["hierarchy"])
     assert {p.name for p in written} == {f"{figures.safe_name(s)}.png" for s in table["species"].unique()}
     for path in written:
@@ -220,20 +219,20 @@ def test_missing_image_names_the_path(products, tmp_path):
     manifest.to_parquet(tmp_path / "manifest.parquet", index=False)
     with pytest.raises(FileNotFoundError, match="img_missing.png"):
         figures.rank_figures("species", products["attention"]["species"], products["traits"]["species"],
-                             tmp_path / "manifest.parquet", tmp_path / "out", CONFIG)
+                             tmp_path / "manifest.parquet", tmp_path / "out", FIGURES)
     with pytest.raises(FileNotFoundError, match="img_missing.png"):
         figures.hierarchy_figures(products["attention"], products["hierarchy"], tmp_path / "manifest.parquet",
-                                  tmp_path / "hier", CONFIG)
+                                  tmp_path / "hier", RANKS, FIGURES)
 
 
 def test_no_traits_writes_no_empty_figure(products, tmp_path, caplog):
     empty = pd.read_parquet(products["traits"]["genus"]).iloc[:0]
     empty.to_parquet(tmp_path / "traits.parquet", index=False)
     written = figures.rank_figures("genus", products["attention"]["genus"], tmp_path / "traits.parquet",
-                                   products["manifest"], tmp_path / "out", CONFIG)
+                                   products["manifest"], tmp_path / "out", FIGURES)
     pd.read_parquet(products["hierarchy"]).iloc[:0].to_parquet(tmp_path / "hierarchy.parquet", index=False)
     written += figures.hierarchy_figures(products["attention"], tmp_path / "hierarchy.parquet", products["manifest"],
-                                         tmp_path / "hier", CONFIG)
+                                         tmp_path / "hier", RANKS, FIGURES)
     assert written == [] and list((tmp_path / "out").iterdir()) == list((tmp_path / "hier").iterdir()) == []
     assert "no shared-traits figure" in caplog.text and "no species has trait heads" in caplog.text
 

@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from taxotrait import figures, workflow
+from taxotrait import figures
 from taxotrait.backbone import BackboneWeightsError, create_backbone, read_state_dict, weights_digest
 from taxotrait.checkpoint import FORMAT, CheckpointError, load_official_checkpoint, read_checkpoint
 from taxotrait.data import AugmentConfig, ImageTransform, TokenCache, TokenDataset, build_token_cache, load_image
@@ -39,7 +39,10 @@ from taxotrait.io import atomic_outputs, atomic_write
 from taxotrait.runner import apply_image_limit
 from taxotrait.schema import with_defaults
 from taxotrait.train import TrainConfig, train
-from taxotrait.traits import write_rank_traits
+from taxotrait.steps import attention, cache, common, evaluate, masking
+from taxotrait.steps import figures as figure_steps
+from taxotrait.steps import train as train_step
+from taxotrait.steps import traits as trait_steps
 from test_data import AUGMENT, make_model, one_thread, write_images  # noqa: F401 (autouse fixture: one thread)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,36 +226,37 @@ def test_non_ascii_names_and_spaces_end_to_end_without_a_val_split(tmp_path, mon
     config["figures"] = {"gallery_images": 2, "max_heads": 2}
     with_defaults(config)
     tables = {key: out / f"{key}.parquet" for key in ("manifest", "classes", "rejects")}
-    prepare_files({"taxonomy": config["data"]["taxonomy"]}, tables, config)
+    prepare_files({"taxonomy": config["data"]["taxonomy"]}, tables, config["data"], config["ranks"])
     inputs = {"manifest": tables["manifest"], "classes": tables["classes"],
               "train_tokens": out / "cache" / "train.tokens.npy", "eval_tokens": out / "cache" / "eval.tokens.npy"}
     for kind in ("train", "eval"):
-        workflow.cache_tokens(kind, tables["manifest"], inputs[f"{kind}_tokens"], config)
+        cache.cache_tokens(kind, tables["manifest"], inputs[f"{kind}_tokens"], config)
     for rank in RANKS:  # every rank: top-down prediction at the species rank reads the coarser ranks' models
         folder = out / rank
         inputs.update(model=folder / "model.pt", attention=folder / "attention.h5")
-        workflow.train_rank(rank, inputs, {"model": folder / "model.pt", "log_table": folder / "train_log.parquet"},
-                            config)
+        train_step.train(rank, inputs, {"model": folder / "model.pt", "log_table": folder / "train_log.parquet"},
+                         config)
     inputs["models"] = [out / rank / "model.pt" for rank in RANKS]
     assert pd.read_parquet(folder / "train_log.parquet")["val_top1"].isna().all()  # trained without validation
-    workflow.evaluate(inputs, {"metrics": [out / rank / "metrics.parquet" for rank in RANKS]}, config)
+    evaluate.evaluate(inputs, {"metrics": [out / rank / "metrics.parquet" for rank in RANKS]}, config)
     assert set(pd.read_parquet(folder / "metrics.parquet")["split"]) == {"test"}
-    workflow.extract_rank_attention("species", inputs, {"attention": folder / "attention.h5"}, config)
+    attention.extract_attention("species", inputs, {"attention": folder / "attention.h5"}, config)
     with h5py.File(folder / "attention.h5") as h5:
         assert list(h5.attrs["class_names"]) == sorted(SPECIES)
         assert "test/Pica pica é/photo 1 ñ" in set(h5["image_id"].asstr()[:])
-    workflow.mask_rank_heads("species", inputs, {"heads": folder / "heads.parquet"}, config)
-    write_rank_traits(folder / "heads.parquet", folder / "traits.parquet")
+    masking.mask_heads("species", inputs, {"heads": folder / "heads.parquet"}, config)
+    trait_steps.traits({"heads": folder / "heads.parquet", "manifest": tables["manifest"]},
+                       {"traits": folder / "traits.parquet"}, config)
     traits = pd.read_parquet(folder / "traits.parquet")
     assert set(traits["taxon"]) == set(SPECIES)  # every species classified right on some image
-    figures.rank_figures("species", folder / "attention.h5", folder / "traits.parquet", tables["manifest"],
-                         folder / "figures", config)
+    figure_steps.figures("species", {"attention": folder / "attention.h5", "traits": folder / "traits.parquet",
+                                     "manifest": tables["manifest"]}, {"figures": folder / "figures"}, config)
     assert sorted(p.name for p in (folder / "figures").iterdir()) == [
         "gallery_Pica_pica__.png", "gallery_Pica_pica___2.png", "gallery_Ursus__.png", "shared_traits.png"]
     # a split without images
     config["attention"]["split"] = "val"
     with pytest.raises(ConfigError, match="attention.split: the dataset has no val images.*set attention.split"):
-        workflow.extract_rank_attention("species", inputs, {"attention": folder / "val.h5"}, config)
+        attention.extract_attention("species", inputs, {"attention": folder / "val.h5"}, config)
 
     # writers that fail half-way leave neither a partial file nor a temporary one
     def broken_to_parquet(self, path, *args, **kwargs):
@@ -265,16 +269,17 @@ def test_non_ascii_names_and_spaces_end_to_end_without_a_val_split(tmp_path, mon
         config["attention"]["split"] = "test"
         for step in (
             lambda: prepare_files({"taxonomy": config["data"]["taxonomy"]},
-                                  {key: failed / f"{key}.parquet" for key in tables}, config),
-            lambda: workflow.train_rank("species", inputs, {"model": folder / "model_again.pt",
-                                                            "log_table": failed / "train_log.parquet"}, config),
-            lambda: workflow.evaluate(inputs, {"metrics": [failed / f"{rank}.parquet" for rank in RANKS]}, config),
-            lambda: workflow.mask_rank_heads("species", inputs, {"heads": failed / "heads.parquet"}, config),
-            lambda: write_rank_traits(folder / "heads.parquet", failed / "traits.parquet"),
+                                  {key: failed / f"{key}.parquet" for key in tables}, config["data"], config["ranks"]),
+            lambda: train_step.train("species", inputs, {"model": folder / "model_again.pt",
+                                                         "log_table": failed / "train_log.parquet"}, config),
+            lambda: evaluate.evaluate(inputs, {"metrics": [failed / f"{rank}.parquet" for rank in RANKS]}, config),
+            lambda: masking.mask_heads("species", inputs, {"heads": failed / "heads.parquet"}, config),
+            lambda: trait_steps.traits({"heads": folder / "heads.parquet", "manifest": tables["manifest"]},
+                                       {"traits": failed / "traits.parquet"}, config),
         ):
             with pytest.raises(OSError, match="disk full"):
                 step()
-    model = workflow.trained_model(folder / "model.pt", config)
+    model = common.trained_model(folder / "model.pt", config)
 
     def batches_then_crash():
         yield ["a"], torch.zeros(1, *TokenCache.open(inputs["eval_tokens"]).tokens.shape[2:]), torch.tensor([0])

@@ -38,7 +38,7 @@ def image_tree(root: Path, species=SPECIES) -> Path:
 def prepare(tmp_path, data: dict, ranks=RANKS) -> pd.DataFrame:
     outputs = {key: tmp_path / f"{key}.parquet" for key in ("manifest", "classes", "rejects")}
     inputs = {key: value for key, value in data.items() if key in ("taxonomy", "tree", "manifest")}
-    prepare_files(inputs, outputs, with_defaults({"data": data, "ranks": ranks}))
+    prepare_files(inputs, outputs, with_defaults({"data": data})["data"], ranks)
     return pd.read_parquet(outputs["classes"])
 
 

@@ -313,7 +313,7 @@ def test_killed_training_job_resumes_on_rerun(results, tmp_path, monkeypatch):
     import yaml
 
     from taxotrait import train as train_module
-    from taxotrait import workflow
+    from taxotrait.steps import train as train_step
 
     copy = tmp_path / "run"
     shutil.copytree(results.parent, copy, symlinks=True,  # mtimes kept: the copy is a finished run too
@@ -345,8 +345,8 @@ def test_killed_training_job_resumes_on_rerun(results, tmp_path, monkeypatch):
     torch.set_num_threads(1)  # as the train rule's job (threads: 1)
     try:
         with pytest.raises(Killed):
-            workflow.train_rank("order", inputs, {"model": folder / "model.pt",
-                                                  "log_table": folder / "train_log.parquet"}, config)
+            train_step.train("order", inputs, {"model": folder / "model.pt", "log_table": folder / "train_log.parquet"},
+                             config)
     finally:
         torch.set_num_threads(threads)
     assert (folder / "train_state.pt").is_file() and not (folder / "model.pt").exists()

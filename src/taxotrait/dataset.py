@@ -519,9 +519,9 @@ def labels(manifest: pd.DataFrame, classes: pd.DataFrame, rank: str) -> pd.Serie
     return manifest[rank].map(index).astype("int64")
 
 
-def prepare_files(inputs: dict, outputs: dict, config: dict) -> None:
-    """Image tree or manifest + taxonomy -> manifest, classes and rejects tables."""
-    data, ranks = config["data"], config["ranks"]
+def prepare_files(inputs: dict, outputs: dict, data: dict, ranks: list[str]) -> None:
+    """Image tree or manifest + taxonomy (`data`: the config's data section) -> manifest, classes and rejects tables
+    of `ranks`."""
     if data.get("images"):
         images, source = scan_image_tree(data["images"]), data["images"]
         images = images.rename(columns={"species": ranks[-1]})

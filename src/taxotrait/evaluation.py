@@ -122,7 +122,7 @@ def train_probes(inputs: dict, outputs: dict, config: dict) -> None:
     token caches), with the configured contrast: under 'siblings' trained with the sibling softmax Prompt-CAM is
     trained with; the L2 penalty is chosen on the val split; top-1 on val and test (among the true class's rivals:
     the same decision as Prompt-CAM's) is kept in the probe's file."""
-    from .workflow import backbone_of, new_model
+    from .steps.common import backbone_of, new_model
 
     s = config["evaluation"]
     device = device_of(s)
@@ -219,7 +219,7 @@ def trait_head_masks(image_ids, label, prediction, heads: pd.DataFrame, names: l
 def eval_transform(config: dict) -> ImageTransform:
     """The transform of the eval token cache: PIL image -> normalised eval crop [3, S, S]."""
     from .backbone import data_normalisation
-    from .workflow import backbone_of
+    from .steps.common import backbone_of
 
     return ImageTransform(config["backbone"]["img_size"], data_normalisation(backbone_of(config)),
                           AugmentConfig(config["augment"]["resize"], False, False))
@@ -239,7 +239,7 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
     Attributes: rank, methods, grid, img_size, prompt_cam_top1, probe_top1 (top-1 on the whole attention split),
     device (where the maps were made).
     """
-    from .workflow import trained_model
+    from .steps.common import trained_model
 
     s = config["evaluation"]
     device = device_of(s)
@@ -305,7 +305,7 @@ def read_saliency(path) -> dict:
 def faithfulness_step(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
     """<rank>/faithfulness.parquet (one row per method: mean insertion and deletion AUC over the images) and
     <rank>/faithfulness_curves.parquet (the mean curves). Ranks outside `finest_ranks` get empty tables."""
-    from .workflow import trained_model
+    from .steps.common import trained_model
 
     s = config["evaluation"]
     device = device_of(s)
@@ -473,7 +473,7 @@ def counterfactual_step(rank: str, inputs: dict, outputs: dict, config: dict) ->
     the next sibling's (`taxotrait.synthetic.counterfactual_fish`), scored by Prompt-CAM and the linear probe; one row
     per model (`COUNTERFACTUAL_COLUMNS`). Empty for a dataset that is not the demo (no generator to render with)."""
     from .synthetic import build_taxonomy, counterfactual_fish, swapped_sibling
-    from .workflow import trained_model
+    from .steps.common import trained_model
 
     synthetic = config["data"]["synthetic"]
     if not synthetic:

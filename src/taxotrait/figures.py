@@ -57,13 +57,14 @@ def unique_name(name: str, used: set[str]) -> str:
     return candidate
 
 
-def figure_settings(config: dict) -> dict:
-    """gallery_images, max_heads and resize from the workflow config."""
-    return {
-        "gallery_images": int(config["figures"]["gallery_images"]),
-        "max_heads": int(config["figures"]["max_heads"]),
-        "resize": int(config["augment"]["resize"]),
-    }
+@dataclass(frozen=True)
+class FigureSettings:
+    """What the figures show: `resize` (augment.resize, the eval crop's), `gallery_images` images per trait gallery
+    and `max_heads` trait heads per taxon (figures.gallery_images, figures.max_heads)."""
+
+    resize: int
+    gallery_images: int
+    max_heads: int
 
 
 def eval_crop(path: str | os.PathLike, img_size: int, resize: int) -> np.ndarray:
@@ -389,12 +390,11 @@ def shared_examples(attention: AttentionFile, traits: pd.DataFrame, images: Imag
     return examples
 
 
-def rank_figures(rank: str, attention_h5, traits_parquet, manifest_parquet, out_dir, config: dict,
+def rank_figures(rank: str, attention_h5, traits_parquet, manifest_parquet, out_dir, settings: FigureSettings,
                  n_pairs: int = 3) -> list[Path]:
     """Write out_dir/gallery_<taxon>.png for every taxon with trait heads and out_dir/shared_traits.png (when a
     correctly classified image has a sibling class's maps); returns the paths written (none for a rank without a
     correctly classified image: the log says so)."""
-    settings = figure_settings(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     traits = pd.read_parquet(traits_parquet)
@@ -402,11 +402,11 @@ def rank_figures(rank: str, attention_h5, traits_parquet, manifest_parquet, out_
     manifest = pd.read_parquet(manifest_parquet)
     written, used = [], set()
     with AttentionFile(attention_h5) as attention:
-        images = ImageSource(manifest, attention.img_size, settings["resize"], str(manifest_parquet))
+        images = ImageSource(manifest, attention.img_size, settings.resize, str(manifest_parquet))
         by_taxon = dict(list(traits.groupby(traits["taxon"].astype(str))))
         for taxon in sorted(by_taxon, key=lambda t: attention.index_of.get(t, len(attention.class_names))):
-            top = _top(by_taxon[taxon], settings["max_heads"])
-            rows = attention.correct_rows(taxon)[: settings["gallery_images"]]
+            top = _top(by_taxon[taxon], settings.max_heads)
+            rows = attention.correct_rows(taxon)[: settings.gallery_images]
             if len(top) == 0 or len(rows) == 0:
                 log.warning("%s %s: trait heads but no correctly classified image in %s; skipped", rank, taxon,
                             attention_h5)
@@ -417,7 +417,7 @@ def rank_figures(rank: str, attention_h5, traits_parquet, manifest_parquet, out_
             name = unique_name(f"gallery_{safe_name(taxon)}", used)
             written.append(save_figure(fig, out_dir / f"{name}.png",
                                        report_labels=labels(rank, taxon, "trait gallery")))
-        examples = shared_examples(attention, traits, images, settings["max_heads"], n_pairs)
+        examples = shared_examples(attention, traits, images, settings.max_heads, n_pairs)
     if examples:
         pairs = "; ".join(f"{e.taxon} vs {e.sibling}" for e in examples)
         written.append(save_figure(shared_traits_figure(examples, rank), out_dir / "shared_traits.png",
@@ -462,27 +462,26 @@ def species_columns(species: str, files: list[AttentionFile], table: pd.DataFram
     return image_id, columns
 
 
-def hierarchy_figures(attention_h5_by_rank: dict, hierarchy_parquet, manifest_parquet, out_dir,
-                      config: dict) -> list[Path]:
+def hierarchy_figures(attention_h5_by_rank: dict, hierarchy_parquet, manifest_parquet, out_dir, ranks: list[str],
+                      settings: FigureSettings) -> list[Path]:
     """Write out_dir/<species>.png for every species of hierarchy_traits.parquet that has an image in every rank's
-    attention.h5 (ranks in `config['ranks']` order, coarse to fine); returns the paths."""
-    settings = figure_settings(config)
+    attention.h5 (in the order of `ranks`, coarse to fine, the last the species'); returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ranks = [r for r in config["ranks"] if r in attention_h5_by_rank]
-    species_rank = config["ranks"][-1]
+    species_rank = ranks[-1]
+    ranks = [r for r in ranks if r in attention_h5_by_rank]
     table = pd.read_parquet(hierarchy_parquet)
     manifest = pd.read_parquet(manifest_parquet)
     written, used = [], set()
     files = [AttentionFile(attention_h5_by_rank[rank]) for rank in ranks]
     try:
         img_size = files[0].img_size if files else 0
-        images = ImageSource(manifest, img_size, settings["resize"], str(manifest_parquet))
+        images = ImageSource(manifest, img_size, settings.resize, str(manifest_parquet))
         if "split" in manifest.columns:  # test images first
             manifest = manifest.iloc[np.argsort((manifest["split"] != "test").to_numpy(), kind="stable")]
         ids_of = manifest.groupby(manifest[species_rank].astype(str), sort=False)["image_id"].agg(list)
         for species, rows in table.groupby(table["species"].astype(str), sort=True):
-            chosen = species_columns(species, files, rows, ids_of.get(species, []), settings["max_heads"])
+            chosen = species_columns(species, files, rows, ids_of.get(species, []), settings.max_heads)
             if chosen is None:
                 log.warning("%s: no image in every rank's attention.h5; skipped", species)
                 continue
@@ -588,14 +587,14 @@ def key_figure(key: pd.DataFrame, classes: pd.DataFrame, ranks: list[str], atten
 
 
 def key_figures(key_parquet, classes_parquet, attention_h5_by_rank: dict, manifest_parquet, out_path,
-                config: dict) -> Path:
-    """Write the key figure (`key_figure`) of a run to `out_path`."""
-    ranks = [r for r in config["ranks"] if r in attention_h5_by_rank]
+                ranks: list[str], resize: int) -> Path:
+    """Write the key figure (`key_figure`) of a run to `out_path` (`ranks` coarse to fine; `resize`: the eval crop's
+    augment.resize)."""
+    ranks = [r for r in ranks if r in attention_h5_by_rank]
     manifest = pd.read_parquet(manifest_parquet)
     files = {rank: AttentionFile(attention_h5_by_rank[rank]) for rank in ranks}
     try:
-        images = ImageSource(manifest, files[ranks[0]].img_size, figure_settings(config)["resize"],
-                             str(manifest_parquet))
+        images = ImageSource(manifest, files[ranks[0]].img_size, resize, str(manifest_parquet))
         fig = key_figure(pd.read_parquet(key_parquet), pd.read_parquet(classes_parquet), ranks, files, images)
         return save_figure(fig, out_path, tight=False)
     finally:

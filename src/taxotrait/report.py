@@ -13,6 +13,7 @@ import html
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -140,27 +141,27 @@ def _value(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-def settings_html(config: dict, sections: tuple[str, ...]) -> str:
+def settings_html(config: Mapping, sections: tuple[str, ...]) -> str:
     """The run's settings: one small table per config section (nested keys dotted), single values first."""
-    single = [(name, config.get(name)) for name in sections if not isinstance(config.get(name), dict)]
+    single = [(name, config.get(name)) for name in sections if not isinstance(config.get(name), Mapping)]
     parts = [_table([[name, _value(value)] for name, value in single], ["setting", "value"])] if single else []
     for name in sections:
         section = config.get(name)
-        if isinstance(section, dict):
+        if isinstance(section, Mapping):
             rows = [[key, _value(value)] for key, value in _flatten(section)] or [["(none)", ""]]
             parts.append(f"<h3>{html.escape(name)}</h3>" + _table(rows, ["key", "value"]))
     return "\n".join(parts)
 
 
-def _flatten(section: dict, prefix: str = ""):
+def _flatten(section: Mapping, prefix: str = ""):
     for key, value in section.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, Mapping) and value:
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
 
 
-def page_html(markdown: str, config: dict, sections: tuple[str, ...]) -> str:
+def page_html(markdown: str, config: Mapping, sections: tuple[str, ...]) -> str:
     """The self-contained HTML page (inline style) of `markdown`, a summary step's tables, with the settings
     `sections` of `config` beside them."""
     body = markdown_html(markdown)

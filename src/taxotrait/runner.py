@@ -24,26 +24,32 @@ def stopping_at_start(report) -> Iterator[None]:
         raise SystemExit(1) from None
 
 
-def apply_image_limit(config: dict) -> None:
-    """Set PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) from data.max_image_pixels, when configured:
-    every step that opens images then rejects (prepare) or refuses the same images."""
-    limit = (config.get("data") or {}).get("max_image_pixels")
+def apply_image_limit(settings) -> None:
+    """Set PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) from data.max_image_pixels, when set: every step
+    that opens images (its rule passes data.max_image_pixels) then rejects (prepare) or refuses the same images."""
+    limit = (settings.get("data") or {}).get("max_image_pixels")
     if limit:
         from PIL import Image
 
         Image.MAX_IMAGE_PIXELS = int(limit)
 
 
-def run_script(snakemake, step) -> None:
-    """Run `step(snakemake)` with logging to the rule's log file; known input errors are logged as one message."""
+def run_step(snakemake, step) -> None:
+    """Run `step(snakemake, settings)` with logging to the rule's log file; `settings`: the rule's `params: settings`
+    (`taxotrait.steps.Settings`: reading a setting the rule does not pass is an error). Known input errors are logged
+    as one message."""
+    from .steps import Settings
+
     handlers = [logging.FileHandler(snakemake.log[0], mode="w"), logging.StreamHandler(sys.stderr)]
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(max(1, snakemake.threads))
-    apply_image_limit(snakemake.config)
+    settings = Settings.from_params(snakemake.params.get("settings"), snakemake.rule)
     try:
-        step(snakemake)
+        if settings.passes("data.max_image_pixels"):
+            apply_image_limit(settings)
+        step(snakemake, settings)
     except InputError as err:
         log.error("%s", err)
         raise SystemExit(1) from None

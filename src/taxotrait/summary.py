@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import h5py
@@ -16,24 +17,24 @@ from .io import empty_table, write_parquet
 log = logging.getLogger("taxotrait.summary")
 
 
-def summarise(inputs: dict, outputs: dict, config: dict) -> None:
-    """Write summary.md, its HTML page with the run's settings (summary.html) and pointing_game.parquet from every
-    rank's metrics, heads and attention files."""
-    ranks = config["ranks"]
+def summarise(inputs: Mapping, outputs: Mapping, ranks: list[str], split: str, resize: int, img_size: int,
+              page_settings: Mapping) -> None:
+    """Write summary.md, its HTML page (summary.html, with `page_settings`: the run's settings
+    `taxotrait.report.SUMMARY_SETTINGS`) and pointing_game.parquet from every rank's metrics (on `split`), heads and
+    attention files; the pointing game on the eval crop (`resize`, `img_size`)."""
     manifest = pd.read_parquet(inputs["manifest"])
     metrics = pd.concat([pd.read_parquet(p) for p in inputs["metrics"]], ignore_index=True)
-    test = metrics[(metrics["taxon"] == "__all__") & (metrics["split"] == config["attention"]["split"])]
+    test = metrics[(metrics["taxon"] == "__all__") & (metrics["split"] == split)]
     pointing = empty_table(POINTING_COLUMNS)
     if "mask_path" in manifest.columns:
         with h5py.File(inputs["attention"][0], "r") as h5:  # one backbone: every rank's patch grid
             grid = tuple(int(g) for g in h5.attrs["grid"])
         heads = pd.concat([pd.read_parquet(path) for path in inputs["heads"]], ignore_index=True)
-        pointing = pointing_game(heads, manifest, load_masks, grid, config["augment"]["resize"],
-                                 config["backbone"]["img_size"])
+        pointing = pointing_game(heads, manifest, load_masks, grid, resize, img_size)
     write_parquet(pointing, outputs["pointing"])
     text = summary_text(test, pointing, ranks)
     Path(outputs["summary"]).write_text(text)
-    Path(outputs["html"]).write_text(page_html(text, config, SUMMARY_SETTINGS), encoding="utf-8")
+    Path(outputs["html"]).write_text(page_html(text, page_settings, SUMMARY_SETTINGS), encoding="utf-8")
     log.info("\n%s", text)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .groundtruth import load_ground_truth
-from .io import atomic_write, empty_table, write_parquet
+from .io import empty_table
 from .localization import head_peak_parts, modal_parts
 
 TRAIT_COLUMNS = ["n_images", "frequency", "mean_importance", "peak_x", "peak_y", "spread", "part", "part_share"]
@@ -143,35 +143,6 @@ def top_traits(traits: pd.DataFrame, taxon: str, n: int = 3) -> pd.DataFrame:
     return rows.sort_values(["frequency", "mean_importance"], ascending=False).head(n).reset_index(drop=True)
 
 
-def _naming(config: dict | None) -> tuple[int, int, str | None] | None:
-    """(resize, img_size, parts folder) of a workflow config, for `name_heads`."""
-    if not config:
-        return None
-    return (config["augment"]["resize"], config["backbone"]["img_size"],
-            config["evaluation"]["parts"])
-
-
-def write_rank_traits(heads_path: str | os.PathLike, out_path: str | os.PathLike,
-                      manifest_path: str | os.PathLike | None = None, config: dict | None = None) -> None:
-    """heads.parquet of one rank -> traits.parquet; with the manifest and the workflow config, traits are named
-    after the ground truth's parts (`name_heads`)."""
-    heads = pd.read_parquet(heads_path)
-    if manifest_path is not None and _naming(config):
-        heads = name_heads(heads, pd.read_parquet(manifest_path), *_naming(config))
-    write_parquet(rank_traits(heads), out_path)
-
-
-def write_hierarchy(heads_paths: list, manifest_path: str | os.PathLike, ranks: list[str],
-                    out_path: str | os.PathLike, config: dict | None = None) -> None:
-    """Every rank's heads.parquet + the manifest -> hierarchy_traits.parquet (traits named as in
-    `write_rank_traits` when the workflow config is given)."""
-    manifest = pd.read_parquet(manifest_path)
-    heads = [pd.read_parquet(path) for path in heads_paths]
-    if _naming(config):
-        heads = [name_heads(h, manifest, *_naming(config)) for h in heads]
-    write_parquet(hierarchy_traits(heads, manifest, ranks), out_path)
-
-
 # ------------------------------------------------------------------------------------------------- the key
 ROOT = "(root)"  # the node above the top rank
 KEY_COLUMNS = ["node_rank", "node", "n_children"]  # before the columns of traits.parquet
@@ -232,21 +203,6 @@ def _key_cell(row) -> str:
     where = (f", {row.part} region ({row.part_share:.0%})" if isinstance(row.part, str) and row.part
              else f", peak at x {row.peak_x:.2f}, y {row.peak_y:.2f}, spread {row.spread:.2f}")
     return f"{head}{where}, {row.frequency:.0%} of images"
-
-
-def write_key(traits_paths: list, classes_path: str | os.PathLike, outputs: dict, config: dict) -> pd.DataFrame:
-    """Every rank's traits.parquet + classes.parquet -> outputs['table'] (key.parquet), outputs['markdown'] (key.md)
-    and outputs['html'] (key.html: the key with the settings `taxotrait.report.KEY_SETTINGS` of `config`)."""
-    from .report import KEY_SETTINGS, page_html
-
-    classes, ranks = pd.read_parquet(classes_path), config["ranks"]
-    key = key_table([pd.read_parquet(p) for p in traits_paths], classes, ranks)
-    write_parquet(key, outputs["table"])
-    text = key_markdown(key, classes, ranks)
-    for name, content in (("markdown", text), ("html", page_html(text, config, KEY_SETTINGS))):
-        with atomic_write(outputs[name]) as tmp:
-            Path(tmp).write_text(content, encoding="utf-8")
-    return key
 
 
 def load_key(results: str | os.PathLike, node: str | None = None) -> pd.DataFrame:

@@ -9,7 +9,7 @@ rule extract_attention:
     output:
         attention=f"{RESULTS}/{{rank}}/attention.h5",
     params:
-        settings=lambda wildcards: params_json("attention"),
+        settings=settings("backbone", "attention", "model.class_chunk", "train.device"),
     log:
         f"{LOGS}/extract_attention.{{rank}}.log",
     benchmark:

@@ -10,8 +10,8 @@ rule cache_tokens:
         kind="train|eval",
     params:
         # the training views are drawn from train.seed
-        settings=lambda wildcards: params_json("backbone", "model", "augment")
-        + (f" seed={config['train'].get('seed', 0)}" if wildcards.kind == "train" else ""),
+        settings=lambda wildcards: settings("backbone", "model", "augment", "train.device", IMAGE_LIMIT,
+                                            *(["train.seed"] if wildcards.kind == "train" else []))(wildcards),
     log:
         f"{LOGS}/cache_tokens.{{kind}}.log",
     benchmark:

@@ -1,5 +1,4 @@
 # Configuration validation, paths and input functions shared by every step.
-import json
 from pathlib import Path
 
 from snakemake.logging import logger
@@ -7,6 +6,7 @@ from snakemake.logging import logger
 from taxotrait.config import check_config, rank_train_settings, ranks_to_train, validate_config
 from taxotrait.runner import stopping_at_start
 from taxotrait.schema import with_defaults
+from taxotrait.steps import rule_settings
 
 # every key against the schema (an unknown key, a wrong type or range: ConfigError naming the key), then the rest;
 # ranks with a single taxon are dropped (a warning names them), a single species stops: the message alone is shown
@@ -26,9 +26,15 @@ wildcard_constraints:
     rank="|".join(RANKS),
 
 
-def params_json(*sections):
-    """Config sections as one JSON string: a params value, so that changing them re-runs the rule."""
-    return json.dumps({s: config.get(s) for s in sections}, sort_keys=True)
+# the setting of every rule whose step opens images: PIL's decompression-bomb limit (taxotrait.runner.apply_image_limit)
+IMAGE_LIMIT = "data.max_image_pixels"
+
+
+def settings(*keys):
+    """A rule's `params: settings`: the config keys its step reads (a section, or a dotted key of one) and their
+    values, the only settings the step receives (taxotrait.steps): changing one re-runs the rule, and nothing else
+    does. Under a {rank} wildcard, `train` is that rank's (its rank_overrides applied)."""
+    return lambda wildcards: rule_settings(config, keys, wildcards.get("rank"))
 
 
 def dataset_inputs(wildcards=None):
@@ -65,39 +71,27 @@ def trained_model(wildcards):
     return f"{RESULTS}/{wildcards.rank}/model.pt"
 
 
-def train_params(wildcards):
-    """What a rank's training depends on: backbone, model, contrast and the rank's train settings (its rank_overrides applied),
-    so that changing one rank's override re-trains that rank only. Not the number of data-parallel processes."""
-    settings = rank_train_settings(config, wildcards.rank)
-    settings.pop("processes")
-    return json.dumps({"backbone": config["backbone"], "model": config["model"], "train": settings,
-                       "contrast": config["contrast"]}, sort_keys=True)
+def train_settings(wildcards):
+    """What a rank's training reads: backbone, model, contrast and the rank's train settings (its rank_overrides
+    applied), so that changing one rank's override re-trains that rank only. Not the number of data-parallel
+    processes, which is the rule's `processes` resource (`train_processes`)."""
+    keys = [f"train.{key}" for key in config["train"] if key != "processes"]
+    return rule_settings(config, ["backbone", "model", "contrast", *keys], wildcards.rank)
 
 
-def evaluation_config():
-    """The `evaluation` section (its defaults filled in from the schema)."""
-    return config["evaluation"]
-
-
-def evaluation_params(*keys):
-    """The evaluation settings a rule depends on, as a params function."""
-    section = evaluation_config()
-    return lambda wildcards: json.dumps({key: section.get(key) for key in keys}, sort_keys=True)
+def train_processes(wildcards):
+    """The rank's train.processes (0: one per GPU of the job): how the job runs, not what it computes."""
+    return rank_train_settings(config, wildcards.rank)["processes"] or 0
 
 
 def part_annotation_inputs(wildcards=None):
     """The CUB-style part annotation files of `evaluation.parts` (none when unset)."""
-    folder = evaluation_config().get("parts")
+    folder = config["evaluation"]["parts"]
     if not folder:
         return {}
     from taxotrait.groundtruth import part_annotation_files
 
     return {key: str(path) for key, path in part_annotation_files(folder).items()}
-
-
-def naming_params(wildcards=None):
-    """What the part a head points to depends on: the eval crop and the part annotations."""
-    return json.dumps([config["augment"]["resize"], config["backbone"]["img_size"], evaluation_config().get("parts")])
 
 
 def all_outputs():
@@ -106,6 +100,6 @@ def all_outputs():
     outputs = [f"{RESULTS}/{rank}/{name}" for rank in RANKS for name in per_rank]
     outputs += [f"{RESULTS}/hierarchy_traits.parquet", f"{RESULTS}/figures/hierarchy", f"{RESULTS}/summary.md",
                 f"{RESULTS}/key.parquet", f"{RESULTS}/key.md", f"{RESULTS}/key.html", f"{RESULTS}/figures/key.png"]
-    if evaluation_config().get("enabled", True):
+    if config["evaluation"]["enabled"]:
         outputs += [f"{RESULTS}/faithfulness.parquet", f"{RESULTS}/localization.parquet", f"{RESULTS}/evaluation.md"]
     return outputs

@@ -7,7 +7,7 @@ if config["data"].get("synthetic"):
             taxonomy=f"{SYNTHETIC}/taxonomy.csv",
             traits=f"{SYNTHETIC}/traits.csv",
         params:
-            settings=lambda wildcards: params_json("data"),
+            settings=settings("data.synthetic"),
         log:
             f"{LOGS}/synthetic_data.log",
         benchmark:

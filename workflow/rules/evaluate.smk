@@ -9,6 +9,8 @@ rule evaluate:
         weights=backbone_weights(),
     output:
         metrics=expand(f"{RESULTS}/{{rank}}/metrics.parquet", rank=RANKS),
+    params:
+        settings=settings("ranks", "backbone", "model.class_chunk", "train.device"),
     log:
         f"{LOGS}/evaluate.log",
     benchmark:

@@ -13,8 +13,7 @@ rule train_probes:
     output:
         probes=expand(f"{RESULTS}/{{rank}}/probe.pt", rank=RANKS),
     params:
-        settings=lambda wildcards: params_json("backbone", "model", "contrast")
-        + evaluation_params("device", "batch_size")(wildcards),
+        settings=settings("ranks", "backbone", "model", "contrast", "evaluation.device", "evaluation.batch_size"),
     log:
         f"{LOGS}/train_probes.log",
     benchmark:
@@ -38,7 +37,8 @@ rule saliency_maps:
     output:
         saliency=f"{RESULTS}/{{rank}}/saliency.h5",
     params:
-        settings=evaluation_params("images", "device", "batch_size"),
+        settings=settings("ranks", "backbone", "augment.resize", "attention.split", "evaluation.images",
+                          "evaluation.device", "evaluation.batch_size", IMAGE_LIMIT),
     log:
         f"{LOGS}/saliency_maps.{{rank}}.log",
     benchmark:
@@ -66,9 +66,9 @@ rule faithfulness:
         curves=f"{RESULTS}/{{rank}}/faithfulness_curves.parquet",
         counterfactual=f"{RESULTS}/{{rank}}/counterfactual.parquet",
     params:
-        settings=lambda wildcards: params_json("data")
-        + evaluation_params("faithfulness", "localization", "device", "batch_size")(wildcards),
-        precision=config["backbone"].get("precision"),
+        settings=settings("ranks", "backbone", "model.class_chunk", "augment.resize", "data.synthetic",
+                          "evaluation.faithfulness", "evaluation.localization", "evaluation.device",
+                          "evaluation.batch_size", IMAGE_LIMIT),
     log:
         f"{LOGS}/faithfulness.{{rank}}.log",
     benchmark:
@@ -91,7 +91,8 @@ rule localization:
         table=f"{RESULTS}/{{rank}}/localization.parquet",
         head_parts=f"{RESULTS}/{{rank}}/head_parts.parquet",
     params:
-        settings=lambda wildcards: naming_params() + evaluation_params("localization")(wildcards),
+        settings=settings("backbone.img_size", "augment.resize", "attention.split", "evaluation.localization",
+                          "evaluation.parts", IMAGE_LIMIT),
     log:
         f"{LOGS}/localization.{{rank}}.log",
     benchmark:
@@ -127,7 +128,7 @@ rule evaluation_summary:
             labels=reporting.labels(kind="evaluation tables"),
         ),
     params:
-        settings=lambda wildcards: params_json(*reporting.EVALUATION_SETTINGS),  # shown in evaluation.html
+        settings=settings(*reporting.EVALUATION_SETTINGS, "augment.resize", IMAGE_LIMIT),  # shown in evaluation.html
     log:
         f"{LOGS}/evaluation_summary.log",
     benchmark:

@@ -16,7 +16,7 @@ rule figures:
             labels=lambda wildcards, output: reporting.figure_labels(output.figures, wildcards.name),
         ),
     params:
-        settings=lambda wildcards: params_json("figures", "augment"),
+        settings=settings("figures", "augment.resize", IMAGE_LIMIT),
     log:
         f"{LOGS}/figures.{{rank}}.log",
     benchmark:
@@ -39,7 +39,7 @@ rule hierarchy_figures:
             labels=lambda wildcards, output: reporting.figure_labels(output.figures, wildcards.name),
         ),
     params:
-        settings=lambda wildcards: params_json("figures", "augment"),
+        settings=settings("ranks", "figures", "augment.resize", IMAGE_LIMIT),
     log:
         f"{LOGS}/hierarchy_figures.log",
     benchmark:

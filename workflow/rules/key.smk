@@ -15,7 +15,7 @@ rule key:
             labels=reporting.labels(kind="key"),
         ),
     params:
-        settings=lambda wildcards: params_json(*reporting.KEY_SETTINGS),  # shown in key.html
+        settings=settings(*reporting.KEY_SETTINGS),  # shown in key.html
     log:
         f"{LOGS}/key.log",
     benchmark:
@@ -38,7 +38,7 @@ rule key_figure:
             labels=reporting.labels(kind="key figure"),
         ),
     params:
-        settings=lambda wildcards: params_json("augment"),
+        settings=settings("ranks", "augment.resize", IMAGE_LIMIT),
     log:
         f"{LOGS}/key_figure.log",
     benchmark:

@@ -10,7 +10,8 @@ rule mask_heads:
     output:
         heads=f"{RESULTS}/{{rank}}/heads.parquet",
     params:
-        settings=lambda wildcards: params_json("masking"),
+        settings=settings("backbone", "masking", "attention.split", "attention.batch_size", "model.class_chunk",
+                          "train.device"),
     log:
         f"{LOGS}/mask_heads.{{rank}}.log",
     benchmark:

@@ -7,7 +7,7 @@ rule prepare:
         classes=f"{RESULTS}/classes.parquet",
         rejects=f"{RESULTS}/rejects.parquet",
     params:
-        settings=lambda wildcards: params_json("data", "ranks"),
+        settings=settings("data", "ranks"),
         images=images_fingerprint,
     log:
         f"{LOGS}/prepare.log",

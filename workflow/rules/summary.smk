@@ -17,7 +17,7 @@ rule summary:
         ),
         pointing=f"{RESULTS}/pointing_game.parquet",
     params:
-        settings=lambda wildcards: params_json(*reporting.SUMMARY_SETTINGS),  # shown in summary.html
+        settings=settings(*reporting.SUMMARY_SETTINGS),  # shown in summary.html
     log:
         f"{LOGS}/summary.log",
     benchmark:

@@ -10,7 +10,7 @@ rule train:
         model=f"{RESULTS}/{{rank}}/model.pt",
         log_table=f"{RESULTS}/{{rank}}/train_log.parquet",
     params:
-        settings=train_params,
+        settings=train_settings,
     log:
         f"{LOGS}/train.{{rank}}.log",
     benchmark:
@@ -18,5 +18,6 @@ rule train:
     threads: 1
     resources:
         gpu=config["resources"]["gpu"],
+        processes=train_processes,
     script:
         "../scripts/train.py"

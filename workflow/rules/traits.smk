@@ -1,5 +1,6 @@
 # Trait tables: per rank, and the coarse-to-fine table of every species. Where there is ground truth (masks or part
 # keypoints), each trait is named after the part its head points to.
+NAMING = ("augment.resize", "backbone.img_size", "evaluation.parts", IMAGE_LIMIT)  # taxotrait.steps.traits.named_heads
 rule traits:
     input:
         unpack(part_annotation_inputs),
@@ -8,7 +9,7 @@ rule traits:
     output:
         traits=f"{RESULTS}/{{rank}}/traits.parquet",
     params:
-        settings=naming_params,
+        settings=settings(*NAMING),
     log:
         f"{LOGS}/traits.{{rank}}.log",
     benchmark:
@@ -25,7 +26,7 @@ rule hierarchy_traits:
     output:
         hierarchy=f"{RESULTS}/hierarchy_traits.parquet",
     params:
-        settings=naming_params,
+        settings=settings("ranks", *NAMING),
     log:
         f"{LOGS}/hierarchy_traits.log",
     benchmark:

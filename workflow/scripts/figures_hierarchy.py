@@ -1,6 +1,5 @@
-# Snakemake adapter: coarse-to-fine trait heads of every species.
-from taxotrait.figures import hierarchy_figures
-from taxotrait.runner import run_script
+# Snakemake adapter: the coarse-to-fine figure of every species.
+from taxotrait.runner import run_step
+from taxotrait.steps.figures import hierarchy_figures
 
-run_script(snakemake, lambda s: hierarchy_figures(dict(zip(s.config["ranks"], s.input.attention)), s.input.hierarchy,
-                                                  s.input.manifest, s.output.figures, s.config))
+run_step(snakemake, lambda s, settings: hierarchy_figures(s.input, s.output, settings))

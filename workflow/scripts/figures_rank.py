@@ -1,6 +1,5 @@
 # Snakemake adapter: trait galleries and shared traits of one rank.
-from taxotrait.figures import rank_figures
-from taxotrait.runner import run_script
+from taxotrait.runner import run_step
+from taxotrait.steps.figures import figures
 
-run_script(snakemake, lambda s: rank_figures(s.wildcards.rank, s.input.attention, s.input.traits, s.input.manifest,
-                                             s.output.figures, s.config))
+run_step(snakemake, lambda s, settings: figures(s.wildcards.rank, s.input, s.output, settings))

@@ -1,6 +1,5 @@
-# Snakemake adapter: the coarse-to-fine trait table.
-from taxotrait.runner import run_script
-from taxotrait.traits import write_hierarchy
+# Snakemake adapter: the coarse-to-fine trait table of every species.
+from taxotrait.runner import run_step
+from taxotrait.steps.traits import hierarchy_traits
 
-run_script(snakemake, lambda s: write_hierarchy(s.input.heads, s.input.manifest, s.config["ranks"], s.output.hierarchy,
-                                                s.config))
+run_step(snakemake, lambda s, settings: hierarchy_traits(s.input, s.output, settings))

@@ -1,5 +1,5 @@
-# Snakemake adapter: key.parquet, key.md and key.html from every rank's trait table.
-from taxotrait.runner import run_script
-from taxotrait.traits import write_key
+# Snakemake adapter: the key (key.parquet, key.md, key.html).
+from taxotrait.runner import run_step
+from taxotrait.steps.key import key
 
-run_script(snakemake, lambda s: write_key(s.input.traits, s.input.classes, s.output, s.config))
+run_step(snakemake, lambda s, settings: key(s.input, s.output, settings))

@@ -1,6 +1,5 @@
-# Snakemake adapter: the key drawn as a tree of trait maps.
-from taxotrait.figures import key_figures
-from taxotrait.runner import run_script
+# Snakemake adapter: the key figure.
+from taxotrait.runner import run_step
+from taxotrait.steps.key import key_figure
 
-run_script(snakemake, lambda s: key_figures(s.input.key, s.input.classes, dict(zip(s.config["ranks"], s.input.attention)),
-                                            s.input.manifest, s.output.figure, s.config))
+run_step(snakemake, lambda s, settings: key_figure(s.input, s.output, settings))

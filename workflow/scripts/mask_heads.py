@@ -1,5 +1,5 @@
-# Snakemake adapter: greedy head masking.
-from taxotrait import workflow
-from taxotrait.runner import run_script
+# Snakemake adapter: greedy head masking of one rank.
+from taxotrait.runner import run_step
+from taxotrait.steps.masking import mask_heads
 
-run_script(snakemake, lambda s: workflow.mask_rank_heads(s.wildcards.rank, s.input, s.output, s.config))
+run_step(snakemake, lambda s, settings: mask_heads(s.wildcards.rank, s.input, s.output, settings))

@@ -1,5 +1,5 @@
-# Snakemake adapter: validate the dataset and write its tables.
-from taxotrait.dataset import prepare_files
-from taxotrait.runner import run_script
+# Snakemake adapter: validate the images against the taxonomy.
+from taxotrait.runner import run_step
+from taxotrait.steps.prepare import prepare
 
-run_script(snakemake, lambda s: prepare_files(s.input, s.output, s.config))
+run_step(snakemake, lambda s, settings: prepare(s.input, s.output, settings))

@@ -1,7 +1,5 @@
-# Snakemake adapter: the synthetic demo dataset.
-from pathlib import Path
+# Snakemake adapter: the embedded demo dataset.
+from taxotrait.runner import run_step
+from taxotrait.steps.data import synthetic_data
 
-from taxotrait.runner import run_script
-from taxotrait.synthetic import generate_dataset
-
-run_script(snakemake, lambda s: generate_dataset(Path(s.output.manifest).parent, **s.config["data"]["synthetic"], workers=s.threads))
+run_step(snakemake, lambda s, settings: synthetic_data(s.output, settings, workers=s.threads))

@@ -1,7 +1,8 @@
-# Snakemake adapter: train one rank.
-from taxotrait import workflow
-from taxotrait.runner import run_script
+# Snakemake adapter: train one rank (several GPUs for the job, its `gpu` resource, or train.processes, its
+# `processes` resource: data-parallel training, one process each).
+from taxotrait.runner import run_step
+from taxotrait.steps.train import train
 
-# several GPUs for the job (its `gpu` resource): data-parallel training, one process per GPU
-run_script(snakemake, lambda s: workflow.train_rank(s.wildcards.rank, s.input, s.output, s.config,
-                                                    gpus=int(s.resources.get("gpu", 0)), log_file=s.log[0]))
+run_step(snakemake, lambda s, settings: train(s.wildcards.rank, s.input, s.output, settings,
+                                              processes=int(s.resources.get("processes", 0)),
+                                              gpus=int(s.resources.get("gpu", 0)), log_file=s.log[0]))

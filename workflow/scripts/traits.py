@@ -1,5 +1,5 @@
 # Snakemake adapter: trait table of one rank (named after the ground truth's parts where there is some).
-from taxotrait.runner import run_script
-from taxotrait.traits import write_rank_traits
+from taxotrait.runner import run_step
+from taxotrait.steps.traits import traits
 
-run_script(snakemake, lambda s: write_rank_traits(s.input.heads, s.output.traits, s.input.manifest, s.config))
+run_step(snakemake, lambda s, settings: traits(s.input, s.output, settings))

@@ -1,0 +1,27 @@
+"""Step of workflow/rules/cache.smk: the frozen tokens entering the first prompted block, once per dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pandas as pd
+
+from ..data import AugmentConfig, build_token_cache
+from .common import model_step_device, new_model
+
+
+def cache_tokens(kind: str, manifest_path, out_path, settings: Mapping) -> None:
+    """Frozen tokens of the training images (`kind` 'train': `augment.views` augmented views drawn from
+    `train.seed`) or of the val and test images ('eval': the eval transform). Settings: `backbone`, `model`,
+    `augment`, `train.device`, and `train.seed` for 'train'."""
+    manifest = pd.read_parquet(manifest_path)
+    probe = new_model(settings, ["probe"])
+    a = settings["augment"]
+    if kind == "train":
+        paths, seed = manifest.loc[manifest["split"] == "train", "path"], settings["train"]["seed"]
+        augment, views = AugmentConfig(a["resize"], a["crop"], a["hflip"]), a["views"]
+    else:
+        paths, seed = manifest.loc[manifest["split"] != "train", "path"], 0
+        augment, views = AugmentConfig(a["resize"], False, False), 1
+    build_token_cache(probe, paths.tolist(), out_path, views=views, augment=augment, seed=seed,
+                      device=model_step_device(settings), precision=settings["backbone"]["precision"])

@@ -1,0 +1,32 @@
+"""Steps of workflow/rules/key.smk: the key (at every fork, what tells each child from its siblings) and its figure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from ..figures import key_figures
+from ..io import atomic_write, write_parquet
+from ..report import KEY_SETTINGS, page_html
+from ..traits import key_markdown, key_table
+
+
+def key(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
+    """Every rank's traits.parquet + classes.parquet -> key.parquet, key.md and key.html (the key beside the settings
+    `taxotrait.report.KEY_SETTINGS`, which the rule passes)."""
+    classes, ranks = pd.read_parquet(inputs["classes"]), list(settings["ranks"])
+    table = key_table([pd.read_parquet(p) for p in inputs["traits"]], classes, ranks)
+    write_parquet(table, outputs["table"])
+    text = key_markdown(table, classes, ranks)
+    for name, content in (("markdown", text), ("html", page_html(text, settings, KEY_SETTINGS))):
+        with atomic_write(outputs[name]) as tmp:
+            Path(tmp).write_text(content, encoding="utf-8")
+
+
+def key_figure(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
+    """figures/key.png: the key's forks with each child's trait maps. Settings: `ranks`, `augment.resize`."""
+    ranks = list(settings["ranks"])
+    key_figures(inputs["key"], inputs["classes"], dict(zip(ranks, inputs["attention"])), inputs["manifest"],
+                outputs["figure"], ranks, settings["augment"]["resize"])

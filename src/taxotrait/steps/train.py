@@ -1,0 +1,61 @@
+"""Step of workflow/rules/train.smk: train one rank's Prompt-CAM on the cached tokens."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..checkpoint import atomic_save, checkpoint_payload
+from ..data import derived_seed
+from ..devices import model_device
+from ..distributed import DataParallel, launch
+from ..io import write_parquet
+from ..train import train as fit
+from .common import backbone_of, rank_model, token_data, train_config
+
+log = logging.getLogger("taxotrait")
+
+
+def train_processes(processes: int | None, gpus: int = 0) -> int:
+    """Processes of data-parallel training: `processes` (train.processes, the rule's `processes` resource) when set,
+    else one per GPU the job was given (the rule's `gpu` resource) and CUDA sees."""
+    if processes:
+        return int(processes)
+    return max(1, min(gpus, torch.cuda.device_count() if torch.cuda.is_available() else 0))
+
+
+def train(rank: str, inputs: Mapping, outputs: Mapping, settings: Mapping, processes: int | None = None,
+          gpus: int = 0, log_file: str | None = None) -> None:
+    """Train the rank's PromptCAM (settings: `backbone`, `model`, `contrast` and the rank's `train`) on cached
+    tokens; resumes from `train_state.pt` beside the model after an interruption (deleted once the model is written).
+    With several processes (`train_processes`), data-parallel: this function runs in each
+    (`taxotrait.distributed.launch`), the main one writes the outputs."""
+    if train_processes(processes, gpus) > 1 and not DataParallel().active:
+        files = {"inputs": {k: str(inputs[k]) for k in ("manifest", "classes", "train_tokens", "eval_tokens")},
+                 "outputs": {k: str(outputs[k]) for k in ("model", "log_table")}}
+        plain = settings.as_dict() if hasattr(settings, "as_dict") else dict(settings)
+        launch("taxotrait.steps.train:train", train_processes(processes, gpus),
+               {"rank": rank, "settings": plain, **files}, log_file=log_file)
+        return
+    manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
+    config = train_config(settings["train"], settings["model"]["class_chunk"])
+    backbone_of(settings)  # built (and cached) first, so that the seeded draws below are the model's own
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived_seed(config.seed, 0, 4))  # the initial head and prompts follow train.seed
+        model = rank_model(settings, classes, rank)
+    train_data, _ = token_data(inputs["train_tokens"], manifest, classes, rank, "train")
+    val_data = None
+    if (manifest["split"] == "val").any():
+        val_data, _ = token_data(inputs["eval_tokens"], manifest, classes, rank, "val")
+    state = Path(outputs["model"]).with_name("train_state.pt")
+    history = fit(model, train_data, val_data, config, checkpoint_path=state, metadata={"rank": rank})
+    if not DataParallel().is_main:
+        return
+    history["device"] = str(model_device(model))
+    atomic_save(checkpoint_payload(model.cpu(), rank=rank), outputs["model"])
+    write_parquet(history, outputs["log_table"])
+    state.unlink(missing_ok=True)  # only an unfinished training keeps its state
