@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import h5py
 import pandas as pd
 
+from .attention_store import AttentionFile
 from .groundtruth import load_masks
 from .localization import EXCLUSIVE, PLANTED, POINTING_COLUMNS, pointing_game
 from .report import SUMMARY_SETTINGS, page_html
@@ -25,8 +25,8 @@ def summarise(inputs: dict, outputs: dict, config: dict) -> None:
     test = metrics[(metrics["taxon"] == "__all__") & (metrics["split"] == config["attention"]["split"])]
     pointing = empty_table(POINTING_COLUMNS)
     if "mask_path" in manifest.columns:
-        with h5py.File(inputs["attention"][0], "r") as h5:  # one backbone: every rank's patch grid
-            grid = tuple(int(g) for g in h5.attrs["grid"])
+        with AttentionFile(inputs["attention"][0]) as attention:  # one backbone: every rank's patch grid
+            grid = attention.grid
         heads = pd.concat([pd.read_parquet(path) for path in inputs["heads"]], ignore_index=True)
         pointing = pointing_game(heads, manifest, load_masks, grid, config["augment"]["resize"],
                                  config["backbone"]["img_size"])

@@ -15,7 +15,7 @@ import torch
 
 from .backbone import create_backbone
 from .checkpoint import atomic_save, checkpoint_payload, load_checkpoint
-from .data import AugmentConfig, TokenCache, TokenDataset, build_token_cache, derived_seed
+from .data import AugmentConfig, derived_seed
 from .config import rank_train_settings
 from .dataset import class_names, class_parents, labels
 from .devices import model_device, resolve_device
@@ -25,6 +25,7 @@ from .model import PromptCAM, PromptConfig
 from .errors import ConfigError
 from .io import write_parquet
 from .taxonomy import top_down_prediction
+from .token_cache import TokenCache, TokenDataset, build_token_cache
 from .train import TrainConfig, predict, top_k_accuracy, train
 
 log = logging.getLogger("taxotrait")
