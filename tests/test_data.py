@@ -7,11 +7,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from conftest import make_vit
-from taxotrait.data import (
-    AugmentConfig, ImageDataset, ImageTransform, TokenCache, TokenCacheError, TokenDataset, build_token_cache,
-    derived_generator, load_image,
-)
+from taxotrait.data import AugmentConfig, ImageDataset, ImageTransform, derived_generator, load_image
 from taxotrait.model import PromptCAM, PromptConfig
+from taxotrait.token_cache import TokenCache, TokenCacheError, TokenDataset, build_token_cache
 
 CLASSES = ["red", "green", "blue"]
 AUGMENT = AugmentConfig(resize=36)

@@ -21,7 +21,8 @@ OPTIMIZERS = ("adamw", "sgd")
 
 def write_data(folder: Path):
     """Images, the token cache of the tiny model, labels."""
-    from taxotrait.data import AugmentConfig, build_token_cache
+    from taxotrait.data import AugmentConfig
+    from taxotrait.token_cache import build_token_cache
 
     rng = np.random.default_rng(0)
     paths = []
@@ -45,7 +46,7 @@ def tiny_model():
 def train_here(folder: str, out: str) -> None:
     """Train the tiny model on the cache in `folder` with AdamW and with SGD (in one process, or as one rank of a
     group); every process saves its parameters and history to `<out>-<optimizer>.rank<rank>`."""
-    from taxotrait.data import TokenCache, TokenDataset
+    from taxotrait.token_cache import TokenCache, TokenDataset
     from taxotrait.train import TrainConfig, train
 
     torch.set_num_threads(1)

@@ -8,6 +8,7 @@ from PIL import Image
 
 from conftest import make_vit
 from taxotrait import figures, report
+from taxotrait.attention_store import AttentionFile
 from taxotrait.data import AugmentConfig, ImageTransform, load_image
 from taxotrait.extract import extract_attention, mask_heads, sibling_classes
 from taxotrait.model import PromptCAM
@@ -147,7 +148,7 @@ def test_gallery_layout(products):
     traits = pd.read_parquet(products["traits"][rank])
     taxon = traits["taxon"].iloc[0]
     top = traits[traits["taxon"] == taxon].head(2)
-    with figures.AttentionFile(products["attention"][rank]) as attention:
+    with AttentionFile(products["attention"][rank]) as attention:
         rows = attention.correct_rows(taxon)[:3]
         maps = np.stack([attention.head_maps(r, top["prompt"].tolist(), top["head"].tolist()) for r in rows])
         # each trait row's map is its own prompt's head: the true class's slot for the taxon's own prompt
@@ -165,7 +166,7 @@ def test_shared_traits_compare_own_and_sibling_prompts(products):
     rank = "species"
     traits = pd.read_parquet(products["traits"][rank])
     manifest = pd.read_parquet(products["manifest"])
-    with figures.AttentionFile(products["attention"][rank]) as attention:
+    with AttentionFile(products["attention"][rank]) as attention:
         images = figures.ImageSource(manifest, attention.img_size, 36)
         examples = figures.shared_examples(attention, traits, images, max_heads=2)
         assert examples
@@ -192,7 +193,7 @@ def test_hierarchy_figures_one_column_per_rank(products, tmp_path):
 
     species = table["species"].iloc[0]
     manifest = pd.read_parquet(products["manifest"])
-    files = [figures.AttentionFile(products["attention"][r]) for r in RANKS]
+    files = [AttentionFile(products["attention"][r]) for r in RANKS]
     try:
         candidates = manifest.loc[manifest["species"] == species, "image_id"].tolist()
         image_id, columns = figures.species_columns(species, files, table, candidates, max_heads=2)
@@ -244,13 +245,13 @@ def test_only_correctly_classified_images_are_shown(products, tmp_path):
 
     path = tmp_path / "attention.h5"
     shutil.copy(products["attention"]["species"], path)
-    with figures.AttentionFile(path) as attention:
+    with AttentionFile(path) as attention:
         taxon = attention.class_names[attention.labels[0]]
         before = attention.correct_rows(taxon).tolist()
     assert 0 in before
     with h5py.File(path, "r+") as h5:
         h5["prediction"][0] = (h5["label"][0] + 1) % len(h5.attrs["class_names"])
-    with figures.AttentionFile(path) as attention:
+    with AttentionFile(path) as attention:
         assert attention.correct_rows(taxon).tolist() == [r for r in before if r != 0]
         assert len(attention.correct_rows("no such taxon")) == 0
 
@@ -269,7 +270,7 @@ def test_key_figure_draws_every_taxon_at_its_place_in_the_tree(products):
         assert position[("genus", genus)] == pytest.approx(np.mean(kids)) and max(kids) - min(kids) == 1
     key = key_table([pd.read_parquet(products["traits"][r]) for r in RANKS], classes, RANKS)
     manifest = pd.read_parquet(products["manifest"])
-    files = {rank: figures.AttentionFile(products["attention"][rank]) for rank in RANKS}
+    files = {rank: AttentionFile(products["attention"][rank]) for rank in RANKS}
     try:
         images = figures.ImageSource(manifest, 32, 36)
         fig = figures.key_figure(key, classes, RANKS, files, images)

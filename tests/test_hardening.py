@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from taxotrait import figures
 from taxotrait.backbone import BackboneWeightsError, create_backbone, read_state_dict, weights_digest
 from taxotrait.checkpoint import FORMAT, CheckpointError, load_official_checkpoint, read_checkpoint
-from taxotrait.data import AugmentConfig, ImageTransform, TokenCache, TokenDataset, build_token_cache, load_image
+from taxotrait.data import AugmentConfig, ImageTransform, load_image
 from taxotrait.dataset import (
     ImageError, check_image, prepare_dataset, prepare_files, read_manifest, scan_image_tree,
 )
@@ -38,6 +38,7 @@ from taxotrait.extract import extract_attention
 from taxotrait.io import atomic_outputs, atomic_write
 from taxotrait.runner import apply_image_limit
 from taxotrait.schema import with_defaults
+from taxotrait.token_cache import TokenCache, TokenDataset, build_token_cache
 from taxotrait.train import TrainConfig, train
 from taxotrait.steps import attention, cache, common, evaluate, masking
 from taxotrait.steps import figures as figure_steps
@@ -336,7 +337,7 @@ sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(1)
 from test_data import make_model
-from taxotrait.data import TokenCache, TokenDataset
+from taxotrait.token_cache import TokenCache, TokenDataset
 from taxotrait.train import TrainConfig, train
 
 

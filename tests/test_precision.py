@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 import taxotrait.train
 from conftest import make_vit
-from taxotrait.data import TokenCache, TokenDataset, build_token_cache
 from taxotrait.masking import greedy_head_masking
+from taxotrait.token_cache import TokenCache, TokenDataset, build_token_cache
 from taxotrait.train import TrainConfig, predict, top_k_accuracy, train
 from test_data import AUGMENT, EVAL, make_model, one_thread, write_images  # noqa: F401 (autouse fixture)
 from test_model import CLASSES, build

@@ -125,8 +125,9 @@ def worker(variant: str, classes: int, batch: int) -> dict:
     from PIL import Image
 
     from conftest import make_vit
-    from taxotrait.data import AugmentConfig, TokenCache, TokenDataset, build_token_cache
+    from taxotrait.data import AugmentConfig
     from taxotrait.model import PromptCAM, PromptConfig
+    from taxotrait.token_cache import TokenCache, TokenDataset, build_token_cache
     from taxotrait.train import TrainConfig, train
 
     torch.set_num_threads(1)

@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import make_vit
-from taxotrait.data import AugmentConfig, TokenCache, TokenDataset, build_token_cache
+from taxotrait.data import AugmentConfig
 from taxotrait.masking import greedy_head_masking, trait_heads
 from taxotrait.model import PromptCAM, PromptConfig
 from taxotrait.taxonomy import top_down_prediction
+from taxotrait.token_cache import TokenCache, TokenDataset, build_token_cache
 from taxotrait.train import TrainConfig, contrast_loss, predict, rival_loss, sibling_top1, train
 
 # 7 classes under 3 parents: a fork of three, a fork of three... and a monotypic taxon (P3 has one child)

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from taxotrait.checkpoint import model_from_payload, read_checkpoint
-from taxotrait.data import ImageDataset, ImageTransform, TokenCache, TokenDataset, build_token_cache
+from taxotrait.data import ImageDataset, ImageTransform
+from taxotrait.token_cache import TokenCache, TokenDataset, build_token_cache
 from taxotrait.train import (
     TrainConfig, TrainingDiverged, init_class_prompts, learning_rate, predict, top_k_accuracy, train,
 )

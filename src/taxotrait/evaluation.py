@@ -34,15 +34,15 @@ import logging
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 
+from .attention_store import AttentionFile
 from .backbone import weights_digest
 from .baselines import LinearProbe, fit_linear_probe, load_probe, save_probe
-from .data import AugmentConfig, ImageTransform, TokenCache, load_image
+from .data import AugmentConfig, ImageTransform, load_image
 from .dataset import class_names, class_parents, labels
 from .devices import autocast, mixed_precision, resolve_device, resolve_precision
 from .extract import map_statistics
@@ -54,10 +54,12 @@ from .methods import METHODS, MODEL_LABELS, MapInputs, cam_rivals, method_label
 from .model import PromptCAM, class_rivals, rival_prediction, sibling_groups
 from .report import ALL_RANKS, EVALUATION_SETTINGS, page_html
 from .report import labels as report_labels
+from .saliency_store import read_saliency, write_saliency
 from .config import SYNTHETIC_BRANCHING
 from .io import atomic_write, empty_table, write_parquet
 from .synthetic import RANKS as SYNTHETIC_RANKS
 from .synthetic import TRAIT_NAMES
+from .token_cache import TokenCache
 from .traits import rank_traits
 
 log = logging.getLogger("taxotrait.evaluation")
@@ -248,16 +250,13 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
     probe, meta = load_probe(inputs["probe"], model.backbone, model.backbone_digest)
     probe = probe.to(device)
     manifest = pd.read_parquet(inputs["manifest"]).set_index("image_id", drop=False)
-    with h5py.File(inputs["attention"], "r") as h5:
-        ids = h5["image_id"].asstr()[:]
-        label, prediction = h5["label"][:], h5["prediction"][:]
-        names = [str(n) for n in h5.attrs["class_names"]]
-        grid = tuple(int(g) for g in h5.attrs["grid"])
-        num_heads = int(h5.attrs["heads"])
+    with AttentionFile(inputs["attention"]) as stored:
+        ids, label, prediction = stored.image_ids, stored.labels, stored.predictions
+        names, grid, num_heads = stored.class_names, stored.grid, stored.heads
         order = stratified_order(manifest.loc[ids, config["ranks"][-1]])
         if s["images"]:
             order = order[: s["images"]]
-        attention = np.stack([h5["attention"][row, :2] for row in order]).astype(np.float32)  # [n, 2, H, h, w]
+        attention = np.stack([stored.maps(row)[:2] for row in order])  # [n, 2, H, h, w]
     prompt_cam_top1 = float((label == prediction).mean())
     sub_ids, sub_label, sub_prediction = ids[order], label[order], prediction[order]
     rows = manifest.loc[sub_ids]
@@ -280,25 +279,13 @@ def saliency_maps(rank: str, inputs: dict, outputs: dict, config: dict) -> None:
                                         for i in range(0, len(paths), s["batch_size"])))
     maps = np.stack([entry.maps(inputs_of_maps) for entry in METHODS.values()], axis=1).astype(np.float32)
 
-    with atomic_write(outputs["saliency"]) as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset("image_id", data=np.array(sub_ids, dtype=object), dtype=h5py.string_dtype())
-        h5["label"], h5["prediction"], h5["probe_prediction"] = sub_label, sub_prediction, probe_prediction.astype(np.int64)
-        h5.create_dataset("maps", data=maps, compression="gzip", shuffle=True)
-        h5.attrs.update({"rank": rank, "methods": list(METHODS), "grid": grid, "img_size": config["backbone"]["img_size"],
-                         "class_names": names, "prompt_cam_top1": prompt_cam_top1,
-                         "probe_top1": float(meta["top1"].get(config["attention"]["split"], np.nan)),
-                         "slots": "true class, predicted class", "device": str(device), "contrast": model.contrast})
+    write_saliency(outputs["saliency"], sub_ids, sub_label, sub_prediction, probe_prediction, maps,
+                   {"rank": rank, "methods": list(METHODS), "grid": grid, "img_size": config["backbone"]["img_size"],
+                    "class_names": names, "prompt_cam_top1": prompt_cam_top1,
+                    "probe_top1": float(meta["top1"].get(config["attention"]["split"], np.nan)),
+                    "slots": "true class, predicted class", "device": str(device), "contrast": model.contrast})
     log.info("%s: maps of %d methods on %d images in %.1f s (probe top-1 on the subset %.3f)", rank, len(METHODS),
              len(order), time.time() - started, float((probe_prediction == sub_label).mean()))
-
-
-def read_saliency(path) -> dict:
-    with h5py.File(path, "r") as h5:
-        out = {key: h5[key][:] for key in ("label", "prediction", "probe_prediction", "maps")}
-        out["image_id"] = h5["image_id"].asstr()[:]
-        out.update({key: h5.attrs[key] for key in h5.attrs})
-        out["methods"] = [str(m) for m in out["methods"]]
-    return out
 
 
 # -------------------------------------------------------------------------------------------- faithfulness
@@ -399,16 +386,13 @@ def head_part_table(rank: str, attention_path, heads: pd.DataFrame, truth: dict,
     """Per (taxon, head) of Prompt-CAM: the part its attention peak hits on most of the taxon's images of the
     attention split (true-class maps), that share, and whether it is consistent (`part_consistency`)."""
     records = []
-    with h5py.File(attention_path, "r") as h5:
-        ids = h5["image_id"].asstr()[:]
-        names = [str(n) for n in h5.attrs["class_names"]]
-        num_heads = int(h5.attrs["heads"])
-        label = h5["label"][:]
-        for row, image_id in enumerate(ids):
+    with AttentionFile(attention_path) as attention:
+        names, num_heads, label = attention.class_names, attention.heads, attention.labels
+        for row, image_id in enumerate(attention.image_ids):
             gt = truth.get(str(image_id))
             if gt is None:
                 continue
-            peak_x, peak_y, _ = map_statistics(h5["attention"][row, 0])
+            peak_x, peak_y, _ = map_statistics(attention.maps(row)[0])
             for head in range(num_heads):
                 records.append((names[label[row]], head, image_id, gt.part_at(peak_x[head] * img_size,
                                                                              peak_y[head] * img_size)))

@@ -1,17 +1,5 @@
-"""Streamed extraction of class-prompt attention maps to HDF5, and greedy head masking to a Parquet table.
-
-`attention.h5` (one per rank; datasets along N images, written batch by batch so memory does not grow with N):
-
-- ``image_id`` [N] str, ``label`` [N] int64, ``prediction`` [N] int64 (the best of the true class's rivals: its
-  siblings under contrast 'siblings', i.e. the prediction given the true parent; every class under 'rank'),
-  ``logits`` [N, C] float32
-- ``classes`` [N, K] int64: the class of each map: slot 0 the true class, slot 1 the predicted class, then extra
-  classes (siblings of the true class in the taxonomy; -1 where there are fewer)
-- ``attention`` [N, K, heads, h, w] float16: last-block attention of those class prompts over the patch grid,
-  chunked one image per chunk, gzip-compressed
-- attributes: rank, class_names, grid (h, w), heads, backbone, backbone_digest, variant, prompt_depth, img_size,
-  class_slots ("true, predicted, extra..."), contrast ("siblings" or "rank"), device (where the maps were
-  computed: the model's device)
+"""Streamed extraction of class-prompt attention maps to ``attention.h5`` (its layout, writer and reader:
+`taxotrait.attention_store`), and greedy head masking to a Parquet table.
 
 Both steps run on the model's device (`taxotrait.devices`): each batch goes there, the results come back to the CPU.
 """
@@ -22,16 +10,16 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .attention_store import AttentionFile, write_attention
 from .devices import mixed_precision, model_device, to_host
 from .masking import greedy_head_masking
 from .model import PromptCAM
-from .io import atomic_write, empty_table
+from .io import empty_table
 
 TokenBatch = tuple[list[str], torch.Tensor, torch.Tensor]  # image ids, frozen tokens [B, T, D], labels [B]
 
@@ -58,7 +46,7 @@ def extract_attention(
     chunk_size: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Write `attention.h5` for the images of `batches` (see the module docstring), computed on the model's device
+    """Write `attention.h5` for the images of `batches` (`taxotrait.attention_store`), computed on the model's device
     (bf16 autocast on an accelerator, like `taxotrait.train.predict`)."""
     out_path = Path(out_path)
     device = model_device(model)
@@ -66,51 +54,32 @@ def extract_attention(
     num_slots = 2 + max((len(e) for e in extra_classes), default=0)
     heads = model.num_heads
     grid = tuple(int(g) for g in model.backbone.patch_embed.grid_size)
-    with atomic_write(out_path) as tmp, h5py.File(tmp, "w") as h5:
-        config = model.config()
-        h5.attrs.update({
-            "rank": rank, "class_names": model.class_names, "grid": grid, "heads": heads,
-            "backbone": config["backbone"], "backbone_digest": model.backbone_digest,
-            "variant": config["variant"], "prompt_depth": config["prompt_depth"], "img_size": config["img_size"],
-            "class_slots": "true, predicted, extra...", "contrast": model.contrast, "device": str(device),
-        })
-        image_ids = h5.create_dataset("image_id", (num_images,), dtype=h5py.string_dtype())
-        label_ds = h5.create_dataset("label", (num_images,), dtype="int64")
-        prediction_ds = h5.create_dataset("prediction", (num_images,), dtype="int64")
-        logits_ds = h5.create_dataset("logits", (num_images, model.num_classes), dtype="float32",
-                                      chunks=(1, model.num_classes))
-        classes_ds = h5.create_dataset("classes", (num_images, num_slots), dtype="int64")
-        attention_ds = h5.create_dataset(
-            "attention", (num_images, num_slots, heads, *grid), dtype="float16",
-            chunks=(1, num_slots, heads, *grid), compression="gzip", compression_opts=4, shuffle=True,
-        )
-        start = 0
-        with tqdm(total=num_images, desc=f"attention {rank}", disable=not progress) as bar:
-            for ids, tokens, labels in batches:
-                with mixed_precision(device):
-                    image_tokens = model.last_block_input(tokens.to(device).float())
-                    logits, _ = model.class_scores(image_tokens, chunk_size=chunk_size)
-                logits = to_host(logits.float())
-                predictions = model.sibling_prediction(logits, labels)
-                slots = torch.full((len(ids), num_slots), -1, dtype=torch.long)
-                for row, (label, prediction) in enumerate(zip(labels.tolist(), predictions.tolist())):
-                    chosen = [label, prediction, *extra_classes[label]]
-                    slots[row, : len(chosen)] = torch.tensor(chosen)
-                with mixed_precision(device):
-                    _, attention = model.class_scores(image_tokens, slots.clamp(min=0).to(device), return_attention=True)
-                maps = to_host(attention[..., -grid[0] * grid[1]:].unflatten(-1, grid).float())
-                maps[slots < 0] = 0
-                stop = start + len(ids)
-                image_ids[start:stop] = ids
-                label_ds[start:stop] = labels.numpy()
-                prediction_ds[start:stop] = predictions.numpy()
-                logits_ds[start:stop] = logits.numpy()
-                classes_ds[start:stop] = slots.numpy()
-                attention_ds[start:stop] = maps.to(torch.float16).numpy()
-                start = stop
-                bar.update(len(ids))
-        if start != num_images:
-            raise ValueError(f"expected {num_images} images, got {start}")
+    config = model.config()
+    attrs = {
+        "rank": rank, "class_names": model.class_names, "grid": grid, "heads": heads,
+        "backbone": config["backbone"], "backbone_digest": model.backbone_digest,
+        "variant": config["variant"], "prompt_depth": config["prompt_depth"], "img_size": config["img_size"],
+        "class_slots": "true, predicted, extra...", "contrast": model.contrast, "device": str(device),
+    }
+    with write_attention(out_path, num_images, num_slots, attrs) as writer, \
+            tqdm(total=num_images, desc=f"attention {rank}", disable=not progress) as bar:
+        for ids, tokens, labels in batches:
+            with mixed_precision(device):
+                image_tokens = model.last_block_input(tokens.to(device).float())
+                logits, _ = model.class_scores(image_tokens, chunk_size=chunk_size)
+            logits = to_host(logits.float())
+            predictions = model.sibling_prediction(logits, labels)
+            slots = torch.full((len(ids), num_slots), -1, dtype=torch.long)
+            for row, (label, prediction) in enumerate(zip(labels.tolist(), predictions.tolist())):
+                chosen = [label, prediction, *extra_classes[label]]
+                slots[row, : len(chosen)] = torch.tensor(chosen)
+            with mixed_precision(device):
+                _, attention = model.class_scores(image_tokens, slots.clamp(min=0).to(device), return_attention=True)
+            maps = to_host(attention[..., -grid[0] * grid[1]:].unflatten(-1, grid).float())
+            maps[slots < 0] = 0
+            writer.write(ids, labels.numpy(), predictions.numpy(), logits.numpy(), slots.numpy(),
+                         maps.to(torch.float16).numpy())
+            bar.update(len(ids))
     return out_path
 
 
@@ -156,10 +125,8 @@ def mask_heads(
     'siblings') has nothing to be told from and no rows. Peaks and spread come from each head's own prompt's map.
     Runs on the model's device in float32 (the greedy choice compares scores of nearly equal candidates)."""
     device = model_device(model)
-    with h5py.File(attention_path, "r") as h5:
-        ids = h5["image_id"].asstr()[:]
-        correct = h5["label"][:] == h5["prediction"][:]
-    row_of = {image_id: row for row, image_id in enumerate(ids)}
+    with AttentionFile(attention_path) as attention:
+        correct, row_of = attention.correct, attention.row_of
     has_rival = model.has_rival.cpu()
     frames = []
     for batch_ids, tokens, labels in tqdm(batches, desc=f"masking {rank}", disable=not progress):

@@ -2,8 +2,9 @@
 coarse-to-fine view of one species across ranks (as in the Prompt-CAM paper's Figure 9).
 
 Images are shown as the model saw them: the eval crop (shorter side resized to ``augment.resize``, centre crop of the
-model's image size), un-normalised. Maps come from ``attention.h5`` (see `taxotrait.extract`): the last-block attention
-of a class prompt over the patch grid, upsampled bilinearly to the crop and min-max normalised per map.
+model's image size), un-normalised. Maps come from ``attention.h5`` (read through `taxotrait.attention_store`): the
+last-block attention of a class prompt over the patch grid, upsampled bilinearly to the crop and min-max normalised
+per map.
 
 The plotting functions take arrays and return `matplotlib.figure.Figure` objects (Agg rendering, no pyplot state),
 so they can be used from a notebook; `rank_figures` and `hierarchy_figures` are the workflow steps that read the
@@ -19,7 +20,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -27,6 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .attention_store import AttentionFile
 from .data import AugmentConfig, ImageTransform, load_image
 from .faithfulness import upsample
 from .report import ALL_RANKS, labels, png_labels
@@ -282,57 +283,6 @@ def hierarchy_figure(species: str, image: np.ndarray, columns: list[HierarchyCol
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-class AttentionFile:
-    """Read access to an attention.h5 (layout in `taxotrait.extract`); use as a context manager."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.h5 = h5py.File(self.path, "r")
-        attrs = self.h5.attrs
-        self.rank = str(attrs["rank"])
-        self.class_names = [str(c) for c in attrs["class_names"]]
-        self.img_size = int(attrs["img_size"])
-        self.image_ids = self.h5["image_id"].asstr()[:]
-        self.labels = self.h5["label"][:]
-        self.predictions = self.h5["prediction"][:]
-        self.classes = self.h5["classes"][:]
-        self.correct = self.labels == self.predictions
-        self.row_of = {image_id: row for row, image_id in enumerate(self.image_ids)}
-        self.index_of = {name: i for i, name in enumerate(self.class_names)}
-
-    def __enter__(self) -> "AttentionFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.h5.close()
-
-    def correct_rows(self, taxon: str) -> np.ndarray:
-        """Rows of the correctly classified images of `taxon`, in file order."""
-        index = self.index_of.get(taxon)
-        if index is None:
-            return np.array([], dtype=np.int64)
-        return np.flatnonzero((self.labels == index) & self.correct)
-
-    def maps(self, row: int) -> np.ndarray:
-        """Maps of one image, [K slots, heads, h, w] float32 (slot 0: true class, 1: predicted, then siblings)."""
-        return self.h5["attention"][int(row)].astype(np.float32)
-
-    def head_maps(self, row: int, prompts: list[str], heads: list[int]) -> np.ndarray:
-        """[n, h, w]: on one image, head heads[i] of the prompt of class prompts[i] (a trait table's prompt and head
-        columns); zeros where attention.h5 holds no map of that prompt for the image (see attention.extra_classes)."""
-        maps = self.maps(row)
-        slot_of = {int(c): slot for slot, c in reversed(list(enumerate(self.classes[int(row)]))) if c >= 0}
-        out = np.zeros((len(heads), *maps.shape[-2:]), dtype=np.float32)
-        for i, (prompt, head) in enumerate(zip(prompts, heads)):
-            slot = slot_of.get(self.index_of.get(str(prompt), -1))
-            if slot is not None:
-                out[i] = maps[slot, int(head)]
-        return out
-
-
 class ImageSource:
     """Eval crops of manifest images by image_id (the last `cache_size` kept: memory stays bounded)."""
 

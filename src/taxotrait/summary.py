@@ -6,9 +6,9 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-import h5py
 import pandas as pd
 
+from .attention_store import AttentionFile
 from .groundtruth import load_masks
 from .localization import EXCLUSIVE, PLANTED, POINTING_COLUMNS, pointing_game
 from .report import SUMMARY_SETTINGS, page_html
@@ -27,8 +27,8 @@ def summarise(inputs: Mapping, outputs: Mapping, ranks: list[str], split: str, r
     test = metrics[(metrics["taxon"] == "__all__") & (metrics["split"] == split)]
     pointing = empty_table(POINTING_COLUMNS)
     if "mask_path" in manifest.columns:
-        with h5py.File(inputs["attention"][0], "r") as h5:  # one backbone: every rank's patch grid
-            grid = tuple(int(g) for g in h5.attrs["grid"])
+        with AttentionFile(inputs["attention"][0]) as attention:  # one backbone: every rank's patch grid
+            grid = attention.grid
         heads = pd.concat([pd.read_parquet(path) for path in inputs["heads"]], ignore_index=True)
         pointing = pointing_game(heads, manifest, load_masks, grid, resize, img_size)
     write_parquet(pointing, outputs["pointing"])

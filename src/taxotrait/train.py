@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, checkpoint_payload, read_checkpoint
-from .data import ImageDataset, TokenDataset, derived_generator, derived_seed
+from .data import ImageDataset, derived_generator, derived_seed
 from .devices import accelerated, mixed_precision, model_device, resolve_device
 from .distributed import DataParallel
 from .model import PromptCAM
+from .token_cache import TokenDataset
 
 log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ["epoch", "lr", "loss", "train_top1", "val_top1", "seconds"]

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from ..data import AugmentConfig, build_token_cache
+from ..data import AugmentConfig
+from ..token_cache import build_token_cache
 from .common import model_step_device, new_model
 
 

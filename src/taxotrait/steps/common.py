@@ -12,7 +12,7 @@ import torch
 
 from ..backbone import create_backbone
 from ..checkpoint import load_checkpoint
-from ..data import TokenCache, TokenDataset
+from ..token_cache import TokenCache, TokenDataset
 from ..dataset import class_names, class_parents, labels
 from ..devices import resolve_device
 from ..errors import ConfigError
