@@ -276,20 +276,19 @@ def data_parallel_check(deadline: float) -> str:
 
     if torch.cuda.device_count() < 2:
         return f"NCCL data-parallel training: not run ({torch.cuda.device_count()} GPU; it needs 2 or more)."
-    from taxotrait import workflow
+    from taxotrait.steps.train import train
 
     results = WORK / "results" / "tiny"
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     for extra in (REPO / "tests/data/tiny.yaml", WORK / "gpu.yaml"):
         for key, value in yaml.safe_load(extra.read_text()).items():
             config[key] = {**config[key], **value} if isinstance(value, dict) else value
-    config["train"]["processes"] = 2
     inputs = {"manifest": results / "manifest.parquet", "classes": results / "classes.parquet",
               "train_tokens": results / "cache/train.tokens.npy", "eval_tokens": results / "cache/eval.tokens.npy"}
     outputs = {"model": WORK / "ddp/model.pt", "log_table": WORK / "ddp/train_log.parquet"}
     started = time.perf_counter()
-    workflow.train_rank("species", {k: str(v) for k, v in inputs.items()}, {k: str(v) for k, v in outputs.items()},
-                        config, gpus=2, log_file=str(WORK / "ddp/train.log"))
+    train("species", {k: str(v) for k, v in inputs.items()}, {k: str(v) for k, v in outputs.items()}, config,
+          processes=2, gpus=2, log_file=str(WORK / "ddp/train.log"))
     seconds = time.perf_counter() - started
     one = torch.load(results / "species/model.pt", weights_only=True)["state_dict"]
     two = torch.load(outputs["model"], weights_only=True)["state_dict"]

@@ -33,6 +33,7 @@ from taxotrait.steps import attention as attention_step
 from taxotrait.steps import cache as cache_step
 from taxotrait.steps import common
 from taxotrait.steps import evaluate as evaluate_step
+from taxotrait.steps import evaluation as evaluation_step
 from taxotrait.steps import masking as masking_step
 from taxotrait.steps import train as train_step
 from taxotrait.dataset import prepare_files
@@ -225,7 +226,7 @@ def test_every_model_step_keeps_the_model_and_its_data_on_the_resolved_device(da
                                                                     config))
         assert json.loads((out / f"{kind}.tokens.npy.json").read_text())["device"] == "cpu:0"
     probes = [out / rank / "probe.pt" for rank in config["ranks"]]
-    step("train_probes", lambda: evaluation.train_probes(inputs, {"probes": probes}, config))
+    step("train_probes", lambda: evaluation_step.train_probes(inputs, {"probes": probes}, config))
     assert torch.load(probes[-1], weights_only=True)["metadata"]["device"] == "cpu:0"
     rank, folder, order = "species", out / "species", out / "order" / "model.pt"
     inputs.update(model=order)
@@ -240,8 +241,8 @@ def test_every_model_step_keeps_the_model_and_its_data_on_the_resolved_device(da
     step("extract_attention", lambda: attention_step.extract_attention(rank, inputs, {"attention": inputs["attention"]},
                                                                       config))
     step("mask_heads", lambda: masking_step.mask_heads(rank, inputs, {"heads": inputs["heads"]}, config))
-    step("saliency_maps", lambda: evaluation.saliency_maps(rank, inputs, {"saliency": inputs["saliency"]}, config))
-    step("faithfulness", lambda: evaluation.faithfulness_step(
+    step("saliency_maps", lambda: evaluation_step.saliency_maps(rank, inputs, {"saliency": inputs["saliency"]}, config))
+    step("faithfulness", lambda: evaluation_step.insertion_deletion_tables(
         rank, inputs, {"table": folder / "faithfulness.parquet", "curves": folder / "curves.parquet"}, config))
 
     # every table records the device it was made on
@@ -348,7 +349,8 @@ def test_a_registered_method_is_mapped_and_scored_like_the_others(dataset, monke
         maps[..., 0, 0] = 1
         return maps
 
-    monkeypatch.setattr(evaluation, "METHODS", methods.METHODS)
+    for module in (evaluation, evaluation_step):  # the modules that read the registry
+        monkeypatch.setattr(module, "METHODS", methods.METHODS)
     rank, out = "species", tmp_path
     inputs = {"manifest": root / "manifest.parquet", "classes": root / "classes.parquet",
               "train_tokens": out / "train.tokens.npy", "eval_tokens": out / "eval.tokens.npy",
@@ -360,11 +362,11 @@ def test_a_registered_method_is_mapped_and_scored_like_the_others(dataset, monke
     attention_step.extract_attention(rank, inputs, {"attention": inputs["attention"]}, config)
     masking_step.mask_heads(rank, inputs, {"heads": inputs["heads"]}, config)
     probes = [out / f"{r}.probe.pt" for r in config["ranks"]]
-    evaluation.train_probes(inputs, {"probes": probes}, config)
+    evaluation_step.train_probes(inputs, {"probes": probes}, config)
     inputs["probe"] = probes[-1]
-    evaluation.saliency_maps(rank, inputs, {"saliency": inputs["saliency"]}, config)
+    evaluation_step.saliency_maps(rank, inputs, {"saliency": inputs["saliency"]}, config)
     table = out / "faithfulness.parquet"
-    evaluation.faithfulness_step(rank, inputs, {"table": table, "curves": out / "curves.parquet"}, config)
+    evaluation_step.insertion_deletion_tables(rank, inputs, {"table": table, "curves": out / "curves.parquet"}, config)
 
     with h5py.File(inputs["saliency"]) as h5:
         names = [str(name) for name in h5.attrs["methods"]]

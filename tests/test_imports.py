@@ -1,5 +1,5 @@
 """The package's import structure: the modules the Snakefile reads when it plans the workflow (errors, config, io,
-runner) import without torch and without the dataset module, and no import cycle exists between the modules."""
+runner, steps) import without torch and without the dataset module, and no import cycle exists between the modules."""
 
 import ast
 import os
@@ -11,29 +11,36 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "taxotrait"
-LIGHT_MODULES = ("errors", "config", "io", "runner")
+LIGHT_MODULES = ("errors", "config", "io", "runner", "steps")
 
 
-def imported_modules(path: Path) -> set[str]:
-    """The taxotrait modules that the module at `path` imports, at module level or inside a function (a lazy import
+def module_name(path: Path) -> str:
+    """taxotrait.x for src/taxotrait/x.py, taxotrait.steps for src/taxotrait/steps/__init__.py."""
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, modules: set[str]) -> set[str]:
+    """The taxotrait `modules` that the module at `path` imports, at module level or inside a function (a lazy import
     is a cycle too once its function runs)."""
+    package = module_name(path) if path.stem == "__init__" else module_name(path).rsplit(".", 1)[0]
     imported = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             imported |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            base = ".".join(filter(None, ["taxotrait" if node.level else None, node.module]))
-            if base == "taxotrait":  # from . import x / from taxotrait import x: x may be a module
-                imported |= {f"taxotrait.{alias.name}" for alias in node.names}
+            anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            base = ".".join(filter(None, [anchor if node.level else None, node.module]))
+            imported |= {f"{base}.{alias.name}" for alias in node.names}  # from . import x: x may be a module
             imported.add(base)
-    modules = {f"taxotrait.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
     return imported & modules
 
 
 def import_graph() -> dict[str, set[str]]:
-    """{module: the taxotrait modules it imports} over every module of src/taxotrait."""
-    return {f"taxotrait.{p.stem}": imported_modules(p) for p in sorted(PACKAGE.glob("*.py"))
-            if p.stem != "__init__"}
+    """{module: the taxotrait modules it imports} over every module of src/taxotrait, subpackages included."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths} - {"taxotrait"}
+    return {module_name(p): imported_modules(p, modules) for p in paths if module_name(p) != "taxotrait"}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -61,6 +68,8 @@ def test_the_scan_reads_relative_and_absolute_imports():
     assert {"taxotrait.errors", "taxotrait.io"} <= graph["taxotrait.dataset"]  # from .errors / from .io
     assert "taxotrait.backbone" in graph["taxotrait.onnx_convert"]  # from taxotrait.backbone import ...
     assert graph["taxotrait.errors"] == set()
+    assert {"taxotrait.steps.common", "taxotrait.train"} <= graph["taxotrait.steps.train"]  # from .common / from ..train
+    assert graph["taxotrait.steps"] == {"taxotrait.config"}  # the steps' settings: no step module, no torch
 
 
 def test_find_cycle_names_a_cycle():

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .dataset import ImageError, read_image  # noqa: F401  (ImageError: re-exported)
+from .dataset import read_image
 from .groundtruth import centre_crop, resized_size
 
 if TYPE_CHECKING:  # the figures read images through this module without importing timm

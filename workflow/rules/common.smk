@@ -26,7 +26,7 @@ wildcard_constraints:
     rank="|".join(RANKS),
 
 
-# the setting of every rule whose step opens images: PIL's decompression-bomb limit (taxotrait.runner.apply_image_limit)
+# what every step that opens images reads: PIL's decompression-bomb limit (taxotrait.runner.apply_image_limit)
 IMAGE_LIMIT = "data.max_image_pixels"
 
 
