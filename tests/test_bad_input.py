@@ -251,7 +251,8 @@ def test_adding_or_replacing_images_reruns_prepare(tmp_path):
     snakemake(target, "--configfile", config)  # targets first: --configfile reads every word after it (README)
     assert "Nothing to be done" in dry(config, target)
     picture(root / "train" / "Sp a1" / "2025" / "new.png", seed=5)  # a new image in a new sub-folder
-    assert "prepare" in jobs_of(dry(config, target)) and "Params have changed" in dry(config, target)
+    planned = dry(config, target)
+    assert "prepare" in jobs_of(planned) and "Params have changed" in planned
     snakemake(target, "--configfile", config)
     assert len(pd.read_parquet(target)) == 13
     replaced = root / "test" / "Sp b1" / "0.png"
@@ -281,21 +282,20 @@ def test_the_files_a_manifest_lists_decide_whether_prepare_reruns(tmp_path):
 # ------------------------------------------------------------------------------------------------------ config
 def test_config_mistakes_name_the_key_without_stack_frames(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train: {lr: fast}\n")
+    # every schema mistake named at once; a dotted key, as written on a command line, with the nesting it means
+    bad.write_text("train: {lr: fast, bogus_key: 1, epochs: 0}\ntrain.epochs: 30\n")
     out = snakemake("--configfile", "tests/data/tiny.yaml", str(bad), "--config", f"results={tmp_path}", "-n",
                     check=False)
     assert out.returncode and "ConfigError: invalid configuration" in output(out)
-    assert "train.lr: 'fast' is not of type 'number'" in output(out) and not stack_frames(out)
+    assert "train.lr: 'fast' is not of type 'number'" in output(out) and not stack_frames(out)  # a wrong type
+    assert "train.bogus_key: unknown key (allowed: batch_size," in output(out)  # an unknown key
+    assert "train.epochs: 0 is less than the minimum of 1" in output(out)  # out of range
+    assert re.search(r"train\.epochs: unknown key \(allowed: .*\); nest it instead: train: \{epochs: \.\.\.\}",
+                     output(out))
     bad.write_text("evaluation: {parts: nowhere/CUB_200_2011}\n")  # checked before the rules' input functions run
     out = snakemake("--configfile", "tests/data/tiny.yaml", str(bad), "--config", f"results={tmp_path}", "-n",
                     check=False)
     assert out.returncode and "ConfigError: evaluation.parts: nowhere/CUB_200_2011 does not exist" in output(out)
-    assert not stack_frames(out)
-    bad.write_text("train.epochs: 30\n")  # a dotted key, as written on a command line
-    out = snakemake("--configfile", "tests/data/tiny.yaml", str(bad), "--config", f"results={tmp_path}", "-n",
-                    check=False)
-    assert out.returncode and re.search(r"train\.epochs: unknown key \(allowed: .*\); nest it instead: "
-                                        r"train: \{epochs: \.\.\.\}", output(out))
     assert not stack_frames(out)
 
 

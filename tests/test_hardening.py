@@ -399,18 +399,6 @@ def test_training_killed_mid_epoch_resumes_to_the_same_parameters(tmp_path, capl
         assert torch.equal(resumed.trainable_state_dict()[name], value), name
 
 
-def test_config_errors_name_the_key(tmp_path):
-    from test_workflow import snakemake
-
-    (tmp_path / "bad.yaml").write_text("train: {lr: fast, bogus_key: 1}\n")
-    out = snakemake("--configfile", "tests/data/tiny.yaml", str(tmp_path / "bad.yaml"), "--config",
-                    f"results={tmp_path}", "-n", check=False)
-    text = out.stdout + out.stderr
-    assert out.returncode and "ConfigError" in text
-    assert "train.bogus_key: unknown key (allowed: batch_size," in text  # an unknown key
-    assert "train.lr: 'fast' is not of type 'number'" in text  # a wrong type
-
-
 # ------------------------------------------------------------------------------------------------ safe loading
 def _touch(path):
     Path(path).touch()
