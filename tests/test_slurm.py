@@ -175,6 +175,7 @@ def derived_profile(folder: Path, cluster: Cluster) -> Path:
     profile.update({
         "slurm-status-command": "squeue",  # no slurmdbd: sacct cannot answer; MinJobAge keeps jobs in squeue
         "slurm-init-seconds-before-status-checks": 2,
+        "seconds-between-status-checks": 1,  # Snakemake's default 10 s, at each of the run's 8 levels of jobs
         "slurm-logdir": str(folder / "slurm_logs"),
         "slurm-keep-successful-logs": True,
         "retries": 0,
