@@ -56,12 +56,13 @@ from .common import backbone_of, new_model, trained_model
 log = logging.getLogger("taxotrait.evaluation")
 
 
-def device_of(s: dict) -> torch.device:
+def device_of(s: Mapping) -> torch.device:
     """The device of the evaluation settings `s` (`evaluation.device`)."""
     return resolve_device(s["device"], "evaluation.device")
 
 
 def faithfulness_ranks(settings: Mapping, finest_ranks: int | None) -> list[str]:
+    """The ranks whose faithfulness is computed: the `finest_ranks` finest of `ranks` (every rank when unset)."""
     ranks = settings["ranks"]
     return list(ranks) if not finest_ranks else list(ranks[-int(finest_ranks):])
 
