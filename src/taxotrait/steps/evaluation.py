@@ -130,13 +130,8 @@ def load_eval_images(paths, settings: Mapping, device: torch.device) -> torch.Te
 
 
 def saliency_maps(rank: str, inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
-    """<rank>/saliency.h5: every method's maps of the true and the predicted class on the evaluation subset.
-
-    Datasets: image_id [n] (stratified order: any prefix is stratified), label, prediction (Prompt-CAM's),
-    probe_prediction [n] int64, maps [n, methods, 2, h, w] float32 (slot 0: true class, 1: predicted class).
-    Attributes: rank, methods, grid, img_size, prompt_cam_top1, probe_top1 (top-1 on the whole attention split),
-    device (where the maps were made).
-    """
+    """<rank>/saliency.h5 (layout: `taxotrait.saliency_store`): every method's maps of the true and the predicted class
+    on the evaluation subset (`evaluation.images` images of `attention.split`, stratified over species)."""
     s = settings["evaluation"]
     device = device_of(s)
     started = time.time()

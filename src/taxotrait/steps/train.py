@@ -34,12 +34,12 @@ def train(rank: str, inputs: Mapping, outputs: Mapping, settings: Mapping, proce
     tokens; resumes from `train_state.pt` beside the model after an interruption (deleted once the model is written).
     With several processes (`train_processes`), data-parallel: this function runs in each
     (`taxotrait.distributed.launch`), the main one writes the outputs."""
-    if train_processes(processes, gpus) > 1 and not DataParallel().active:
+    count = train_processes(processes, gpus)
+    if count > 1 and not DataParallel().active:
         files = {"inputs": {k: str(inputs[k]) for k in ("manifest", "classes", "train_tokens", "eval_tokens")},
                  "outputs": {k: str(outputs[k]) for k in ("model", "log_table")}}
         plain = settings.as_dict() if hasattr(settings, "as_dict") else dict(settings)
-        launch("taxotrait.steps.train:train", train_processes(processes, gpus),
-               {"rank": rank, "settings": plain, **files}, log_file=log_file)
+        launch("taxotrait.steps.train:train", count, {"rank": rank, "settings": plain, **files}, log_file=log_file)
         return
     manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
     config = train_config(settings["train"], settings["model"]["class_chunk"])
