@@ -335,6 +335,30 @@ def test_backbone_precision_auto_is_bf16_where_the_device_has_it_natively(native
         assert not torch.is_autocast_enabled("cpu")
 
 
+def test_frozen_forwards_run_in_pieces_on_the_cpu_and_whole_on_an_accelerator(monkeypatch):
+    """devices.frozen_forward: on the CPU at most CPU_IMAGES_PER_FORWARD images per call, the same result as one
+    call; on an accelerator one call; under the precision asked for."""
+    layer = torch.nn.Linear(5, 3)
+    images = torch.randn(2 * devices.CPU_IMAGES_PER_FORWARD + 3, 5)
+    calls = []
+
+    def forward(x):
+        calls.append((len(x), torch.is_autocast_enabled("cpu")))
+        return layer(x)
+
+    cpu = torch.device("cpu")
+    torch.testing.assert_close(devices.frozen_forward(forward, images, cpu, torch.float32), layer(images))
+    size = devices.CPU_IMAGES_PER_FORWARD
+    assert calls == [(size, False), (size, False), (3, False)]
+    calls.clear()
+    devices.frozen_forward(forward, images, cpu, torch.bfloat16)
+    assert {enabled for _, enabled in calls} == {True}
+    monkeypatch.setattr(devices, "ACCELERATED_TYPES", ("cpu",))
+    calls.clear()
+    devices.frozen_forward(forward, images, cpu, torch.float32)
+    assert calls == [(len(images), False)]
+
+
 def test_a_registered_method_is_mapped_and_scored_like_the_others(dataset, monkeypatch, tmp_path):
     """Adding a baseline is one function and one registry entry: saliency.h5 then holds its maps and the
     faithfulness table its scores, for the model it names."""

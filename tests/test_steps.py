@@ -3,14 +3,17 @@ its rule passes in `params: settings`, which are its rerun fingerprint."""
 
 import ast
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
-from taxotrait.runner import run_step
+from taxotrait.runner import ALLOCATOR_ENVIRONMENT, run_step, tune_allocator
 from taxotrait.schema import defaults
 from taxotrait.steps import Settings, SettingNotPassed, rule_settings
 
@@ -129,3 +132,28 @@ def test_every_rule_with_a_script_passes_its_settings_through_settings():
                 continue
             keys = re.findall(r"^\s+(\w+)=", params[1], flags=re.M)
             assert keys[0] == "settings" and set(keys) <= {"settings", "images"}, (name, keys)
+
+
+FAULTS = """
+import resource, numpy as np
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):  # what a forward does: buffers of a few MB allocated and freed again, batch after batch
+    buffers = [np.ones((1 << 20) + 4096 * k) for k in range(6)]
+    del buffers
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+def test_the_jobs_allocator_settings_keep_freed_memory_instead_of_faulting_it_in_again():
+    """common.smk's tune_allocator: a job started with the workflow's environment reuses the memory a batch freed
+    (page faults), and a value the user set is kept."""
+    plain = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENVIRONMENT}
+    tuned = dict(plain)
+    tune_allocator(tuned)
+    assert {k: tuned[k] for k in ALLOCATOR_ENVIRONMENT} == ALLOCATOR_ENVIRONMENT
+    faults = [int(subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True,
+                                 check=True).stdout) for env in (plain, tuned)]
+    assert faults[1] * 10 < faults[0], faults
+    mine = {"MALLOC_TRIM_THRESHOLD_": "0"}
+    tune_allocator(mine)
+    assert mine["MALLOC_TRIM_THRESHOLD_"] == "0" and mine["MALLOC_MMAP_THRESHOLD_"] == ALLOCATOR_ENVIRONMENT["MALLOC_MMAP_THRESHOLD_"]

@@ -252,8 +252,9 @@ def test_predict_chunks_and_top_k(images, caches):
     assert top_k_accuracy(logits, labels, 5) == 1.0
 
 
-def test_depth_one_training_keeps_keys_and_values(images, tmp_path):
-    """At prompt depth 1 the last block's image keys/values are frozen: kept once, they give the same training."""
+def test_depth_one_training_keeps_keys_and_values(images, tmp_path, monkeypatch):
+    """At prompt depth 1 the last block's image keys/values are frozen: kept once (the training and the validation
+    images), they give the same training and validation."""
     from taxotrait.train import KeyValueDataset
 
     paths, labels = images
@@ -269,9 +270,14 @@ def test_depth_one_training_keeps_keys_and_values(images, tmp_path):
     torch.testing.assert_close(keys_values, model.image_keys_values(tokens), atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(model.forward_keys_values(keys_values), model.forward_tokens(tokens), atol=2e-3, rtol=1e-3)
 
-    models = [make_model(depth=1), make_model(depth=1)]
+    val = TokenDataset(cache, labels[:10], np.arange(10))
+    built, build = [], KeyValueDataset.__init__
+    monkeypatch.setattr(KeyValueDataset, "__init__", lambda self, d, *a, **k: built.append(len(d)) or build(self, d, *a, **k))
+    models, histories = [make_model(depth=1), make_model(depth=1)], []
     for model, gb in zip(models, (4.0, 0.0)):  # 0 GB: recompute from the tokens every step
-        train(model, data, config=dataclasses.replace(FAST, keys_values_gb=gb), progress=False)
+        histories.append(train(model, data, val, config=dataclasses.replace(FAST, keys_values_gb=gb), progress=False))
+    assert built == [len(data), len(val)]  # both sets' keys/values kept at 4 GB, none at 0 GB
+    assert histories[0]["val_top1"].tolist() == histories[1]["val_top1"].tolist()
     kept_run, recomputed_run = trainable(models[0]), trainable(models[1])
     for name, value in kept_run.items():
         torch.testing.assert_close(value, recomputed_run[name], atol=2e-3, rtol=1e-2)

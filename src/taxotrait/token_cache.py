@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .data import AugmentConfig, ImageTransform, derived_generator, load_image
-from .devices import autocast, resolve_device, resolve_precision
+from .devices import frozen_forward, resolve_device, resolve_precision
 from .io import atomic_write
 
 if TYPE_CHECKING:
@@ -111,8 +111,7 @@ def build_token_cache(
         start = 0
         for images in tqdm(loader, desc=f"tokens {out.name}", disable=not progress):
             b = images.shape[0]
-            with autocast(device, dtype):
-                tokens = model.frozen_tokens(images.flatten(0, 1).to(device))
+            tokens = frozen_forward(model.frozen_tokens, images.flatten(0, 1).to(device), device, dtype)
             tokens = tokens.to(torch.float16).cpu()
             if not torch.isfinite(tokens).all():
                 raise TokenCacheError(f"{out}: non-finite frozen tokens (float16 overflow?) in the batch of {paths[start]}")

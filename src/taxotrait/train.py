@@ -172,13 +172,20 @@ def _forward(model: PromptCAM, data):
     return model.forward_tokens if isinstance(data, TokenDataset) else model
 
 
-def _with_keys_values(model: PromptCAM, data, config: TrainConfig, device: torch.device, progress: bool):
-    """`data` as a KeyValueDataset where that is exact and fits `config.keys_values_gb` (CPU, prompt depth 1)."""
-    if not (isinstance(data, TokenDataset) and not accelerated(device) and model.prompt_config.prompt_depth == 1):
-        return data
-    if KeyValueDataset.size_gb(data) > config.keys_values_gb:
-        return data
-    return KeyValueDataset(data, model, config.batch_size, progress)
+def _with_keys_values(model: PromptCAM, train_data, val_data, config: TrainConfig, device: torch.device,
+                      progress: bool):
+    """(train_data, val_data), each as a KeyValueDataset where that is exact (CPU, prompt depth 1, cached tokens) and
+    fits `config.keys_values_gb`, the training set first: the validation of every epoch then runs on its keys and
+    values too."""
+    if not (not accelerated(device) and model.prompt_config.prompt_depth == 1):
+        return train_data, val_data
+    budget, kept = config.keys_values_gb, []
+    for data in (train_data, val_data):
+        if isinstance(data, TokenDataset) and KeyValueDataset.size_gb(data) <= budget:
+            budget -= KeyValueDataset.size_gb(data)
+            data = KeyValueDataset(data, model, config.batch_size, progress)
+        kept.append(data)
+    return tuple(kept)
 
 
 @torch.no_grad()
@@ -290,7 +297,7 @@ def train(model: PromptCAM, train_data, val_data=None, config: TrainConfig = Tra
     if start == 0 and config.prompt_init == "cls_mean":
         init_class_prompts(model, train_data, config.init_noise, config.seed, config.batch_size)
     parallel.broadcast(params)
-    train_data = _with_keys_values(model, train_data, config, device, progress)
+    train_data, val_data = _with_keys_values(model, train_data, val_data, config, device, progress)
     forward = _forward(model, train_data)
     with tqdm(total=config.epochs * steps, initial=start * steps, desc="train",
               disable=not (progress and parallel.is_main)) as bar:

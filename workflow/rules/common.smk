@@ -4,7 +4,7 @@ from pathlib import Path
 from snakemake.logging import logger
 
 from taxotrait.config import check_config, rank_train_settings, ranks_to_train, validate_config
-from taxotrait.runner import stopping_at_start
+from taxotrait.runner import stopping_at_start, tune_allocator
 from taxotrait.schema import with_defaults
 from taxotrait.steps import rule_settings
 
@@ -15,6 +15,8 @@ with stopping_at_start(logger.error):
     validate_config(with_defaults(config), Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
     check_config(config)
     config["ranks"] = ranks_to_train(config, warn=workflow.is_main_process)
+
+tune_allocator()  # glibc's allocator settings for every job (taxotrait.runner.ALLOCATOR_ENVIRONMENT)
 
 RESULTS = f"{config['results']}/{config['dataset']}"
 RANKS = config["ranks"]

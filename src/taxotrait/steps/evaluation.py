@@ -30,7 +30,7 @@ from ..baselines import LinearProbe, fit_linear_probe, load_probe, save_probe
 from ..config import SYNTHETIC_BRANCHING
 from ..data import AugmentConfig, ImageTransform, load_image
 from ..dataset import class_names, class_parents, labels
-from ..devices import autocast, mixed_precision, resolve_device, resolve_precision
+from ..devices import frozen_forward, mixed_precision, resolve_device, resolve_precision
 from ..evaluation import (
     COUNTERFACTUAL_COLUMNS, CURVE_COLUMNS, FAITHFULNESS_COLUMNS, HEAD_PART_COLUMNS, LOCALIZATION_COLUMNS,
     rival_decision, examples_figure, faithfulness_figure, head_part_table, localization_figure, localization_rows,
@@ -200,12 +200,10 @@ def insertion_deletion_tables(rank: str, inputs: Mapping, outputs: Mapping, sett
     dtype = resolve_precision(settings["backbone"]["precision"], device)  # every perturbed image: a frozen forward
 
     def prompt_cam(x):
-        with autocast(device, dtype):
-            return model(x, chunk_size=chunk)
+        return frozen_forward(lambda piece: model(piece, chunk_size=chunk), x, device, dtype)
 
     def linear_probe(x):
-        with autocast(device, dtype):
-            return probe(x)
+        return frozen_forward(probe, x, device, dtype)
 
     groups = model_groups(model)
     decisions = {}  # per model: (predict, targets, rivals, endpoints), the curves' ends computed once
