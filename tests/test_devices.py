@@ -336,27 +336,39 @@ def test_backbone_precision_auto_is_bf16_where_the_device_has_it_natively(native
 
 
 def test_frozen_forwards_run_in_pieces_on_the_cpu_and_whole_on_an_accelerator(monkeypatch):
-    """devices.frozen_forward: on the CPU at most CPU_IMAGES_PER_FORWARD images per call, the same result as one
-    call; on an accelerator one call; under the precision asked for."""
+    """devices.frozen_forward: on the CPU at most CPU_IMAGES_PER_FORWARD images per call, side by side on one
+    thread each when torch has several, the same numbers as one call; on an accelerator one call; without gradient,
+    under the precision asked for, and torch's threads as they were."""
+    import threading
+
     layer = torch.nn.Linear(5, 3)
     images = torch.randn(2 * devices.CPU_IMAGES_PER_FORWARD + 3, 5)
     calls = []
 
     def forward(x):
-        calls.append((len(x), torch.is_autocast_enabled("cpu")))
+        calls.append((len(x), torch.is_autocast_enabled("cpu"), torch.is_grad_enabled(), torch.get_num_threads(),
+                      threading.get_ident()))
         return layer(x)
 
-    cpu = torch.device("cpu")
-    torch.testing.assert_close(devices.frozen_forward(forward, images, cpu, torch.float32), layer(images))
-    size = devices.CPU_IMAGES_PER_FORWARD
-    assert calls == [(size, False), (size, False), (3, False)]
-    calls.clear()
-    devices.frozen_forward(forward, images, cpu, torch.bfloat16)
-    assert {enabled for _, enabled in calls} == {True}
-    monkeypatch.setattr(devices, "ACCELERATED_TYPES", ("cpu",))
-    calls.clear()
-    devices.frozen_forward(forward, images, cpu, torch.float32)
-    assert calls == [(len(images), False)]
+    cpu, size, threads = torch.device("cpu"), devices.CPU_IMAGES_PER_FORWARD, torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out = devices.frozen_forward(forward, images, cpu, torch.float32)
+        torch.testing.assert_close(out, layer(images), rtol=0, atol=0)
+        assert not out.requires_grad and torch.get_num_threads() == 2
+        assert sorted(c[0] for c in calls) == [3, size, size]
+        assert {c[1:4] for c in calls} == {(False, False, 1)}  # fp32, no gradient, one thread each
+        assert threading.get_ident() not in {c[4] for c in calls}
+        calls.clear()
+        torch.set_num_threads(1)
+        devices.frozen_forward(forward, images, cpu, torch.bfloat16)
+        assert [c[:3] for c in calls] == [(size, True, False), (size, True, False), (3, True, False)]
+        monkeypatch.setattr(devices, "ACCELERATED_TYPES", ("cpu",))
+        calls.clear()
+        devices.frozen_forward(forward, images, cpu, torch.float32)
+        assert [c[0] for c in calls] == [len(images)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_registered_method_is_mapped_and_scored_like_the_others(dataset, monkeypatch, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -76,18 +77,33 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-# Images per frozen forward on the CPU, where a smaller batch runs faster (its activations stay in the CPU's caches:
-# ViT-S/14 on 2 cores, about 94 ms per image in pieces of 16 against 106 ms at 64, bench/RESULTS.md)
+# Images per frozen forward on the CPU, where a smaller batch runs faster (its activations stay in the CPU's caches),
+# and the pieces run side by side, one per thread, rather than each spread over the threads: ViT-S/14 on 2 cores,
+# about 90 ms per image against 99 ms for the pieces one after the other and 106 ms for 64 at once (bench/RESULTS.md)
 CPU_IMAGES_PER_FORWARD = 16
 
 
 def frozen_forward(forward, images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """`forward(images)` computing in `dtype` (`autocast`); on the CPU in pieces of `CPU_IMAGES_PER_FORWARD` images,
-    concatenated: the token cache's and the faithfulness's passes over images."""
-    with autocast(device, dtype):
-        if accelerated(device) or len(images) <= CPU_IMAGES_PER_FORWARD:
-            return forward(images)
-        return torch.cat([forward(piece) for piece in images.split(CPU_IMAGES_PER_FORWARD)])
+    """`forward(images)` without gradient, computing in `dtype` (`autocast`): the token cache's and the
+    faithfulness's passes over images. On the CPU in pieces of `CPU_IMAGES_PER_FORWARD` images, as many at once as
+    torch has threads, each on one thread (the same numbers as one after the other), concatenated."""
+
+    def run(piece):  # grad mode and autocast are per thread
+        with torch.no_grad(), autocast(device, dtype):
+            return forward(piece)
+
+    threads = torch.get_num_threads()
+    if accelerated(device) or len(images) <= CPU_IMAGES_PER_FORWARD:
+        return run(images)
+    pieces = images.split(CPU_IMAGES_PER_FORWARD)
+    if threads == 1:
+        return torch.cat([run(piece) for piece in pieces])
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            return torch.cat(list(pool.map(run, pieces)))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
