@@ -1,5 +1,5 @@
 """bench/bench_engine.py's sibling-cost rows (issue 15; also run by `make gpu-check`): their tree, and their code path
-at tiny sizes."""
+at tiny sizes; bench/frozen_forward.py at a tiny size."""
 
 import os
 import subprocess
@@ -29,3 +29,15 @@ def test_the_siblings_rows_run_and_report_their_cost_ratio():
     rows = [line for line in done.stdout.splitlines() if line.startswith("| scalable k=1 siblings |")]
     assert len(rows) == 2 and not any("failed" in row or "skipped" in row for row in rows), done.stdout
     assert "- sibling cost, train: C=50 takes" in done.stdout and "- sibling cost, mask: C=50 takes" in done.stdout
+
+
+def test_the_frozen_forward_bench_times_each_strategy_and_counts_page_faults(tmp_path):
+    out = tmp_path / "results.md"
+    done = subprocess.run([sys.executable, str(REPO / "bench/frozen_forward.py"), "--images", "20", "--img-size", "56",
+                           "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 20 at once |") or line.startswith("| pieces of")]
+    assert len(rows) == 3 and all(float(row.split("|")[2]) > 0 for row in rows), text
+    assert "glibc's defaults" in text and "the workflow's settings" in text

@@ -1,6 +1,8 @@
 """The tiny configs of `.test/`, one per input route (image tree + taxonomy table, CSV manifest, image tree + Newick
 tree), through Snakemake: the prepare step for real, then a dry run of the whole workflow."""
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -26,8 +28,8 @@ def routes(tmp_path_factory):
         tables = [str(out / dataset / f"{name}.parquet") for name in ("manifest", "classes", "rejects")]
         snakemake(*tables, "--configfile", config, "--config", f"results={out}")  # targets before --configfile
         prepared[route] = {name: pd.read_parquet(path) for name, path in zip(("manifest", "classes", "rejects"), tables)}
-        prepared[route]["jobs"] = planned_jobs(snakemake("--configfile", config, "--config", f"results={out}",
-                                                         "-n").stdout)
+        prepared[route]["dry_run"] = snakemake("--configfile", config, "--config", f"results={out}", "-n").stdout
+        prepared[route]["jobs"] = planned_jobs(prepared[route]["dry_run"])
     return prepared
 
 
@@ -68,3 +70,13 @@ def test_the_three_routes_prepare_the_same_dataset(routes):
 @pytest.mark.parametrize("route", ROUTES)
 def test_every_rule_resolves_after_prepare(routes, route):
     assert routes[route]["jobs"] == JOBS  # prepare is done: not among them
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_faithfulness_takes_two_threads_only_where_it_computes_insertion_and_deletion(routes, route):
+    """The finest rank (evaluation.faithfulness.finest_ranks: 1) runs insertion and deletion on both cores; the
+    other ranks' jobs (their counterfactual test alone) take one, so they run beside other jobs."""
+    jobs = re.findall(r"^rule faithfulness:\n((?:    .*\n)+)", routes[route]["dry_run"], re.M)
+    threads = {re.search(r"wildcards: rank=(\w+)", job)[1]: int((re.search(r"threads: (\d+)", job) or [0, 1])[1])
+               for job in jobs}
+    assert threads == {"order": 1, "genus": 1, "species": 2}

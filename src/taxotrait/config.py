@@ -152,3 +152,9 @@ def ranks_to_train(config: dict, warn: bool = True) -> list[str]:
                             "siblings, no model is trained at this rank", source, rank)
         kept = [rank for rank in kept if rank not in alone]
     return kept
+
+
+def faithfulness_ranks(ranks: list[str], finest_ranks: int | None) -> list[str]:
+    """The ranks whose insertion and deletion are computed (`evaluation.faithfulness.finest_ranks`): the
+    `finest_ranks` finest of `ranks`, every rank when unset."""
+    return list(ranks) if not finest_ranks else list(ranks[-int(finest_ranks):])

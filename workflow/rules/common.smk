@@ -3,7 +3,7 @@ from pathlib import Path
 
 from snakemake.logging import logger
 
-from taxotrait.config import check_config, rank_train_settings, ranks_to_train, validate_config
+from taxotrait.config import check_config, faithfulness_ranks, rank_train_settings, ranks_to_train, validate_config
 from taxotrait.runner import stopping_at_start, tune_allocator
 from taxotrait.schema import with_defaults
 from taxotrait.steps import rule_settings
@@ -84,6 +84,13 @@ def train_settings(wildcards):
 def train_processes(wildcards):
     """The rank's train.processes (0: one per GPU of the job): how the job runs, not what it computes."""
     return rank_train_settings(config, wildcards.rank)["processes"] or 0
+
+
+def faithfulness_threads(wildcards):
+    """Two threads for a rank whose insertion and deletion are computed (evaluation.faithfulness.finest_ranks), one
+    for the others (their counterfactual test alone), which then run beside other jobs."""
+    finest = config["evaluation"]["faithfulness"]["finest_ranks"]
+    return 2 if wildcards.rank in faithfulness_ranks(RANKS, finest) else 1
 
 
 def part_annotation_inputs(wildcards=None):

@@ -73,7 +73,7 @@ rule faithfulness:
         f"{LOGS}/faithfulness.{{rank}}.log",
     benchmark:
         f"{BENCH}/faithfulness.{{rank}}.tsv"
-    threads: 2
+    threads: faithfulness_threads
     resources:
         gpu=config["resources"]["gpu"],
     script:

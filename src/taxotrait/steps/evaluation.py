@@ -27,7 +27,7 @@ from PIL import Image
 from ..attention_store import AttentionFile
 from ..backbone import data_normalisation, weights_digest
 from ..baselines import LinearProbe, fit_linear_probe, load_probe, save_probe
-from ..config import SYNTHETIC_BRANCHING
+from ..config import SYNTHETIC_BRANCHING, faithfulness_ranks
 from ..data import AugmentConfig, ImageTransform, load_image
 from ..dataset import class_names, class_parents, labels
 from ..devices import frozen_forward, mixed_precision, resolve_device, resolve_precision
@@ -59,12 +59,6 @@ log = logging.getLogger("taxotrait.evaluation")
 def device_of(s: Mapping) -> torch.device:
     """The device of the evaluation settings `s` (`evaluation.device`)."""
     return resolve_device(s["device"], "evaluation.device")
-
-
-def faithfulness_ranks(settings: Mapping, finest_ranks: int | None) -> list[str]:
-    """The ranks whose faithfulness is computed: the `finest_ranks` finest of `ranks` (every rank when unset)."""
-    ranks = settings["ranks"]
-    return list(ranks) if not finest_ranks else list(ranks[-int(finest_ranks):])
 
 
 def rank_groups(settings: Mapping, classes: pd.DataFrame, rank: str) -> torch.Tensor | None:
@@ -183,7 +177,7 @@ def insertion_deletion_tables(rank: str, inputs: Mapping, outputs: Mapping, sett
     s = settings["evaluation"]
     device = device_of(s)
     f = s["faithfulness"]
-    if rank not in faithfulness_ranks(settings, f["finest_ranks"]):
+    if rank not in faithfulness_ranks(settings["ranks"], f["finest_ranks"]):
         log.info("%s: faithfulness not computed (evaluation.faithfulness.finest_ranks: %s)", rank, f["finest_ranks"])
         write_parquet(empty_table(FAITHFULNESS_COLUMNS), outputs["table"])
         write_parquet(empty_table(CURVE_COLUMNS), outputs["curves"])

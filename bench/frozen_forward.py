@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""CPU cost of the frozen forwards over images (the token cache, faithfulness's perturbed images): 64 images at once,
+pieces of `CPU_IMAGES_PER_FORWARD` one after the other on every thread, and the pieces side by side on one thread
+each (what `taxotrait.devices.frozen_forward` does). Wall and CPU milliseconds per image, each strategy in turn, so
+that a shared machine's drift falls on all of them; then the page faults of those forwards with and without the
+workflow's allocator settings (`taxotrait.runner.ALLOCATOR_ENVIRONMENT`, each in a fresh process).
+
+    python bench/frozen_forward.py                          # the demo's backbone (random weights: the same time)
+    python bench/frozen_forward.py --out bench/RESULTS.md   # ... and append a dated section
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from bench_engine import machine  # noqa: E402  (bench/, the script's folder, is on sys.path)
+from taxotrait.backbone import create_backbone  # noqa: E402
+from taxotrait.devices import CPU_IMAGES_PER_FORWARD  # noqa: E402
+from taxotrait.runner import ALLOCATOR_ENVIRONMENT  # noqa: E402
+
+
+def strategies(forward, images: torch.Tensor, threads: int) -> dict:
+    """name -> a function running `forward` over `images` that way."""
+    pieces = images.split(CPU_IMAGES_PER_FORWARD)
+    pool = ThreadPoolExecutor(threads)
+
+    def on_every_thread(run_pieces):
+        def run():
+            torch.set_num_threads(threads)
+            return run_pieces()
+        return run
+
+    def side_by_side():
+        torch.set_num_threads(1)
+        return list(pool.map(forward, pieces))
+
+    return {f"{len(images)} at once": on_every_thread(lambda: forward(images)),
+            f"pieces of {CPU_IMAGES_PER_FORWARD}, one after the other": on_every_thread(lambda: [forward(p) for p in pieces]),
+            f"pieces of {CPU_IMAGES_PER_FORWARD}, side by side (frozen_forward)": side_by_side}
+
+
+def page_faults(args) -> int:
+    """Minor page faults of `--repeats` forwards (the side-by-side strategy) in this process."""
+    forward, images = build(args)
+    run = list(strategies(forward, images, args.threads).values())[-1]
+    run()
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(args.repeats):
+        run()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+
+def build(args):
+    vit = create_backbone(args.backbone, weights="random", img_size=args.img_size).eval()
+
+    def forward(x):
+        with torch.no_grad():
+            return vit.forward_features(x)
+
+    return forward, torch.randn(args.images, 3, args.img_size, args.img_size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="vit_small_patch14_dinov2.lvd142m")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--faults", action="store_true", help=argparse.SUPPRESS)  # the child of the fault count
+    parser.add_argument("--out", help="append the section to this markdown file")
+    args = parser.parse_args()
+    if args.faults:
+        print(page_faults(args))
+        return
+    forward, images = build(args)
+    runs = strategies(forward, images, args.threads)
+    for run in runs.values():
+        run()  # warm-up
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            wall, cpu = time.perf_counter(), os.times()
+            run()
+            after = os.times()
+            times[name].append(((time.perf_counter() - wall) * 1000 / len(images),
+                                (after.user + after.system - cpu.user - cpu.system) * 1000 / len(images)))
+    plain = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENVIRONMENT}
+    faults = {label: int(subprocess.run([sys.executable, __file__, "--faults", "--images", str(args.images),
+                                         "--threads", str(args.threads), "--repeats", str(args.repeats),
+                                         "--backbone", args.backbone, "--img-size", str(args.img_size)],
+                                        env=env, capture_output=True, text=True, check=True).stdout)
+              for label, env in (("glibc's defaults", plain), ("the workflow's settings", {**plain, **ALLOCATOR_ENVIRONMENT}))}
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"## Frozen forwards on the CPU, {stamp}", "",
+             f"- machine: {machine('cpu')}",
+             f"- command: `python bench/frozen_forward.py {' '.join(sys.argv[1:])}`",
+             f"- `{args.backbone}` at {args.img_size} px, {args.images} images, {args.threads} threads, "
+             f"median of {args.repeats} runs (each strategy in turn)", "",
+             "| strategy | wall ms / image | CPU ms / image |", "|---|---|---|"]
+    for name, values in times.items():
+        lines.append(f"| {name} | {statistics.median(v[0] for v in values):.1f} | "
+                     f"{statistics.median(v[1] for v in values):.1f} |")
+    lines += ["", "Page faults of those forwards (side by side, "
+              f"{args.repeats} runs): " + ", ".join(f"{label} {count:,}" for label, count in faults.items()) + ".", ""]
+    section = "\n".join(lines)
+    print(section)
+    if args.out:
+        with open(args.out, "a") as handle:
+            handle.write("\n" + section)
+
+
+if __name__ == "__main__":
+    main()
