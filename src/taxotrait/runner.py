@@ -15,8 +15,11 @@ log = logging.getLogger("taxotrait")
 
 # glibc's allocator in the jobs: by default the memory a forward frees at the top of the heap goes back to the kernel
 # and the next batch faults it in again, 10-15 % of a model step's CPU time spent in the kernel; with these, freed
-# memory up to 1 GB is kept and buffers up to 32 MB (glibc's largest) come from the heap (bench/RESULTS.md)
-ALLOCATOR_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+# memory up to 1 GB is kept, buffers up to 32 MB (glibc's largest) come from the heap, and the threads that run
+# frozen forwards side by side share that heap rather than each growing and dropping an arena of its own
+# (bench/frozen_forward.py, bench/RESULTS.md)
+ALLOCATOR_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30),
+                         "MALLOC_ARENA_MAX": "1"}
 
 
 def tune_allocator(environ=os.environ) -> None:
