@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -60,18 +61,25 @@ def table(columns: dict[str, dict[str, tuple[int, float, float]]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(results: Path, cores: int) -> tuple[float, float]:
+def run_demo(results: Path, cores: int) -> tuple[float, float, float]:
     """Wall seconds of the demo workflow into `results` (the backbone already converted), then of its report
-    (`--report`), as `make demo` runs them."""
+    (`--report`), as `make demo` runs them; and the CPU seconds (user + system) of all the workflow's processes, as
+    the kernel counts them."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [str(Path(sys.executable).with_name("snakemake")), "--cores", str(cores), "--config",
                f"results={results}", "--quiet", "rules"]
     times = []
     for extra in ([], ["--report", str(results / "report.html")]):
-        started = time.monotonic()
+        started, cpu = time.monotonic(), children_cpu_seconds()
         subprocess.run(command + extra, cwd=REPO, env=env, check=True)
-        times.append(time.monotonic() - started)
-    return times[0], times[1]
+        times.append((time.monotonic() - started, children_cpu_seconds() - cpu))
+    return times[0][0], times[1][0], times[0][1]
+
+
+def children_cpu_seconds() -> float:
+    """User + system seconds of this process's finished children and their descendants."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -91,7 +99,7 @@ def main() -> None:
         wall = None
     else:
         results = Path(tempfile.mkdtemp(prefix="demo-times-"))
-        wall, report = run_demo(results, args.cores)
+        wall, report, cpu = run_demo(results, args.cores)
         columns["this run"] = rule_times(results / "demo" / "benchmarks")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## Demo wall time, {stamp}", "",
@@ -101,7 +109,9 @@ def main() -> None:
         total = wall + report
         verdict = "met" if total <= GOAL_S else f"missed by {total - GOAL_S:.0f} s"
         lines.append(f"- `snakemake --cores {args.cores}` on the demo (backbone converted): {wall:.0f} s, then "
-                     f"`--report` {report:.0f} s: **{total:.0f} s** of wall time (goal {GOAL_S} s: {verdict})")
+                     f"`--report` {report:.0f} s: **{total:.0f} s** of wall time (goal {GOAL_S} s: {verdict}); "
+                     f"the workflow's processes took {cpu:.0f} CPU s (the kernel's count; the table's CPU column is "
+                     f"Snakemake's sampling of each job)")
     lines += ["", table(columns), ""]
     section = "\n".join(lines)
     print(section)

@@ -3,7 +3,8 @@
 pieces of `CPU_IMAGES_PER_FORWARD` one after the other on every thread, and the pieces side by side on one thread
 each (what `taxotrait.devices.frozen_forward` does). Wall and CPU milliseconds per image, each strategy in turn, so
 that a shared machine's drift falls on all of them; then the page faults of those forwards with and without the
-workflow's allocator settings (`taxotrait.runner.ALLOCATOR_ENVIRONMENT`, each in a fresh process).
+workflow's allocator settings (`taxotrait.runner.ALLOCATOR_ENVIRONMENT`, each in a fresh process). In the precision
+the workflow's `backbone.precision: auto` picks on this CPU, or `--precision fp32|bf16`.
 
     python bench/frozen_forward.py                          # the demo's backbone (random weights: the same time)
     python bench/frozen_forward.py --out bench/RESULTS.md   # ... and append a dated section
@@ -18,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,34 +27,35 @@ import torch  # noqa: E402
 
 from bench_engine import machine  # noqa: E402  (bench/, the script's folder, is on sys.path)
 from taxotrait.backbone import create_backbone  # noqa: E402
-from taxotrait.devices import CPU_IMAGES_PER_FORWARD  # noqa: E402
+from taxotrait.devices import CPU_IMAGES_PER_FORWARD, autocast, frozen_forward, resolve_precision  # noqa: E402
 from taxotrait.runner import ALLOCATOR_ENVIRONMENT  # noqa: E402
 
 
-def strategies(forward, images: torch.Tensor, threads: int) -> dict:
-    """name -> a function running `forward` over `images` that way."""
-    pieces = images.split(CPU_IMAGES_PER_FORWARD)
-    pool = ThreadPoolExecutor(threads)
+def strategies(forward, images: torch.Tensor, threads: int, dtype: torch.dtype) -> dict:
+    """name -> a function running `forward` over `images` that way, without gradient, computing in `dtype`."""
+    cpu = torch.device("cpu")
 
-    def on_every_thread(run_pieces):
+    def whole(batch):
+        with torch.no_grad(), autocast(cpu, dtype):
+            return forward(batch)
+
+    def on_every_thread(run_images):
         def run():
             torch.set_num_threads(threads)
-            return run_pieces()
+            return run_images()
         return run
 
-    def side_by_side():
-        torch.set_num_threads(1)
-        return list(pool.map(forward, pieces))
-
-    return {f"{len(images)} at once": on_every_thread(lambda: forward(images)),
-            f"pieces of {CPU_IMAGES_PER_FORWARD}, one after the other": on_every_thread(lambda: [forward(p) for p in pieces]),
-            f"pieces of {CPU_IMAGES_PER_FORWARD}, side by side (frozen_forward)": side_by_side}
+    pieces = images.split(CPU_IMAGES_PER_FORWARD)
+    return {f"{len(images)} at once": on_every_thread(lambda: whole(images)),
+            f"pieces of {CPU_IMAGES_PER_FORWARD}, one after the other": on_every_thread(lambda: [whole(p) for p in pieces]),
+            f"pieces of {CPU_IMAGES_PER_FORWARD}, side by side (frozen_forward)":
+                on_every_thread(lambda: frozen_forward(forward, images, cpu, dtype))}
 
 
 def page_faults(args) -> int:
     """Minor page faults of two forwards (the side-by-side strategy, after one) in this process."""
     forward, images = build(args)
-    run = list(strategies(forward, images, args.threads).values())[-1]
+    run = list(strategies(forward, images, args.threads, precision(args)).values())[-1]
     run()
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     run()
@@ -62,14 +63,15 @@ def page_faults(args) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
 
 
+def precision(args) -> torch.dtype:
+    """The compute dtype of `--precision` on the CPU, as `backbone.precision` resolves it."""
+    return resolve_precision(args.precision, torch.device("cpu"))
+
+
 def build(args):
     vit = create_backbone(args.backbone, weights="random", img_size=args.img_size).eval()
 
-    def forward(x):
-        with torch.no_grad():
-            return vit.forward_features(x)
-
-    return forward, torch.randn(args.images, 3, args.img_size, args.img_size)
+    return vit.forward_features, torch.randn(args.images, 3, args.img_size, args.img_size)
 
 
 def main() -> None:
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--precision", default="auto", help="auto | bf16 | fp32, as backbone.precision")
     parser.add_argument("--faults", action="store_true", help=argparse.SUPPRESS)  # the child of the fault count
     parser.add_argument("--out", help="append the section to this markdown file")
     args = parser.parse_args()
@@ -86,7 +89,7 @@ def main() -> None:
         print(page_faults(args))
         return
     forward, images = build(args)
-    runs = strategies(forward, images, args.threads)
+    runs = strategies(forward, images, args.threads, precision(args))
     for run in runs.values():
         run()  # warm-up
     times = {name: [] for name in runs}
@@ -99,7 +102,7 @@ def main() -> None:
                                 (after.user + after.system - cpu.user - cpu.system) * 1000 / len(images)))
     plain = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENVIRONMENT}
     faults = {label: int(subprocess.run([sys.executable, __file__, "--faults", "--images", str(args.images),
-                                         "--threads", str(args.threads),
+                                         "--threads", str(args.threads), "--precision", args.precision,
                                          "--backbone", args.backbone, "--img-size", str(args.img_size)],
                                         env=env, capture_output=True, text=True, check=True).stdout)
               for label, env in (("glibc's defaults", plain), ("the workflow's settings", {**plain, **ALLOCATOR_ENVIRONMENT}))}
@@ -108,6 +111,7 @@ def main() -> None:
              f"- machine: {machine('cpu')}",
              f"- command: `python bench/frozen_forward.py {' '.join(sys.argv[1:])}`",
              f"- `{args.backbone}` at {args.img_size} px, {args.images} images, {args.threads} threads, "
+             f"{str(precision(args)).removeprefix('torch.')}, "
              f"median of {args.repeats} runs (each strategy in turn)", "",
              "| strategy | wall ms / image | CPU ms / image |", "|---|---|---|"]
     for name, values in times.items():

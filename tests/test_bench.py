@@ -34,10 +34,20 @@ def test_the_siblings_rows_run_and_report_their_cost_ratio():
 def test_the_frozen_forward_bench_times_each_strategy_and_counts_page_faults(tmp_path):
     out = tmp_path / "results.md"
     done = subprocess.run([sys.executable, str(REPO / "bench/frozen_forward.py"), "--images", "20", "--img-size", "56",
-                           "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                           "--repeats", "1", "--precision", "fp32", "--out", str(out)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| 20 at once |") or line.startswith("| pieces of")]
     assert len(rows) == 3 and all(float(row.split("|")[2]) > 0 for row in rows), text
-    assert "glibc's defaults" in text and "the workflow's settings" in text
+    assert "glibc's defaults" in text and "the workflow's settings" in text and "20 images, 2 threads, float32," in text
+
+
+def test_the_demo_times_bench_counts_the_cpu_seconds_of_descendant_processes():
+    import demo_times
+
+    before = demo_times.children_cpu_seconds()
+    busy = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass"
+    subprocess.run([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {busy!r}])"],
+                   check=True)
+    assert demo_times.children_cpu_seconds() - before >= 0.4

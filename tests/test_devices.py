@@ -337,8 +337,9 @@ def test_backbone_precision_auto_is_bf16_where_the_device_has_it_natively(native
 
 def test_frozen_forwards_run_in_pieces_on_the_cpu_and_whole_on_an_accelerator(monkeypatch):
     """devices.frozen_forward: on the CPU at most CPU_IMAGES_PER_FORWARD images per call, side by side on one
-    thread each when torch has several, the same numbers as one call; on an accelerator one call; without gradient,
-    under the precision asked for, and torch's threads as they were."""
+    thread each when torch has several, the same numbers as those pieces one after the other on one thread (and as one
+    call, but for the last bit where the CPU's kernels differ by batch size); on an accelerator one call; without
+    gradient, under the precision asked for, and torch's threads as they were."""
     import threading
 
     layer = torch.nn.Linear(5, 3)
@@ -352,9 +353,13 @@ def test_frozen_forwards_run_in_pieces_on_the_cpu_and_whole_on_an_accelerator(mo
 
     cpu, size, threads = torch.device("cpu"), devices.CPU_IMAGES_PER_FORWARD, torch.get_num_threads()
     try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            one_after_the_other = torch.cat([layer(piece) for piece in images.split(size)])
         torch.set_num_threads(2)
         out = devices.frozen_forward(forward, images, cpu, torch.float32)
-        torch.testing.assert_close(out, layer(images), rtol=0, atol=0)
+        torch.testing.assert_close(out, one_after_the_other, rtol=0, atol=0)
+        torch.testing.assert_close(out, layer(images))
         assert not out.requires_grad and torch.get_num_threads() == 2
         assert sorted(c[0] for c in calls) == [3, size, size]
         assert {c[1:4] for c in calls} == {(False, False, 1)}  # fp32, no gradient, one thread each

@@ -436,3 +436,21 @@ def test_inconsistent_taxonomy_stops_before_training(tmp_path):
     log = (tmp_path / "r" / "demo" / "logs" / "prepare.log").read_text()
     assert "tax.csv: genus 'G' has several parents at rank family" in log
     assert not (tmp_path / "r" / "demo" / "cache").exists()
+
+
+def test_the_demo_times_bench_tabulates_every_rule_of_a_finished_run(results, tmp_path):
+    out = tmp_path / "times.md"
+    done = subprocess.run([sys.executable, str(REPO / "bench/demo_times.py"), "--tabulate", str(results),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in out.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| rule")}
+    files = sorted((results / "benchmarks").glob("*.tsv"))
+    jobs = {}
+    for path in files:
+        jobs[path.name.split(".")[0]] = jobs.get(path.name.split(".")[0], 0) + 1
+    assert {"train", "cache_tokens", "faithfulness", "summary"} <= set(jobs)
+    for rule, count in jobs.items():
+        wall, cpu = (float(x) for x in rows[rule].split("(")[0].split("·"))
+        assert rows[rule].strip().endswith(f"({count})") and wall > 0 and cpu >= 0, (rule, rows[rule])
+    assert rows["**all jobs**"].strip().endswith(f"({len(files)})")
