@@ -395,6 +395,14 @@ def machine(device: str) -> str:
             f"(load average at the end {load}); GPU: {gpu}; torch {torch.__version__}, timm {timm.__version__}")
 
 
+def publish(section: str, out) -> None:
+    """Print a benchmark's markdown section and, when `out` is a path, append it to that file (bench/RESULTS.md)."""
+    print(section)
+    if out:
+        with open(out, "a") as handle:
+            handle.write("\n" + section)
+
+
 def markdown(tables: dict, seconds_of: dict, args) -> str:
     """The results as a dated markdown section: machine, command, settings and one table per task."""
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -456,11 +464,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    text = markdown(*run_all(args), args)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as out:
-            out.write("\n" + text)
+    publish(markdown(*run_all(args), args), args.out)
 
 
 if __name__ == "__main__":

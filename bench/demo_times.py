@@ -24,7 +24,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_engine import machine  # bench/, the script's folder, is on sys.path
+from bench_engine import machine, publish  # bench/, the script's folder, is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_S = 360
@@ -113,11 +113,7 @@ def main() -> None:
                      f"the workflow's processes took {cpu:.0f} CPU s (the kernel's count; the table's CPU column is "
                      f"Snakemake's sampling of each job)")
     lines += ["", table(columns), ""]
-    section = "\n".join(lines)
-    print(section)
-    if args.out:
-        with args.out.open("a") as handle:
-            handle.write("\n" + section)
+    publish("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

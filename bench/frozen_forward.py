@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench_engine import machine  # noqa: E402  (bench/, the script's folder, is on sys.path)
+from bench_engine import machine, publish  # noqa: E402  (bench/, the script's folder, is on sys.path)
 from taxotrait.backbone import create_backbone  # noqa: E402
 from taxotrait.devices import CPU_IMAGES_PER_FORWARD, autocast, frozen_forward, resolve_precision  # noqa: E402
 from taxotrait.runner import ALLOCATOR_ENVIRONMENT  # noqa: E402
@@ -70,7 +70,6 @@ def precision(args) -> torch.dtype:
 
 def build(args):
     vit = create_backbone(args.backbone, weights="random", img_size=args.img_size).eval()
-
     return vit.forward_features, torch.randn(args.images, 3, args.img_size, args.img_size)
 
 
@@ -89,7 +88,8 @@ def main() -> None:
         print(page_faults(args))
         return
     forward, images = build(args)
-    runs = strategies(forward, images, args.threads, precision(args))
+    dtype = precision(args)
+    runs = strategies(forward, images, args.threads, dtype)
     for run in runs.values():
         run()  # warm-up
     times = {name: [] for name in runs}
@@ -111,7 +111,7 @@ def main() -> None:
              f"- machine: {machine('cpu')}",
              f"- command: `python bench/frozen_forward.py {' '.join(sys.argv[1:])}`",
              f"- `{args.backbone}` at {args.img_size} px, {args.images} images, {args.threads} threads, "
-             f"{str(precision(args)).removeprefix('torch.')}, "
+             f"{str(dtype).removeprefix('torch.')}, "
              f"median of {args.repeats} runs (each strategy in turn)", "",
              "| strategy | wall ms / image | CPU ms / image |", "|---|---|---|"]
     for name, values in times.items():
@@ -119,11 +119,7 @@ def main() -> None:
                      f"{statistics.median(v[1] for v in values):.1f} |")
     lines += ["", "Page faults of two of those forwards (side by side, each in a fresh process): "
               + ", ".join(f"{label} {count:,}" for label, count in faults.items()) + ".", ""]
-    section = "\n".join(lines)
-    print(section)
-    if args.out:
-        with open(args.out, "a") as handle:
-            handle.write("\n" + section)
+    publish("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import h5py
@@ -446,9 +447,7 @@ def test_the_demo_times_bench_tabulates_every_rule_of_a_finished_run(results, tm
     rows = {line.split("|")[1].strip(): line.split("|")[2] for line in out.read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| rule")}
     files = sorted((results / "benchmarks").glob("*.tsv"))
-    jobs = {}
-    for path in files:
-        jobs[path.name.split(".")[0]] = jobs.get(path.name.split(".")[0], 0) + 1
+    jobs = Counter(path.name.split(".")[0] for path in files)
     assert {"train", "cache_tokens", "faithfulness", "summary"} <= set(jobs)
     for rule, count in jobs.items():
         wall, cpu = (float(x) for x in rows[rule].split("(")[0].split("·"))
