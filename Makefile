@@ -56,14 +56,15 @@ bench-demo: install
 # The prepared check for a lent CUDA machine (bench/gpu_check.py). Here, with network: `make gpu-wheels` puts the
 # wheels that machine lacks (snakemake, jsonschema, grad-cam, ...; Python 3.12) into the git-ignored .gpu-wheels/.
 # There, with .gpu-wheels carried: `make gpu-check` installs them, runs the tiny workflow on the GPU and the GPU
-# benchmarks, and appends a dated section to bench/RESULTS.md. Without CUDA it says so and exits 0.
+# benchmarks, and appends a dated section to bench/RESULTS.md (GPU_CHECKS="workflow extraction": only those). Without
+# CUDA it says so and exits 0.
 WHEEL_PYTHON ?= $(firstword $(wildcard $(BIN)/python) python3)
 GPU_PYTHON ?= python3
 gpu-wheels:
 	$(WHEEL_PYTHON) bench/gpu_check.py wheels
 
 gpu-check:
-	$(GPU_PYTHON) bench/gpu_check.py
+	$(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECKS)
 
 clean:
 	rm -rf $(VENV)

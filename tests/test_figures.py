@@ -250,7 +250,7 @@ def test_only_correctly_classified_images_are_shown(products, tmp_path):
         before = attention.correct_rows(taxon).tolist()
     assert 0 in before
     with h5py.File(path, "r+") as h5:
-        h5["prediction"][0] = (h5["label"][0] + 1) % len(h5.attrs["class_names"])
+        h5["prediction"][0] = (h5["label"][0] + 1) % len(h5["class_names"])
     with AttentionFile(path) as attention:
         assert attention.correct_rows(taxon).tolist() == [r for r in before if r != 0]
         assert len(attention.correct_rows("no such taxon")) == 0

@@ -1,5 +1,6 @@
 """Sibling contrast (a taxonomic key): the loss, greedy masking against the best sibling, top-down prediction."""
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -233,3 +234,42 @@ def test_nothing_to_contrast_is_an_error():
     model = PromptCAM(make_vit(), ["a", "b"], class_parents=["A", "B"])  # two monotypic taxa
     with pytest.raises(ValueError, match="nothing to contrast"):
         train(model, None, config=TrainConfig(epochs=1, device="cpu"), progress=False)
+
+
+@pytest.mark.parametrize("parents", [PARENTS, None], ids=["siblings", "rank"])
+def test_extraction_scores_rivals_only_and_stores_the_full_computation(tmp_path, parents):
+    """attention.h5's predictions are the full scores' sibling predictions, its scores and maps those of the slot
+    classes in the full computation; under 'siblings' no image is scored against more than its family."""
+    from taxotrait.attention_store import AttentionFile
+    from taxotrait.extract import extract_attention, sibling_classes
+
+    model = sibling_model(parents).float()
+    torch.manual_seed(3)
+    tokens, labels = torch.randn(10, 17, 32), torch.arange(10) % 7
+    scored, forward = [], model.forward_keys_values
+
+    def spy(keys_values, classes=None, chunk_size=None):
+        scored.append(tuple(classes.shape))
+        return forward(keys_values, classes, chunk_size)
+
+    model.forward_keys_values = spy
+    batches = [([f"i{j}" for j in range(s, s + 4)], tokens[s:s + 4], labels[s:s + 4]) for s in (0, 4, 8)]
+    batches[-1] = (batches[-1][0][:2], *batches[-1][1:])
+    extra = sibling_classes(parents or [""] * 7, 2)
+    extract_attention(model, batches, 10, tmp_path / "a.h5", "species", extra, chunk_size=3, progress=False)
+    with torch.no_grad():
+        full, attention = model.class_scores(model.last_block_input(tokens), return_attention=True)
+    maps = attention[..., -16:].unflatten(-1, (4, 4))
+    with AttentionFile(tmp_path / "a.h5") as stored, h5py.File(tmp_path / "a.h5") as h5:
+        assert torch.equal(torch.from_numpy(stored.predictions), model.sibling_prediction(full, labels))
+        slots = stored.classes
+        assert slots[:, 0].tolist() == labels.tolist() and (slots[:, 1] == stored.predictions).all()
+        for row in range(10):
+            for slot, c in enumerate(slots[row]):
+                if c < 0:
+                    assert np.isnan(h5["scores"][row, slot]) and not stored.maps(row)[slot].any()
+                    continue
+                assert h5["scores"][row, slot] == pytest.approx(float(full[row, c]), abs=1e-5)
+                np.testing.assert_allclose(stored.maps(row)[slot], maps[row, c].numpy(), atol=1e-3)
+    widths = {shape[-1] for shape in scored}
+    assert widths == ({3} if parents else {7})  # the largest family, or every class (in chunks of 3 inside)

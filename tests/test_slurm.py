@@ -264,7 +264,8 @@ def test_outputs_are_right(slurm_run):
         metrics = pd.read_parquet(results / rank / "metrics.parquet")
         assert metrics.query("taxon == '__all__' and split == 'test'")["n_images"].tolist() == [32]
         with h5py.File(results / rank / "attention.h5") as h5:
-            assert h5["logits"].shape == (32, num_classes) and h5.attrs["rank"] == rank
+            assert len(h5["class_names"]) == num_classes and h5.attrs["rank"] == rank
+            assert h5["scores"].shape == h5["classes"].shape == (32, h5["attention"].shape[1])
         heads = pd.read_parquet(results / rank / "heads.parquet")
         assert len(heads) % 6 == 0 and (heads.groupby("image_id")["is_trait_head"].sum() >= 1).all()
         traits = pd.read_parquet(results / rank / "traits.parquet")

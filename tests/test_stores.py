@@ -14,7 +14,7 @@ ATTRS = {"rank": "species", "class_names": ["a b", "c", "d"], "grid": (2, 3), "h
 def attention_rows(n: int, slots: int = 3, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     return {"image_ids": [f"img ü {i}" for i in range(n)], "labels": rng.integers(0, 3, n),
-            "predictions": rng.integers(0, 3, n), "logits": rng.normal(size=(n, 3)).astype(np.float32),
+            "predictions": rng.integers(0, 3, n), "scores": rng.normal(size=(n, slots)).astype(np.float32),
             "classes": rng.integers(-1, 3, (n, slots)),
             "attention": rng.random((n, slots, 2, 2, 3)).astype(np.float16)}
 
@@ -38,8 +38,9 @@ def test_attention_written_in_batches_reads_back(tmp_path):
         np.testing.assert_array_equal(maps, rows["attention"][4].astype(np.float32))
     with h5py.File(tmp_path / "attention.h5") as h5:  # the documented layout
         assert h5["attention"].dtype == np.float16 and h5["attention"].chunks == (1, 3, 2, 2, 3)
-        assert h5["attention"].compression == "gzip" and h5["logits"].dtype == np.float32
-        np.testing.assert_array_equal(h5["logits"][:], rows["logits"])
+        assert h5["attention"].compression == "gzip" and h5["attention"].shuffle and h5["scores"].dtype == np.float32
+        np.testing.assert_array_equal(h5["scores"][:], rows["scores"])
+        np.testing.assert_array_equal(h5["attention"][:], rows["attention"])  # through HDF5's own filters
         assert str(h5.attrs["contrast"]) == "siblings"
 
 
@@ -71,3 +72,52 @@ def test_saliency_reads_back(tmp_path):
     assert sal["methods"] == ["prompt_cam_traits", "rollout"] and sal["rank"] == "genus"
     assert tuple(sal["grid"]) == (2, 3) and sal["prompt_cam_top1"] == 0.75 and sal["probe_top1"] == 0.5
     assert [str(c) for c in sal["class_names"]] == ["a", "b", "c"]
+
+
+def many_names(n: int) -> list[str]:
+    return [f"Genus{i // 5} species-{i} ü" for i in range(n)]
+
+
+def test_attention_store_holds_20000_class_names(tmp_path):
+    """Class names are a dataset, not an attribute (whose 64 KiB header limit holds about 4,000 of them)."""
+    names, rows = many_names(20_000), attention_rows(4)
+    with write_attention(tmp_path / "attention.h5", 4, 3, {**ATTRS, "class_names": names}, threads=2) as writer:
+        writer.write(*rows.values())
+    with AttentionFile(tmp_path / "attention.h5") as attention:
+        assert attention.class_names == names and attention.index_of[names[19_999]] == 19_999
+        np.testing.assert_array_equal(attention.maps(3), rows["attention"][3].astype(np.float32))
+
+
+def test_saliency_store_holds_20000_class_names(tmp_path):
+    names = many_names(20_000)
+    attrs = {"rank": "species", "methods": ["rollout"], "grid": (2, 3), "img_size": 32, "class_names": names}
+    write_saliency(tmp_path / "saliency.h5", ["x"], np.array([19_999]), np.array([0]), np.array([1]),
+                   np.zeros((1, 1, 2, 2, 3), np.float32), attrs)
+    sal = read_saliency(tmp_path / "saliency.h5")
+    assert sal["class_names"] == names and sal["rank"] == "species" and sal["label"].tolist() == [19_999]
+
+
+def test_files_with_class_names_as_an_attribute_still_read(tmp_path):
+    """Stores written before class names became a dataset keep them as an attribute."""
+    rows = attention_rows(2)
+    with write_attention(tmp_path / "attention.h5", 2, 3, ATTRS) as writer:
+        writer.write(*rows.values())
+    write_saliency(tmp_path / "saliency.h5", ["x"], np.array([0]), np.array([0]), np.array([1]),
+                   np.zeros((1, 1, 2, 2, 3), np.float32), {"rank": "genus", "methods": ["rollout"], "class_names": ["a"]})
+    for name, names in (("attention.h5", ATTRS["class_names"]), ("saliency.h5", ["a"])):
+        with h5py.File(tmp_path / name, "r+") as h5:  # the old layout
+            del h5["class_names"]
+            h5.attrs["class_names"] = names
+    with AttentionFile(tmp_path / "attention.h5") as attention:
+        assert attention.class_names == ATTRS["class_names"]
+    assert read_saliency(tmp_path / "saliency.h5")["class_names"] == ["a"]
+
+
+def test_a_failing_attention_write_leaves_no_file(tmp_path):
+    """Maps of the wrong shape (which a raw chunk write would store as garbage) stop the writer; no file appears."""
+    rows = attention_rows(2)
+    rows["attention"] = rows["attention"][:, :2]
+    with pytest.raises(ValueError, match=r"attention maps of shape \(2, 2, 2, 2, 3\), expected \(2, 3, 2, 2, 3\)"):
+        with write_attention(tmp_path / "attention.h5", 2, 3, ATTRS) as writer:
+            writer.write(*rows.values())
+    assert list(tmp_path.iterdir()) == []

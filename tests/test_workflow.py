@@ -74,7 +74,7 @@ def test_rank_outputs(results, rank):
         assert h5["attention"].shape == (n, slots, 6, 8, 8) and h5["attention"].dtype == np.float16
         assert h5["logits"].shape == (n, num_classes) and h5["classes"].shape == (n, slots)
         assert h5.attrs["rank"] == rank and list(h5.attrs["grid"]) == [8, 8] and h5.attrs["device"] == "cpu"
-        assert list(h5.attrs["class_names"]) == sorted(pd.read_parquet(results / "manifest.parquet")[rank].unique())
+        assert list(h5["class_names"].asstr()[:]) == sorted(pd.read_parquet(results / "manifest.parquet")[rank].unique())
         # the prediction given the true parent: the better of the true class and its sibling
         logits, label, sibling = h5["logits"][:], h5["label"][:], h5["classes"][:, 2]
         pair = np.stack([logits[np.arange(n), label], logits[np.arange(n), sibling]], 1)

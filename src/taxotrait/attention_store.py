@@ -1,16 +1,17 @@
 """The attention store: ``<rank>/attention.h5``, its writer (`write_attention`, batch by batch) and its reader
 (`AttentionFile`). Every other module reads and writes attention.h5 through these two.
 
-Layout (datasets along N images, written batch by batch so memory does not grow with N):
+Layout (datasets along N images, written batch by batch so memory does not grow with N or with the classes):
 
 - ``image_id`` [N] str, ``label`` [N] int64, ``prediction`` [N] int64 (the best of the true class's rivals: its
-  siblings under contrast 'siblings', i.e. the prediction given the true parent; every class under 'rank'),
-  ``logits`` [N, C] float32
+  siblings under contrast 'siblings', i.e. the prediction given the true parent; every class under 'rank')
 - ``classes`` [N, K] int64: the class of each map: slot 0 the true class, slot 1 the predicted class, then extra
   classes (siblings of the true class in the taxonomy; -1 where there are fewer)
+- ``scores`` [N, K] float32: the class score of each slot's class (NaN where the slot is -1)
 - ``attention`` [N, K, heads, h, w] float16: last-block attention of those class prompts over the patch grid,
-  chunked one image per chunk, gzip-compressed
-- attributes: rank, class_names, grid (h, w), heads, backbone, backbone_digest, variant, prompt_depth, img_size,
+  chunked one image per chunk, shuffled and gzip-compressed (compressed by a pool of threads, `AttentionWriter`)
+- ``class_names`` [C] str (`taxotrait.hdf5`; an attribute in files written before 2026-12-04)
+- attributes: rank, grid (h, w), heads, backbone, backbone_digest, variant, prompt_depth, img_size,
   class_slots ("true, predicted, extra..."), contrast ("siblings" or "rank"), device (where the maps were
   computed: the model's device)
 """
@@ -18,58 +19,110 @@ Layout (datasets along N images, written batch by batch so memory does not grow 
 from __future__ import annotations
 
 import os
+import zlib
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from .hdf5 import read_attributes, write_attributes
 from .io import atomic_write
+
+GZIP_LEVEL = 4
+PENDING_BATCHES = 4  # batches handed to the writer and not yet on disk: bounds the writer's memory
+
+
+def shuffled_deflate(array: np.ndarray, level: int = GZIP_LEVEL) -> bytes:
+    """One chunk as HDF5's shuffle and deflate (gzip) filters store it: the bytes of each element's position
+    together, then zlib. zlib releases the GIL, so chunks compress in parallel threads."""
+    size = array.dtype.itemsize
+    return zlib.compress(np.ascontiguousarray(array).view(np.uint8).reshape(-1, size).T.tobytes(), level)
 
 
 class AttentionWriter:
-    """The datasets of an attention.h5 being written, filled batch by batch in image order (`write_attention`)."""
+    """The datasets of an attention.h5 being written, filled batch by batch in image order (`write_attention`).
 
-    def __init__(self, h5: h5py.File, num_images: int, num_slots: int):
-        num_classes, heads = len(h5.attrs["class_names"]), int(h5.attrs["heads"])
+    `write` returns at once: the attention chunks are compressed by a pool of `threads` threads (a share of each
+    batch per thread) and written in order
+    by one more, so that the model computes the next batch meanwhile; at most PENDING_BATCHES batches wait."""
+
+    def __init__(self, h5: h5py.File, num_images: int, num_slots: int, threads: int | None = None):
+        heads = int(h5.attrs["heads"])
         grid = tuple(int(g) for g in h5.attrs["grid"])
         self.num_images, self.written = num_images, 0
         self.image_ids = h5.create_dataset("image_id", (num_images,), dtype=h5py.string_dtype())
         self.labels = h5.create_dataset("label", (num_images,), dtype="int64")
         self.predictions = h5.create_dataset("prediction", (num_images,), dtype="int64")
-        self.logits = h5.create_dataset("logits", (num_images, num_classes), dtype="float32", chunks=(1, num_classes))
         self.classes = h5.create_dataset("classes", (num_images, num_slots), dtype="int64")
+        self.scores = h5.create_dataset("scores", (num_images, num_slots), dtype="float32")
         self.attention = h5.create_dataset(
             "attention", (num_images, num_slots, heads, *grid), dtype="float16",
-            chunks=(1, num_slots, heads, *grid), compression="gzip", compression_opts=4, shuffle=True,
+            chunks=(1, num_slots, heads, *grid), compression="gzip", compression_opts=GZIP_LEVEL, shuffle=True,
         )
+        self._threads = threads or min(8, os.cpu_count() or 1)
+        self._compress = ThreadPoolExecutor(self._threads, thread_name_prefix="deflate")
+        self._store = ThreadPoolExecutor(1, thread_name_prefix="attention-writer")
+        self._pending: deque[Future] = deque()
 
-    def write(self, image_ids, labels: np.ndarray, predictions: np.ndarray, logits: np.ndarray, classes: np.ndarray,
+    def write(self, image_ids, labels: np.ndarray, predictions: np.ndarray, scores: np.ndarray, classes: np.ndarray,
               attention: np.ndarray) -> None:
-        """The next len(image_ids) rows: labels, predictions [B], logits [B, C], classes [B, K] and their maps
+        """The next len(image_ids) rows: labels, predictions [B], scores and classes [B, K] and their maps
         attention [B, K, heads, h, w] (stored as float16)."""
         start, stop = self.written, self.written + len(image_ids)
         if stop > self.num_images:
             raise ValueError(f"expected {self.num_images} images, got more")
+        attention = np.asarray(attention, dtype=np.float16)
+        if attention.shape != (len(image_ids), *self.attention.chunks[1:]):  # chunks are written as they are given
+            raise ValueError(f"attention maps of shape {attention.shape}, expected "
+                             f"{(len(image_ids), *self.attention.chunks[1:])}")
+        groups = np.array_split(np.arange(len(attention)), min(self._threads, len(attention)) or 1)
+        chunks = [self._compress.submit(lambda rows: [shuffled_deflate(attention[r]) for r in rows], rows)
+                  for rows in groups]
+        rows = (list(image_ids), labels, predictions, scores, classes)
+        self._pending.append(self._store.submit(self._store_rows, start, stop, rows, chunks))
+        self.written = stop
+        while len(self._pending) > PENDING_BATCHES:
+            self._pending.popleft().result()
+
+    def _store_rows(self, start: int, stop: int, rows: tuple, chunks: list[Future]) -> None:
+        image_ids, labels, predictions, scores, classes = rows
         self.image_ids[start:stop] = image_ids
         self.labels[start:stop] = labels
         self.predictions[start:stop] = predictions
-        self.logits[start:stop] = logits
+        self.scores[start:stop] = scores
         self.classes[start:stop] = classes
-        self.attention[start:stop] = attention
-        self.written = stop
+        compressed = [chunk for group in chunks for chunk in group.result()]
+        for row, chunk in zip(range(start, stop), compressed):
+            self.attention.id.write_direct_chunk((row, 0, 0, 0, 0), chunk)
+
+    def finish(self) -> None:
+        """Wait until every batch is on disk (raising the writer's error, if any) and stop the threads."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._store.shutdown(cancel_futures=True)
+            self._compress.shutdown(cancel_futures=True)
 
 
 @contextmanager
-def write_attention(path: str | os.PathLike, num_images: int, num_slots: int, attrs: dict) -> Iterator[AttentionWriter]:
-    """Write attention.h5 at `path` atomically: `attrs` are its attributes (see the module docstring; their
-    class_names, heads and grid give the datasets' shapes), the yielded writer fills its `num_images` rows of
-    `num_slots` maps. The file appears only when the block succeeds with every row written (ValueError otherwise)."""
+def write_attention(path: str | os.PathLike, num_images: int, num_slots: int, attrs: dict,
+                    threads: int | None = None) -> Iterator[AttentionWriter]:
+    """Write attention.h5 at `path` atomically: `attrs` are its attributes and class_names (see the module
+    docstring; their heads and grid give the datasets' shapes), the yielded writer fills its `num_images` rows of
+    `num_slots` maps, compressing them on `threads` threads (default: the CPUs, at most 8). The file appears only
+    when the block succeeds with every row written (ValueError otherwise)."""
     with atomic_write(path) as tmp, h5py.File(tmp, "w") as h5:
-        h5.attrs.update(attrs)
-        writer = AttentionWriter(h5, num_images, num_slots)
-        yield writer
+        write_attributes(h5, attrs)
+        writer = AttentionWriter(h5, num_images, num_slots, threads)
+        try:
+            yield writer
+        finally:
+            writer.finish()
         if writer.written != num_images:
             raise ValueError(f"expected {num_images} images, got {writer.written}")
 
@@ -80,9 +133,9 @@ class AttentionFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.h5 = h5py.File(self.path, "r")
-        attrs = self.h5.attrs
+        attrs = read_attributes(self.h5)
         self.rank = str(attrs["rank"])
-        self.class_names = [str(c) for c in attrs["class_names"]]
+        self.class_names = attrs["class_names"]
         self.img_size = int(attrs["img_size"])
         self.heads = int(attrs["heads"])
         self.grid = tuple(int(g) for g in attrs["grid"])

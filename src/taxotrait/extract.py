@@ -6,6 +6,7 @@ Both steps run on the model's device (`taxotrait.devices`): each batch goes ther
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +36,17 @@ def sibling_classes(parents: list[str], max_extra: int) -> list[list[int]]:
     return [[j for j in groups[parent] if j != index][:max_extra] for index, parent in enumerate(parents)]
 
 
+def extra_class_table(extra_classes: list[list[int]], num_classes: int) -> torch.Tensor:
+    """[C, E] int64: row c the extra classes of class c (`sibling_classes`), -1 where it has fewer than E. Built
+    without a loop over the classes (at 10,000 classes: 6 ms, against 62 ms for a tensor per class)."""
+    lengths = np.fromiter(map(len, extra_classes), dtype=np.int64, count=num_classes)
+    table = np.full((num_classes, int(lengths.max(initial=0))), -1, dtype=np.int64)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    table[np.repeat(np.arange(num_classes), lengths), np.arange(int(lengths.sum())) - starts] = np.fromiter(
+        itertools.chain.from_iterable(extra_classes), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(table)
+
+
 @torch.no_grad()
 def extract_attention(
     model: PromptCAM,
@@ -45,40 +57,43 @@ def extract_attention(
     extra_classes: list[list[int]] | None = None,
     chunk_size: int | None = None,
     progress: bool = True,
+    threads: int | None = None,
 ) -> Path:
     """Write `attention.h5` for the images of `batches` (`taxotrait.attention_store`), computed on the model's device
-    (bf16 autocast on an accelerator, like `taxotrait.train.predict`)."""
+    (bf16 autocast on an accelerator, like `taxotrait.train.predict`), its maps compressed on `threads` threads.
+
+    Each image is scored against its rivals only (`PromptCAM.rival_columns`: its siblings under contrast
+    'siblings', every class in chunks of `chunk_size` under 'rank') for its prediction, then its true, predicted and
+    extra classes' prompts give the stored maps and scores: the cost grows with the images times the siblings."""
     out_path = Path(out_path)
     device = model_device(model)
-    extra_classes = extra_classes or [[] for _ in range(model.num_classes)]
-    num_slots = 2 + max((len(e) for e in extra_classes), default=0)
-    heads = model.num_heads
+    extra = extra_class_table(extra_classes or [[] for _ in range(model.num_classes)], model.num_classes).to(device)
+    num_slots = 2 + extra.shape[1]
     grid = tuple(int(g) for g in model.backbone.patch_embed.grid_size)
     config = model.config()
     attrs = {
-        "rank": rank, "class_names": model.class_names, "grid": grid, "heads": heads,
+        "rank": rank, "class_names": model.class_names, "grid": grid, "heads": model.num_heads,
         "backbone": config["backbone"], "backbone_digest": model.backbone_digest,
         "variant": config["variant"], "prompt_depth": config["prompt_depth"], "img_size": config["img_size"],
         "class_slots": "true, predicted, extra...", "contrast": model.contrast, "device": str(device),
     }
-    with write_attention(out_path, num_images, num_slots, attrs) as writer, \
+    with write_attention(out_path, num_images, num_slots, attrs, threads) as writer, \
             tqdm(total=num_images, desc=f"attention {rank}", disable=not progress) as bar:
         for ids, tokens, labels in batches:
+            labels = labels.to(device)
             with mixed_precision(device):
-                image_tokens = model.last_block_input(tokens.to(device).float())
-                logits, _ = model.class_scores(image_tokens, chunk_size=chunk_size)
-            logits = to_host(logits.float())
-            predictions = model.sibling_prediction(logits, labels)
-            slots = torch.full((len(ids), num_slots), -1, dtype=torch.long)
-            for row, (label, prediction) in enumerate(zip(labels.tolist(), predictions.tolist())):
-                chosen = [label, prediction, *extra_classes[label]]
-                slots[row, : len(chosen)] = torch.tensor(chosen)
-            with mixed_precision(device):
-                _, attention = model.class_scores(image_tokens, slots.clamp(min=0).to(device), return_attention=True)
-            maps = to_host(attention[..., -grid[0] * grid[1]:].unflatten(-1, grid).float())
-            maps[slots < 0] = 0
-            writer.write(ids, labels.numpy(), predictions.numpy(), logits.numpy(), slots.numpy(),
-                         maps.to(torch.float16).numpy())
+                keys_values = model.image_keys_values(model.last_block_input(tokens.to(device).float()))
+                columns, rivals = model.rival_columns(labels)
+                rival_scores = model.forward_keys_values(keys_values, columns, chunk_size=chunk_size)
+                predictions = model.best_rival(rival_scores.float(), columns, rivals)
+                slots = torch.cat([labels[:, None], predictions[:, None], extra[labels]], dim=1)
+                scores, attention = model.class_scores(None, slots.clamp(min=0), return_attention=True,
+                                                       keys_values=keys_values)
+            absent = slots < 0
+            maps = attention[..., -grid[0] * grid[1]:].unflatten(-1, grid).masked_fill(absent[..., None, None, None], 0)
+            writer.write(ids, *(to_host(t).numpy() for t in (labels, predictions,
+                                                              scores.float().masked_fill(absent, float("nan")),
+                                                              slots, maps.to(torch.float16))))
             bar.update(len(ids))
     return out_path
 

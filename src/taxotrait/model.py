@@ -220,6 +220,12 @@ class PromptCAM(nn.Module):
         columns = columns.expand(len(classes), -1)
         return columns, (columns == classes[:, None]).int().argmax(1)
 
+    @staticmethod
+    def best_rival(scores: torch.Tensor, columns: torch.Tensor, rivals: torch.Tensor) -> torch.Tensor:
+        """The class [B] of each image's best rival, from the scores [B, R] of `rival_columns`' columns and rivals."""
+        best = scores.masked_fill(~rivals, float("-inf")).argmax(1, keepdim=True)
+        return columns.expand(len(scores), -1).gather(1, best).squeeze(1)
+
     @property
     def has_rival(self) -> torch.Tensor:
         """bool [C]: whether each class competes with another (False for a monotypic taxon under 'siblings')."""

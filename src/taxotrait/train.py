@@ -101,8 +101,7 @@ def rival_loss(model: PromptCAM, forward, x: torch.Tensor, labels: torch.Tensor,
         scores = forward(x, classes=columns, chunk_size=chunk_size)
     scores, (columns, position) = scores.float(), model.own_columns(columns, labels)
     losses, counted = contrast_loss(scores, position, rivals, label_smoothing)
-    best = scores.masked_fill(~rivals, float("-inf")).argmax(1)
-    return losses, counted, columns.gather(1, best[:, None]).squeeze(1) == labels
+    return losses, counted, model.best_rival(scores, columns, rivals) == labels
 
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:

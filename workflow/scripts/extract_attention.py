@@ -2,4 +2,4 @@
 from taxotrait.runner import run_step
 from taxotrait.steps.attention import extract_attention
 
-run_step(snakemake, lambda s, settings: extract_attention(s.wildcards.rank, s.input, s.output, settings))
+run_step(snakemake, lambda s, settings: extract_attention(s.wildcards.rank, s.input, s.output, settings, s.threads))

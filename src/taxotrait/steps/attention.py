@@ -8,12 +8,12 @@ from .. import extract
 from .common import eval_batches, model_step_device, trained_model
 
 
-def extract_attention(rank: str, inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
-    """<rank>/attention.h5 of the `attention.split` images. Settings: `backbone`, `attention`, `model.class_chunk`,
-    the rank's `train.device`."""
+def extract_attention(rank: str, inputs: Mapping, outputs: Mapping, settings: Mapping, threads: int = 1) -> None:
+    """<rank>/attention.h5 of the `attention.split` images, its maps compressed on the job's `threads`. Settings:
+    `backbone`, `attention`, `model.class_chunk`, the rank's `train.device`."""
     model = trained_model(inputs["model"], settings, model_step_device(settings))
     batches, count, classes = eval_batches(inputs, settings, rank)
     rank_classes = classes[classes["rank"] == rank].sort_values("class_index")
     extra = extract.sibling_classes(rank_classes["parent"].tolist(), settings["attention"]["extra_classes"])
     extract.extract_attention(model, batches(), count, outputs["attention"], rank, extra,
-                              chunk_size=settings["model"]["class_chunk"])
+                              chunk_size=settings["model"]["class_chunk"], threads=threads)
