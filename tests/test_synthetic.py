@@ -2,25 +2,43 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from taxotrait import synthetic as syn
+from taxotrait.config import SYNTHETIC_BRANCHING, validate_config
+from taxotrait.errors import ConfigError
 from taxotrait.groundtruth import load_masks, save_masks
+from taxotrait.schema import SCHEMA, load_schema, with_defaults
 
 SIZE = 128
+REPO = Path(__file__).resolve().parents[1]
+# forks wider than the base variants (4 body shapes, 4 tails, 5 patterns, 6 mark colours)
+WIDE = dict(n_orders=2, families_per_order=6, genera_per_family=1, species_per_genus=12)
+WIDE_SEED = 5
 
 
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
-    man = syn.generate_dataset(out, n_train=3, n_val=1, n_test=1, image_size=SIZE, seed=7, progress=False)
-    return out, man
+    manifest = syn.generate_dataset(out, n_train=3, n_val=1, n_test=1, image_size=SIZE, seed=7, progress=False)
+    return out, pd.read_csv(manifest)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wide")
+    manifest = syn.generate_dataset(out, **WIDE, n_train=1, n_val=0, n_test=0, image_size=SIZE, seed=WIDE_SEED,
+                                    progress=False)
+    return out, pd.read_csv(manifest)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -49,12 +67,7 @@ def _centroid(m: np.ndarray) -> np.ndarray:
 def _indices(ds_dir: Path) -> dict[str, dict[str, int]]:
     """taxon -> sibling index (position among its parent's children), from traits.csv values."""
     traits = pd.read_csv(ds_dir / "traits.csv")
-    lookup = {
-        "order": [b.name for b in syn.BODY_SHAPES],
-        "family": [t.value for t in syn.TAILS],
-        "genus": [p.value for p in syn.PATTERNS],
-        "species": [f"{name} mark" for name, _ in syn.MARK_COLOURS],
-    }
+    lookup = {rank: [v.value for v in variants] for rank, variants in syn.VARIANTS.items()}
     return {rank: {r.taxon: lookup[rank].index(r.value) for r in traits[traits["rank"] == rank].itertuples()}
             for rank in syn.RANKS}
 
@@ -70,7 +83,7 @@ def _images(ds_dir: Path, man: pd.DataFrame):
 
 def test_same_seed_same_bytes_any_workers_and_other_seed_differs(tmp_path):
     kw = dict(n_train=2, n_val=1, n_test=0, image_size=64, progress=False)
-    a = syn.generate_dataset(tmp_path / "a", seed=3, workers=1, **kw)
+    a = pd.read_csv(syn.generate_dataset(tmp_path / "a", seed=3, workers=1, **kw))
     syn.generate_dataset(tmp_path / "b", seed=3, workers=2, **kw)
     syn.generate_dataset(tmp_path / "c", seed=4, workers=1, **kw)
     fa, fb, fc = (_files(tmp_path / d) for d in "abc")
@@ -88,8 +101,9 @@ def test_same_seed_same_bytes_any_workers_and_other_seed_differs(tmp_path):
 
 
 def test_taxonomy_is_a_tree_with_requested_counts(tmp_path):
-    man = syn.generate_dataset(tmp_path, n_orders=3, families_per_order=2, genera_per_family=1,
-                               species_per_genus=3, n_train=1, n_val=0, n_test=2, image_size=48, progress=False)
+    man = pd.read_csv(syn.generate_dataset(tmp_path, n_orders=3, families_per_order=2, genera_per_family=1,
+                                           species_per_genus=3, n_train=1, n_val=0, n_test=2, image_size=48,
+                                           progress=False))
     tax = pd.read_csv(tmp_path / "taxonomy.csv")
     assert list(tax.columns) == ["order", "family", "genus", "species"]
     assert len(tax) == 18 and tax["species"].is_unique
@@ -120,11 +134,49 @@ def test_taxonomy_is_a_tree_with_requested_counts(tmp_path):
         assert (merged[r] == merged[f"{r}_tax"]).all()
 
 
+def _sibling_groups(tax: pd.DataFrame):
+    """(rank, the taxa of one fork at that rank) of every fork of the taxonomy table, the root's orders included."""
+    yield "order", list(tax["order"].unique())
+    for parent, child in zip(syn.RANKS, syn.RANKS[1:]):
+        for _, sibs in tax.drop_duplicates(child).groupby(parent)[child]:
+            yield child, list(sibs)
+
+
+def test_ten_thousand_species_have_distinct_sibling_traits_at_every_fork():
+    taxonomy = syn.build_taxonomy(10, 10, 10, 12)
+    tax = pd.DataFrame([{r: getattr(sp, r) for r in syn.RANKS} for sp in taxonomy])
+    traits = syn.trait_table(taxonomy)
+    assert len(tax) == 12_000 and tax["species"].is_unique and traits["taxon"].is_unique
+    assert len(traits) == 10 + 100 + 1000 + 12_000
+    values = traits.set_index("taxon")["value"]
+    forks = 0
+    for rank, sibs in _sibling_groups(tax):
+        assert values[sibs].nunique() == len(sibs), f"{rank} siblings {sibs} share a trait value"
+        forks += 1
+    assert forks == 1 + 10 + 100 + 1000
+    # the same index among siblings is the same variant whatever the fork's width
+    assert syn.trait_table(syn.build_taxonomy(1, 1, 1, 7)).iloc[-1]["value"] == values["Species_A1a_7"]
+
+
 def test_too_many_siblings_is_an_error():
-    with pytest.raises(ValueError, match="rank species"):
-        syn.build_taxonomy(species_per_genus=len(syn.MARK_COLOURS) + 1)
+    with pytest.raises(ValueError, match="at most 36 sibling taxa at rank species"):
+        syn.build_taxonomy(species_per_genus=syn.MAX_SIBLINGS["species"] + 1)
     with pytest.raises(ValueError):
         syn.build_taxonomy(n_orders=0)
+    syn.build_taxonomy(*syn.MAX_SIBLINGS.values())  # the largest forks are fine
+
+
+def test_schema_maxima_are_the_trait_variants():
+    """Start-up rejects a fork the generator cannot draw: a config error naming the key and its largest value."""
+    branches = load_schema()["properties"]["data"]["properties"]["synthetic"]["oneOf"]
+    keys = next(b["properties"] for b in branches if b.get("type") == "object")
+    for rank, key in SYNTHETIC_BRANCHING:
+        assert keys[key]["maximum"] == syn.MAX_SIBLINGS[rank] == len(syn.VARIANTS[rank])
+        config = with_defaults({"data": {"synthetic": {key: syn.MAX_SIBLINGS[rank]}}})
+        validate_config(config, SCHEMA)
+        config["data"]["synthetic"][key] += 1
+        with pytest.raises(ConfigError, match=rf"data\.synthetic\.{key}: .* maximum of {syn.MAX_SIBLINGS[rank]}"):
+            validate_config(config, SCHEMA)
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -148,25 +200,30 @@ def test_manifest_paths_exist_and_decode(ds):
     assert pngs == set(man["path"])
 
 
+def _check_masks(name: str, img: np.ndarray, m: dict[str, np.ndarray]) -> None:
+    """The masks of one image: every key, the image's shape, not empty, nested and disjoint as documented."""
+    assert tuple(m) == syn.MASK_KEYS
+    for k, v in m.items():
+        assert v.dtype == bool and v.shape == img.shape[:2], k
+        assert v.sum() >= 10, f"{name}: empty {k} mask"
+    body = _dilate(m["order"], 1)
+    for k in ("species", "distractor", "genus"):
+        assert not (m[k] & ~body).any(), f"{name}: {k} outside the body"
+    assert not (m["species"] & m["distractor"]).any()
+    assert not (m["genus"] & (m["species"] | m["distractor"])).any()
+    assert not (m["family"] & m["order"]).any()
+    assert (m["family"] & _dilate(m["order"], 2)).any(), "tail not attached to the body"
+    # ~24 px marks at 224 px: area pi * 12^2 * (size/224)^2 * scale^2, scale in [0.8, 1]
+    nominal = math.pi * (12 * img.shape[0] / 224) ** 2
+    for k in ("species", "distractor"):
+        assert 0.5 * nominal < m[k].sum() < 1.2 * nominal, (name, k)
+    assert abs(m["species"].sum() - m["distractor"].sum()) <= 0.15 * m["species"].sum()
+
+
 def test_masks_shapes_nonempty_and_nested(ds):
     out, man = ds
     for row, img, m in _images(out, man):
-        assert tuple(m) == syn.MASK_KEYS
-        for k, v in m.items():
-            assert v.dtype == bool and v.shape == img.shape[:2], k
-            assert v.sum() >= 10, f"{row.image_id}: empty {k} mask"
-        body = _dilate(m["order"], 1)
-        for k in ("species", "distractor", "genus"):
-            assert not (m[k] & ~body).any(), f"{row.image_id}: {k} outside the body"
-        assert not (m["species"] & m["distractor"]).any()
-        assert not (m["genus"] & (m["species"] | m["distractor"])).any()
-        assert not (m["family"] & m["order"]).any()
-        assert (m["family"] & _dilate(m["order"], 2)).any(), "tail not attached to the body"
-        # ~24 px marks at 224 px: area pi * 12^2 * (size/224)^2 * scale^2, scale in [0.8, 1]
-        nominal = math.pi * (12 * SIZE / 224) ** 2
-        for k in ("species", "distractor"):
-            assert 0.5 * nominal < m[k].sum() < 1.2 * nominal
-        assert abs(m["species"].sum() - m["distractor"].sum()) <= 0.15 * m["species"].sum()
+        _check_masks(row.image_id, img, m)
 
 
 def test_load_masks_roundtrip(tmp_path):
@@ -183,23 +240,37 @@ def test_load_masks_roundtrip(tmp_path):
 # ------------------------------------------------------------------------------------------ planted traits
 
 
+def _check_planted_colours(name: str, img: np.ndarray, m: dict[str, np.ndarray], family_idx: int,
+                           species_idx: int) -> None:
+    """The tail's colour, the species mark's colour (its rim) and centre dot's (its middle), the red distractor, in
+    the pixels of their masks; the mark's colours nowhere else on the fish."""
+    mark = syn.MARK_VARIANTS[species_idx]
+    inside = _erode(m["species"])
+    ys, xs = np.indices(m["species"].shape)
+    cx, cy = _centroid(m["species"])
+    radius = math.sqrt(m["species"].sum() / math.pi)
+    distance = np.hypot(xs - cx, ys - cy)
+    rim, middle = inside & (distance > 0.65 * radius), inside & (distance < 0.3 * radius)
+    assert np.abs(np.median(img[rim], 0) - mark.colour).max() < 30, (name, mark.value)
+    assert np.abs(np.median(img[middle], 0) - (mark.centre or mark.colour)).max() < 30, (name, mark.value)
+    if mark.centre is None:
+        assert np.abs(img[inside].mean(0) - mark.colour).max() < 20, name
+    red = img[_erode(m["distractor"])].mean(0)
+    assert np.abs(red - syn.DISTRACTOR_COLOUR).max() < 20, (name, red)
+    tail = img[_erode(m["family"])].mean(0)
+    assert np.abs(tail - syn.TAIL_VARIANTS[family_idx].colour).max() < 25, (name, tail)
+    rest = _erode(m["order"] & ~_dilate(m["species"] | m["distractor"], 1))
+    for colour in {mark.colour, mark.centre or mark.colour}:
+        assert (np.abs(img[rest] - colour).max(1) < 40).mean() < 0.01, name
+
+
 def test_planted_colours_are_in_the_pixels(ds):
     out, man = ds
     idx = _indices(out)
     means = {}
     for row, img, m in _images(out, man):
-        sp = idx["species"][row.species]
-        fam = idx["family"][row.family]
-        mark = img[_erode(m["species"])].mean(0)
-        assert np.abs(mark - syn.MARK_COLOURS[sp][1]).max() < 20, (row.image_id, mark)
-        red = img[_erode(m["distractor"])].mean(0)
-        assert np.abs(red - syn.DISTRACTOR_COLOUR).max() < 20, (row.image_id, red)
-        tail = img[_erode(m["family"])].mean(0)
-        assert np.abs(tail - syn.TAILS[fam].colour).max() < 25, (row.image_id, tail)
-        # the marks' colours are nowhere else on the fish
-        rest = _erode(m["order"] & ~_dilate(m["species"] | m["distractor"], 1))
-        assert (np.abs(img[rest] - syn.MARK_COLOURS[sp][1]).max(1) < 40).mean() < 0.01
-        means.setdefault(row.species, []).append(mark)
+        _check_planted_colours(row.image_id, img, m, idx["family"][row.family], idx["species"][row.species])
+        means.setdefault(row.species, []).append(img[_erode(m["species"])].mean(0))
     tax = pd.read_csv(out / "taxonomy.csv")
     for _, sibs in tax.groupby("genus")["species"]:
         a, b = (np.mean(means[s], 0) for s in sibs)
@@ -305,24 +376,107 @@ COUNTERFACTUAL_REACH = {"species": (("species",), 1), "genus": (("genus",), 1), 
                         "order": (("order", "family"), 10)}
 
 
-@pytest.mark.parametrize("rank", syn.RANKS)
-def test_counterfactual_changes_only_the_swapped_trait(ds, rank):
-    """The test image rendered again with the rank's trait of a sibling: the same pixels everywhere but where the
+def _check_counterfactuals(out: Path, rows: pd.DataFrame, taxonomy: list, rank: str, siblings: int, seed: int):
+    """Each image rendered again with the rank's trait of its next sibling: the same pixels everywhere but where the
     trait was or now is; the same trait index reproduces the generated file byte for byte."""
-    out, man = ds
-    taxonomy = {sp.species: sp for sp in syn.build_taxonomy()}
+    by_name = {sp.species: sp for sp in taxonomy}
     keys, reach = COUNTERFACTUAL_REACH[rank]
-    for row in man[man["split"] == "test"].itertuples():
-        sp = taxonomy[row.species]
+    for row in rows.itertuples():
+        sp = by_name[row.species]
         original = np.asarray(Image.open(out / row.path).convert("RGB"))
-        same, same_masks, _ = syn.counterfactual_fish(row.image_id, sp, rank, getattr(sp, f"{rank}_idx"), SIZE, 7)
+        size = original.shape[0]
+        same, same_masks, _ = syn.counterfactual_fish(row.image_id, sp, rank, getattr(sp, f"{rank}_idx"), size, seed)
         assert (same == original).all()
-        image, masks, _ = syn.counterfactual_fish(row.image_id, sp, rank, syn.swapped_sibling(sp, rank, 2), SIZE, 7)
+        swap = syn.swapped_sibling(sp, rank, siblings)
+        assert swap != getattr(sp, f"{rank}_idx") and 0 <= swap < siblings
+        image, masks, _ = syn.counterfactual_fish(row.image_id, sp, rank, swap, size, seed)
         changed = (image != original).any(-1)
         region = np.any([masks[k] | same_masks[k] for k in keys], axis=0)
         assert changed.sum() > 0.3 * masks[rank].sum()  # the trait did change
         assert not (changed & ~_dilate(region, reach)).any(), row.image_id
         if rank != "order":  # the body and the other traits' masks stay where they were
             assert all((masks[k] == same_masks[k]).all() for k in syn.MASK_KEYS if k != rank)
+
+
+@pytest.mark.parametrize("rank", syn.RANKS)
+def test_counterfactual_changes_only_the_swapped_trait(ds, rank):
+    out, man = ds
+    taxonomy = syn.build_taxonomy()
+    _check_counterfactuals(out, man[man["split"] == "test"], taxonomy, rank, 2, 7)
     with pytest.raises(ValueError, match="not an image id of the synthetic generator"):
-        syn.counterfactual_fish("photo_1", sp, rank, 0)
+        syn.counterfactual_fish("photo_1", taxonomy[0], rank, 0)
+
+
+# ------------------------------------------------------------------------------------------ wide forks
+
+
+def test_wide_forks_generate_with_their_planted_traits(wide):
+    """More families and species per parent than base variants: the tree, distinct sibling traits at every fork,
+    correct masks and the planted colours of the combined variants in the pixels."""
+    out, man = wide
+    tax = pd.read_csv(out / "taxonomy.csv")
+    assert [tax[r].nunique() for r in syn.RANKS] == [2, 12, 12, 144] and len(man) == 144
+    values = pd.read_csv(out / "traits.csv").set_index("taxon")["value"]
+    for rank, sibs in _sibling_groups(tax):
+        assert values[sibs].nunique() == len(sibs), f"{rank} siblings {sibs} share a trait value"
+    idx = _indices(out)
+    assert max(idx["family"].values()) == 5 and max(idx["species"].values()) == 11
+    for row, img, m in _images(out, man):
+        _check_masks(row.image_id, img, m)
+        _check_planted_colours(row.image_id, img, m, idx["family"][row.family], idx["species"][row.species])
+
+
+@pytest.mark.parametrize("rank", ["family", "species"])
+def test_wide_fork_counterfactuals(wide, rank):
+    """The counterfactual of every sibling of one wide fork, the last one's wrapping round to the first."""
+    out, man = wide
+    key = dict(SYNTHETIC_BRANCHING)[rank]
+    parent = syn.RANKS[syn.RANKS.index(rank) - 1]
+    first = man[man[parent] == man[parent].iloc[0]].drop_duplicates(rank)
+    assert len(first) == WIDE[key]
+    _check_counterfactuals(out, first, syn.build_taxonomy(**WIDE), rank, WIDE[key], WIDE_SEED)
+
+
+@pytest.mark.parametrize("rank", syn.RANKS)
+def test_every_variant_differs_from_its_siblings_in_its_own_trait_only(rank):
+    """Every variant of the rank's trait, up to the widest fork, drawn on the same fish (same random stream and
+    pose): valid masks and planted colours; any two differ in the trait's region and nowhere else (the body
+    shape: also the tail and fins it carries), by at least a tenth of the trait's mask."""
+    renders = []
+    for i in range(syn.MAX_SIBLINGS[rank]):
+        traits = {r: 1 for r in syn.RANKS} | {rank: i}
+        img, masks, _ = syn.render_fish(*traits.values(), SIZE, 11, pose_from=(1, 1))
+        _check_masks(f"{rank} {i}", img, masks)
+        _check_planted_colours(f"{rank} {i}", img, masks, traits["family"], traits["species"])
+        renders.append((img, masks))
+    keys, reach = COUNTERFACTUAL_REACH[rank]
+    for (a, (img_a, m_a)), (b, (img_b, m_b)) in itertools.combinations(enumerate(renders), 2):
+        changed = (img_a != img_b).any(-1)
+        region = np.any([m_a[k] | m_b[k] for k in keys], axis=0)
+        assert not (changed & ~_dilate(region, reach)).any(), (rank, a, b)
+        assert changed.sum() > 0.05 * min(m_a[rank].sum(), m_b[rank].sum()), (rank, a, b)
+        if rank == "order":  # another silhouette, not the same one moved
+            assert (m_a["order"] & m_b["order"]).sum() < 0.95 * (m_a["order"] | m_b["order"]).sum(), (a, b)
+
+
+# ------------------------------------------------------------------------------------------ the demo's bytes
+
+
+def test_the_demo_images_are_unchanged():
+    """The first training image of every species of the demo (config/config.yaml), pixels and masks: their digest
+    was taken from the generator before forks could outgrow the base variants (the README's numbers are of them)."""
+    demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["data"]["synthetic"]
+    taxonomy = syn.build_taxonomy(demo["n_orders"], demo["families_per_order"], demo["genera_per_family"],
+                                  demo["species_per_genus"])
+    assert syn.trait_table(taxonomy)["value"].tolist()[:8] == [
+        "elongated", "deep", "forked purple", "rounded green", "forked purple", "rounded green",
+        "3 vertical stripes", "2 horizontal stripes"]
+    digest = hashlib.sha256()
+    for k, sp in enumerate(taxonomy):
+        img, masks, _ = syn.render_fish(sp.order_idx, sp.family_idx, sp.genus_idx, sp.species_idx,
+                                        demo["image_size"], syn.image_rng(demo["seed"], k * demo["n_train"]))
+        digest.update(img.tobytes())
+        for key, mask in masks.items():
+            digest.update(key.encode())
+            digest.update(mask.tobytes())
+    assert digest.hexdigest() == "f2cb2a1347fc8a1abb768b77d5dcf872e7cc451b5796f276f61f8404c4cb2d3b"

@@ -66,10 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "describe":
         print(describe(args.results, args.taxon, args.n))
     else:
+        import pandas as pd
+
         from .synthetic import generate_dataset
 
         n_train, n_val, n_test = args.images
-        manifest = generate_dataset(args.out, n_train=n_train, n_val=n_val, n_test=n_test, seed=args.seed)
+        manifest = pd.read_csv(generate_dataset(args.out, n_train=n_train, n_val=n_val, n_test=n_test,
+                                                seed=args.seed), usecols=["species"])
         print(f"{len(manifest)} images of {manifest['species'].nunique()} species in {args.out} "
               f"(manifest.csv, taxonomy.csv, traits.csv)")
 

@@ -17,6 +17,13 @@ species    mark colour                yellow, cyan, magenta, white, ...      ``s
 (none)     red mark, on every fish    not informative (a distractor)         ``distractor``
 =========  =========================  ====================================  ============
 
+A fork with more siblings than these base variants (4 body shapes, 4 tails, 5 patterns, 6 mark
+colours) takes combined ones after them (:data:`VARIANTS`, at most :data:`MAX_SIBLINGS` per fork:
+16, 24, 16, 36): the body shapes with their height scaled by 0.8, 1.25 and 1.5; every tail shape
+with every other of 6 tail colours; the patterns with other stripe counts and widths, spots in one
+row and vertical stripes crossed by a midline stripe; every mark colour with a centre dot of every
+other. The base variants are drawn exactly as before, so small taxonomies keep their bytes.
+
 Every fish also has an eye, an operculum line, a mouth and dorsal/anal fins (common to all, in
 no mask) on a cluttered, low-contrast background, at a random position and scale, rotated by up
 to +-15 degrees and flipped horizontally at random. Shapes are drawn with PIL at 2x and
@@ -31,7 +38,7 @@ Masks (``masks/<image_id>.npz``, one compressed ``.npz`` per image, readable wit
 - ``genus``: the flank region that carries the pattern (stripes *and* the gaps between them,
   clipped to the body): the pattern is a texture, so the region, not the stripe pixels, is
   what a patch-level attention map should point at;
-- ``species``: the round species mark behind the head (~24 px across at 224 px);
+- ``species``: the round species mark behind the head (~24 px across at 224 px), its centre dot included;
 - ``distractor``: the red mark of the same size mid-body.
 
 ``species``, ``distractor`` and ``genus`` are pairwise disjoint and inside ``order``.
@@ -53,6 +60,8 @@ files carry no timestamps.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import math
 import os
 from dataclasses import dataclass
@@ -61,6 +70,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from .groundtruth import load_masks, save_masks
 
@@ -72,6 +82,8 @@ __all__ = [
     "TAILS",
     "PATTERNS",
     "MARK_COLOURS",
+    "VARIANTS",
+    "MAX_SIBLINGS",
     "DISTRACTOR_COLOUR",
     "Species",
     "build_taxonomy",
@@ -102,6 +114,10 @@ class BodyShape:
     n: float  # superellipse exponent (2 = ellipse)
     k: float  # fullness towards the head (0 = symmetric)
 
+    @property
+    def value(self) -> str:
+        return self.name
+
     def half_height(self, x: np.ndarray | float) -> np.ndarray:
         u = np.clip(np.abs(np.asarray(x, dtype=float)) / self.a, 0.0, 1.0)
         return self.b * (1.0 - u**self.n) ** (1.0 / self.n) * (1.0 + self.k * np.asarray(x) / self.a)
@@ -127,12 +143,26 @@ class Tail:
 
 @dataclass(frozen=True)
 class Pattern:
-    kind: str  # vertical | horizontal | spots | diagonal | band
+    kind: str  # vertical | horizontal | spots | diagonal | band | grid (vertical stripes and a midline stripe)
     count: int
     value: str
+    width: float  # of a stripe (spots: diameter), nominal px
+
+
+@dataclass(frozen=True)
+class Mark:
+    colour_name: str
+    colour: tuple[int, int, int]
+    centre_name: str | None = None  # a dot of another colour in the middle of the mark
+    centre: tuple[int, int, int] | None = None
+
+    @property
+    def value(self) -> str:
+        return f"{self.colour_name} mark" + (f" with a {self.centre_name} centre" if self.centre_name else "")
 
 
 # Order: body shape. Family: tail shape and colour. Genus: flank pattern. Species: mark colour.
+# The base variants (the first siblings of every fork, the demo's); the combined ones below extend them.
 BODY_SHAPES = (
     BodyShape("elongated", a=80.0, b=25.0, n=2.0, k=0.12),
     BodyShape("deep", a=64.0, b=50.0, n=2.0, k=0.12),
@@ -145,13 +175,27 @@ TAILS = (
     Tail("truncate", "orange", (245, 135, 20)),
     Tail("lanceolate", "brown", (120, 70, 30)),
 )
-PATTERNS = (
-    Pattern("vertical", 3, "3 vertical stripes"),
-    Pattern("horizontal", 2, "2 horizontal stripes"),
-    Pattern("spots", 6, "6 dark spots"),
-    Pattern("diagonal", 3, "3 diagonal stripes"),
-    Pattern("band", 1, "1 broad horizontal band"),
+# Genus: the 5 base patterns, then (combined variants) the pattern kinds with other counts and stripe widths, spots
+# in one row, and vertical stripes crossed by a midline stripe.
+PATTERN_VARIANTS = (
+    Pattern("vertical", 3, "3 vertical stripes", 7.0),
+    Pattern("horizontal", 2, "2 horizontal stripes", 7.0),
+    Pattern("spots", 6, "6 dark spots", 8.0),
+    Pattern("diagonal", 3, "3 diagonal stripes", 6.0),
+    Pattern("band", 1, "1 broad horizontal band", 14.0),
+    Pattern("vertical", 2, "2 vertical stripes", 7.0),
+    Pattern("horizontal", 3, "3 thin horizontal stripes", 4.5),
+    Pattern("spots", 4, "4 dark spots", 10.0),
+    Pattern("diagonal", 2, "2 diagonal stripes", 6.0),
+    Pattern("grid", 3, "3 vertical stripes crossed by a midline stripe", 5.0),
+    Pattern("vertical", 1, "1 broad vertical bar", 12.0),
+    Pattern("horizontal", 1, "1 thin horizontal stripe", 5.0),
+    Pattern("spots", 2, "2 large dark spots", 12.0),
+    Pattern("grid", 2, "2 vertical stripes crossed by a midline stripe", 5.0),
+    Pattern("spots", 3, "3 dark spots in a row", 10.0),
+    Pattern("vertical", 4, "4 thin vertical stripes", 5.0),
 )
+PATTERNS = PATTERN_VARIANTS[:5]
 MARK_COLOURS = (
     ("yellow", (255, 215, 0)),
     ("cyan", (0, 215, 235)),
@@ -163,6 +207,32 @@ MARK_COLOURS = (
 DISTRACTOR_COLOUR = (215, 20, 20)
 STRIPE_COLOUR = (30, 30, 40)
 
+# Combined variants, for forks with more siblings than base variants (sibling index >= the base count; the
+# genus's are in PATTERN_VARIANTS).
+# Order: every base shape with its height scaled (the body's aspect).
+BODY_HEIGHTS = (0.8, 1.25, 1.5)
+# Family: every tail shape with each other tail colour (the 4 base colours and 2 more).
+TAIL_COLOURS = tuple((t.colour_name, t.colour) for t in TAILS) + (("pink", (240, 100, 160)), ("navy", (30, 40, 130)))
+# Species: every mark colour with a centre dot of each other mark colour.
+
+
+def _rotations(count: int) -> list[tuple[int, int]]:
+    """(base, other) index pairs of two lists of `count` entries, every pair but (i, i), other = base + 1 first."""
+    return [(i, (i + shift) % count) for shift in range(1, count) for i in range(count)]
+
+
+# The variants of each rank's trait, by sibling index: the base variants first, unchanged.
+BODY_VARIANTS = BODY_SHAPES + tuple(
+    BodyShape(f"{s.name} (height x{f:g})", s.a, s.b * f, s.n, s.k) for f in BODY_HEIGHTS for s in BODY_SHAPES)
+TAIL_VARIANTS = TAILS + tuple(
+    Tail(TAILS[shape].shape, *TAIL_COLOURS[colour]) for shape, colour in _rotations(len(TAIL_COLOURS))
+    if shape < len(TAILS))
+MARK_VARIANTS = tuple(Mark(*c) for c in MARK_COLOURS) + tuple(
+    Mark(*MARK_COLOURS[outer], *MARK_COLOURS[centre]) for outer, centre in _rotations(len(MARK_COLOURS)))
+VARIANTS = {"order": BODY_VARIANTS, "family": TAIL_VARIANTS, "genus": PATTERN_VARIANTS, "species": MARK_VARIANTS}
+# The most sibling taxa a fork of each rank can have: one trait variant each (the schema's maxima of data.synthetic).
+MAX_SIBLINGS = {rank: len(variants) for rank, variants in VARIANTS.items()}
+
 TRAIT_NAMES = {
     "order": "body shape",
     "family": "tail shape and colour",
@@ -172,6 +242,7 @@ TRAIT_NAMES = {
 
 # Canonical geometry (nominal px): body centred at the origin, head towards +x, y down.
 MARK_RADIUS = 12.0  # species mark and distractor: 24 px across at 224 px
+MARK_CENTRE_RADIUS = 6.0  # the centre dot of a combined species mark: a quarter of its area
 TAIL_LENGTH = 34.0
 TAIL_HALF_HEIGHT = 28.0
 EYE_FROM_SNOUT = 13.0
@@ -183,11 +254,7 @@ SCALE_RANGE = (0.8, 1.0)
 MAX_ROTATION = 15.0
 
 # Labels of the 2x raster.
-BG, TAIL, FIN, BODY, OUTLINE, STRIPE, LINE, MARK, DISTRACT, EYE_WHITE, PUPIL = range(11)
-
-
-def _limits() -> dict[str, int]:
-    return {"order": len(BODY_SHAPES), "family": len(TAILS), "genus": len(PATTERNS), "species": len(MARK_COLOURS)}
+BG, TAIL, FIN, BODY, OUTLINE, STRIPE, LINE, MARK, DISTRACT, EYE_WHITE, PUPIL, MARK_CENTRE = range(12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +291,7 @@ def build_taxonomy(n_orders: int = 2, families_per_order: int = 2, genera_per_fa
     counts = {"order": n_orders, "family": families_per_order, "genus": genera_per_family,
               "species": species_per_genus}
     for rank, n in counts.items():
-        limit = _limits()[rank]
+        limit = MAX_SIBLINGS[rank]
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"the number of taxa per parent at rank {rank} must be a positive integer, got {n!r}")
         if n > limit:
@@ -251,13 +318,7 @@ def trait_table(taxonomy: list[Species]) -> pd.DataFrame:
             if taxon in seen:
                 continue
             seen.add(taxon)
-            idx = getattr(sp, f"{rank}_idx")
-            value = {
-                "order": lambda i: BODY_SHAPES[i].name,
-                "family": lambda i: TAILS[i].value,
-                "genus": lambda i: PATTERNS[i].value,
-                "species": lambda i: f"{MARK_COLOURS[i][0]} mark",
-            }[rank](idx)
+            value = VARIANTS[rank][getattr(sp, f"{rank}_idx")].value
             rows.append({"rank": rank, "taxon": taxon, "trait": TRAIT_NAMES[rank], "value": value, "mask_key": rank})
     return pd.DataFrame(rows, columns=["rank", "taxon", "trait", "value", "mask_key"])
 
@@ -295,35 +356,39 @@ def _rect(x0: float, x1: float, y0: float, y1: float) -> np.ndarray:
     return np.asarray([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], dtype=float)
 
 
+def _spread(lo: float, hi: float, n: int) -> np.ndarray:
+    """`n` evenly spaced centres from `lo` to `hi` (one: the middle)."""
+    return np.linspace(lo, hi, n) if n > 1 else np.array([(lo + hi) / 2])
+
+
 def _pattern_polygons(pattern: Pattern, body: BodyShape, r0: float, r1: float) -> list[np.ndarray]:
     """Dark pattern shapes in canonical coordinates (clipped later to the region and the body)."""
     big = body.b + 20.0
     width = r1 - r0
-    if pattern.kind == "vertical":
-        w = 7.0
-        cs = np.linspace(r0 + w / 2 + 1, r1 - w / 2 - 1, pattern.count)
-        return [_rect(c - w / 2, c + w / 2, -big, big) for c in cs]
+    w = pattern.width
+    midline = _rect(r0 - 5, r1 + 5, -w / 2, w / 2)
+    if pattern.kind in ("vertical", "grid"):
+        cs = _spread(r0 + w / 2 + 1, r1 - w / 2 - 1, pattern.count)
+        bars = [_rect(c - w / 2, c + w / 2, -big, big) for c in cs]
+        return bars + [midline] if pattern.kind == "grid" else bars
     if pattern.kind == "horizontal":
-        w, c = 7.0, 0.42 * body.b
-        ys = [-c, c] if pattern.count == 2 else np.linspace(-c, c, pattern.count)
-        return [_rect(r0 - 5, r1 + 5, y - w / 2, y + w / 2) for y in ys]
+        c = 0.42 * body.b
+        return [_rect(r0 - 5, r1 + 5, y - w / 2, y + w / 2) for y in _spread(-c, c, pattern.count)]
     if pattern.kind == "band":
-        return [_rect(r0 - 5, r1 + 5, -7.0, 7.0)]
-    if pattern.kind == "spots":
-        cols = pattern.count // 2
-        xs = np.linspace(r0 + 7, r1 - 6, cols)
+        return [midline]
+    if pattern.kind == "spots":  # an even count in two rows, an odd one in a row along the midline
+        rows = 2 if pattern.count % 2 == 0 else 1
         polys = []
-        for x in xs:
+        for x in _spread(r0 + 7, r1 - 6, pattern.count // rows):
             hh = float(body.half_height(x))
-            for y in (-0.45 * hh, 0.45 * hh):
-                polys.append(_circle(x, y, 4.0, 20))
+            for y in (-0.45 * hh, 0.45 * hh) if rows == 2 else (0.0,):
+                polys.append(_circle(x, y, w / 2, 20))
         return polys
     if pattern.kind == "diagonal":
-        w = 6.0
-        cs = np.linspace(r0 + 0.15 * width, r1 - 0.15 * width, pattern.count)
+        t = w / math.sqrt(2)
         polys = []
-        for c in cs:  # 45 degree stripes: centre line x = c + y * tan(45)
-            t = w / math.sqrt(2)
+        for c in _spread(r0 + 0.15 * width, r1 - 0.15 * width, pattern.count):
+            # 45 degree stripes: centre line x = c + y * tan(45)
             polys.append(np.asarray([(c - big - t, -big), (c - big + t, -big), (c + big + t, big),
                                      (c + big - t, big)], dtype=float))
         return polys
@@ -401,7 +466,7 @@ def _poly(draw: ImageDraw.ImageDraw, pts: np.ndarray, fill: int, outline: int | 
 def render_fish(order_idx: int, family_idx: int, genus_idx: int, species_idx: int, image_size: int = 224,
                 rng: np.random.Generator | int | None = 0,
                 pose_from: tuple[int, int] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
-    """Draw one fish with the given trait variants.
+    """Draw one fish with the given trait variants (sibling indices into `VARIANTS` of each rank).
 
     Returns the RGB image (uint8, H x W x 3), the masks (``MASK_KEYS`` -> bool H x W) and the
     pose (``flipped``, ``angle`` in degrees, ``scale`` relative to nominal, body centre ``cx``, ``cy``).
@@ -409,10 +474,10 @@ def render_fish(order_idx: int, family_idx: int, genus_idx: int, species_idx: in
     counterfactual with another body or tail keeps the pose of its original (`counterfactual_fish`).
     """
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    body = BODY_SHAPES[order_idx]
-    tail = TAILS[family_idx]
-    pattern = PATTERNS[genus_idx]
-    mark_colour = MARK_COLOURS[species_idx][1]
+    body = BODY_VARIANTS[order_idx]
+    tail = TAIL_VARIANTS[family_idx]
+    pattern = PATTERN_VARIANTS[genus_idx]
+    mark = MARK_VARIANTS[species_idx]
     size = int(image_size)
     unit = size / NOMINAL
     S2 = size * SUPERSAMPLE
@@ -440,7 +505,7 @@ def render_fish(order_idx: int, family_idx: int, genus_idx: int, species_idx: in
     angle = float(rng.uniform(-MAX_ROTATION, MAX_ROTATION))
     scale = float(rng.uniform(*SCALE_RANGE))
     pose_order, pose_family = (order_idx, family_idx) if pose_from is None else pose_from
-    outline_pts = fish_outline(BODY_SHAPES[pose_order], TAILS[pose_family])
+    outline_pts = fish_outline(BODY_VARIANTS[pose_order], TAIL_VARIANTS[pose_family])
     margin = 3.0 * unit
     for _ in range(8):
         ext = _transform(outline_pts, _Pose(flipped, angle, scale, 0.0, 0.0), unit)
@@ -480,6 +545,8 @@ def render_fish(order_idx: int, family_idx: int, genus_idx: int, species_idx: in
               joint="curve")
     draw.line([tuple(p) for p in (T(mouth) * SUPERSAMPLE).tolist()], fill=LINE, width=max(1, round(1.4 * px)))
     _poly(draw, T(_circle(xs, 0.0, MARK_RADIUS)), MARK)
+    if mark.centre is not None:
+        _poly(draw, T(_circle(xs, 0.0, MARK_CENTRE_RADIUS, 24)), MARK_CENTRE)
     _poly(draw, T(_circle(xd, 0.0, MARK_RADIUS)), DISTRACT)
     _poly(draw, T(_circle(xe, ye, 4.6, 24)), EYE_WHITE)
     _poly(draw, T(_circle(xe + 0.6, ye, 2.7, 20)), PUPIL)
@@ -494,7 +561,9 @@ def render_fish(order_idx: int, family_idx: int, genus_idx: int, species_idx: in
     lut[OUTLINE] = body_col * 0.5
     lut[STRIPE] = STRIPE_COLOUR
     lut[LINE] = body_col * 0.55
-    lut[MARK] = mark_colour
+    lut[MARK] = mark.colour
+    if mark.centre is not None:
+        lut[MARK_CENTRE] = mark.centre
     lut[DISTRACT] = DISTRACTOR_COLOUR
     lut[EYE_WHITE] = (235, 235, 230)
     lut[PUPIL] = (12, 12, 16)
@@ -510,14 +579,14 @@ def render_fish(order_idx: int, family_idx: int, genus_idx: int, species_idx: in
         im = m if isinstance(m, Image.Image) else Image.fromarray(m.astype(np.uint8) * 255)
         return np.asarray(im.reduce(SUPERSAMPLE)) >= 128
 
-    def label(v: int) -> Image.Image:
-        return lab.point([255 if i == v else 0 for i in range(256)])
+    def label(*values: int) -> Image.Image:
+        return lab.point([255 if i in values else 0 for i in range(256)])
 
     masks = {
         "order": down(body_mask),
         "family": down(label(TAIL)),
         "genus": down(region_mask),
-        "species": down(label(MARK)),
+        "species": down(label(MARK, MARK_CENTRE)),
         "distractor": down(label(DISTRACT)),
     }
     masks["family"] &= ~masks["order"]  # the tail is behind the body: boundary ties go to the body
@@ -562,6 +631,10 @@ def counterfactual_fish(image_id: str, sp: Species, rank: str, sibling_idx: int,
                        image_rng(seed, image_index(image_id)), pose_from=(sp.order_idx, sp.family_idx))
 
 
+MANIFEST_COLUMNS = ("image_id", "path", "split", "order", "family", "genus", "species", "mask_path", "flipped",
+                    "angle", "scale")
+
+
 def _render_job(job: tuple) -> dict:
     index, image_id, split, sp, image_size, seed, out_dir = job
     img, masks, info = render_fish(sp.order_idx, sp.family_idx, sp.genus_idx, sp.species_idx, image_size,
@@ -578,63 +651,58 @@ def _render_job(job: tuple) -> dict:
 def generate_dataset(out_dir: str | os.PathLike, n_orders: int = 2, families_per_order: int = 2,
                      genera_per_family: int = 2, species_per_genus: int = 2, n_train: int = 120, n_val: int = 20,
                      n_test: int = 20, image_size: int = 224, seed: int = 0, progress: bool = True,
-                     workers: int = 1) -> pd.DataFrame:
-    """Write the synthetic dataset under ``out_dir`` and return its manifest (see the module doc).
+                     workers: int = 1) -> Path:
+    """Write the synthetic dataset under ``out_dir`` (see the module doc) and return the path of its manifest.csv.
 
     ``n_train``/``n_val``/``n_test`` are images per species; a split with 0 images is omitted.
-    Files already in ``out_dir`` are overwritten, never deleted.
+    Images are rendered by ``workers`` processes and their manifest rows written as they come (memory does not
+    grow with the number of images). Files already in ``out_dir`` are overwritten, never deleted.
     """
     if int(seed) < 0:
         raise ValueError("seed must be non-negative")
     if image_size < 32:
         raise ValueError("image_size must be at least 32")
-    for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+    per_split = dict(zip(SPLITS, (n_train, n_val, n_test)))
+    for name, n in zip(("n_train", "n_val", "n_test"), per_split.values()):
         if n < 0:
             raise ValueError(f"{name} must be >= 0")
     out = Path(out_dir)
     taxonomy = build_taxonomy(n_orders, families_per_order, genera_per_family, species_per_genus)
-    jobs = []
-    index = 0
-    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-        for sp in taxonomy:
-            if n:
+    for split, n in per_split.items():
+        if n:
+            for sp in taxonomy:
                 (out / "images" / split / sp.species).mkdir(parents=True, exist_ok=True)
-            for _ in range(n):
-                jobs.append((index, f"img{index:06d}", split, sp, int(image_size), int(seed), str(out)))
-                index += 1
     (out / "masks").mkdir(parents=True, exist_ok=True)
-
-    if workers is None or workers <= 0:
-        workers = os.cpu_count() or 1
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), desc="synthetic images", unit="img")
-    rows = []
-    if workers == 1 or len(jobs) < 2:
-        for job in jobs:
-            rows.append(_render_job(job))
-            if bar is not None:
-                bar.update()
-    else:
-        import multiprocessing as mp
-
-        with mp.get_context().Pool(min(workers, len(jobs))) as pool:
-            for row in pool.imap(_render_job, jobs, chunksize=16):
-                rows.append(row)
-                if bar is not None:
-                    bar.update()
-    if bar is not None:
-        bar.close()
-
-    manifest = pd.DataFrame(rows, columns=["image_id", "path", "split", "order", "family", "genus", "species",
-                                           "mask_path", "flipped", "angle", "scale"])
     tax = pd.DataFrame([{r: getattr(sp, r) for r in RANKS} for sp in taxonomy], columns=list(RANKS))
     tax.to_csv(out / "taxonomy.csv", index=False, lineterminator="\n")
     trait_table(taxonomy).to_csv(out / "traits.csv", index=False, lineterminator="\n")
-    manifest.to_csv(out / "manifest.csv", index=False, lineterminator="\n")
-    return manifest
+
+    def jobs():
+        index = 0
+        for split, n in per_split.items():
+            for sp in taxonomy:
+                for _ in range(n):
+                    yield index, f"img{index:06d}", split, sp, int(image_size), int(seed), str(out)
+                    index += 1
+
+    total = len(taxonomy) * sum(per_split.values())
+    if workers is None or workers <= 0:
+        workers = os.cpu_count() or 1
+    workers = min(workers, max(total, 1))
+    partial = out / "manifest.csv.partial"  # renamed when complete: no truncated manifest after a failure
+    with open(partial, "w", newline="") as f, contextlib.ExitStack() as stack:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        if workers == 1:
+            rows = map(_render_job, jobs())
+        else:
+            import multiprocessing as mp
+
+            # imap feeds the jobs lazily (a pipe's worth ahead) and yields the rows in order
+            rows = stack.enter_context(mp.get_context().Pool(workers)).imap(_render_job, jobs(), chunksize=16)
+        for row in tqdm(rows, total=total, desc="synthetic images", unit="img", disable=not progress):
+            writer.writerow(row)
+    return partial.replace(out / "manifest.csv")
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,13 +772,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--contact-sheet", metavar="PNG", help="also write a contact sheet of the test split here")
     args = ap.parse_args(argv)
-    man = generate_dataset(args.out_dir, n_orders=args.n_orders, families_per_order=args.families_per_order,
+    manifest = generate_dataset(args.out_dir, n_orders=args.n_orders, families_per_order=args.families_per_order,
                            genera_per_family=args.genera_per_family, species_per_genus=args.species_per_genus,
                            n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, image_size=args.image_size,
                            seed=args.seed, progress=not args.no_progress, workers=args.workers)
     if args.contact_sheet:
         contact_sheet(args.out_dir, args.contact_sheet, split="test" if args.n_test else "train")
-    print(f"wrote {len(man)} images of {man['species'].nunique()} species to {args.out_dir}")
+    species = pd.read_csv(manifest, usecols=["species"])["species"]
+    print(f"wrote {len(species)} images of {species.nunique()} species to {args.out_dir}")
     return 0
 
 
