@@ -74,11 +74,18 @@ def trained_model(wildcards):
 
 
 def train_settings(wildcards):
-    """What a rank's training reads: backbone, model, contrast and the rank's train settings (its rank_overrides
-    applied), so that changing one rank's override re-trains that rank only. Not the number of data-parallel
+    """What a rank's training reads: backbone, model, contrast, cache and the rank's train settings (its rank_overrides
+    applied; with the training images streamed, their transform too), so that changing one rank's override re-trains that rank only. Not the number of data-parallel
     processes, which is the rule's `processes` resource (`train_processes`)."""
     keys = [f"train.{key}" for key in config["train"] if key != "processes"]
-    return rule_settings(config, ["backbone", "model", "contrast", *keys], wildcards.rank)
+    images = ["augment", IMAGE_LIMIT] if not config["cache"]["train_tokens"] else []  # streamed: the images' transform
+    return rule_settings(config, ["backbone", "model", "contrast", "cache", *keys, *images], wildcards.rank)
+
+
+def train_tokens(wildcards=None):
+    """The token cache of the training images, none with `cache.train_tokens` false (the model steps that train then
+    run the frozen forward over the images each epoch)."""
+    return {"train_tokens": f"{RESULTS}/cache/train.tokens.npy"} if config["cache"]["train_tokens"] else {}
 
 
 def train_processes(wildcards):

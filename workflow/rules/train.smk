@@ -1,9 +1,9 @@
 # Prompt-CAM per rank. A resumable state is kept beside the model (train_state.pt) so an interrupted run resumes.
 rule train:
     input:
+        unpack(train_tokens),
         manifest=f"{RESULTS}/manifest.parquet",
         classes=f"{RESULTS}/classes.parquet",
-        train_tokens=f"{RESULTS}/cache/train.tokens.npy",
         eval_tokens=f"{RESULTS}/cache/eval.tokens.npy",
         weights=backbone_weights(),
     output:

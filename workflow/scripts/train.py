@@ -5,4 +5,5 @@ from taxotrait.steps.train import train
 
 run_step(snakemake, lambda s, settings: train(s.wildcards.rank, s.input, s.output, settings,
                                               processes=int(s.resources.get("processes", 0)),
-                                              gpus=int(s.resources.get("gpu", 0)), log_file=s.log[0]))
+                                              gpus=int(s.resources.get("gpu", 0)), log_file=s.log[0],
+                                              threads=s.threads))

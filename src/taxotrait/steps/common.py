@@ -12,6 +12,7 @@ import torch
 
 from ..backbone import create_backbone
 from ..checkpoint import load_checkpoint
+from ..data import AugmentConfig, ImageDataset, ImageTransform
 from ..token_cache import TokenCache, TokenDataset
 from ..dataset import class_names, class_parents, labels
 from ..devices import resolve_device
@@ -68,6 +69,18 @@ def token_data(cache_path, manifest: pd.DataFrame, classes: pd.DataFrame, rank: 
     cache = TokenCache.open(cache_path)
     rows = manifest if split is None else manifest[manifest["split"] == split]
     return TokenDataset(cache, labels(rows, classes, rank).to_numpy(), cache.index(rows["path"])), rows
+
+
+def train_data(inputs: Mapping, settings: Mapping, model: PromptCAM, manifest: pd.DataFrame,
+               classes: pd.DataFrame, rank: str):
+    """The training images of `rank` as the model step sees them: their cached tokens (`inputs['train_tokens']`), or
+    with `cache.train_tokens` false the images themselves, decoded and augmented anew each epoch (`augment`), the
+    frozen forward running on them in the step."""
+    if settings["cache"]["train_tokens"]:
+        return token_data(inputs["train_tokens"], manifest, classes, rank, "train")[0]
+    rows, a = manifest[manifest["split"] == "train"], settings["augment"]
+    transform = ImageTransform.for_model(model, AugmentConfig(a["resize"], a["crop"], a["hflip"]))
+    return ImageDataset(rows["path"].tolist(), labels(rows, classes, rank).to_numpy(), transform)
 
 
 def eval_batches(inputs: Mapping, settings: Mapping, rank: str):
