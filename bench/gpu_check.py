@@ -61,7 +61,7 @@ MARKER_ENVIRONMENT = {"python_version": PYTHON_VERSION, "python_full_version": "
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 LENT_MACHINE_PACKAGES = REPO / "bench" / "lent_machine_packages.txt"
 ROOTS = ("snakemake", "jsonschema", "grad-cam")
-# Rules whose model runs on the resolved device (`taxotrait.devices`); all but evaluate request a GPU.
+# Rules whose model runs on the resolved device (`taxotrait.devices`); each requests a GPU.
 GPU_RULES = ("cache_tokens", "train", "evaluate", "extract_attention", "mask_heads", "train_probes", "saliency_maps",
              "faithfulness")
 ENGINE_ROWS = ("naive-reference", "reference", "scalable k=1", "scalable k=1 cached", "scalable k=1 naive",

@@ -9,9 +9,10 @@ from PIL import Image
 
 from conftest import make_vit
 from taxotrait.data import AugmentConfig
+from taxotrait.errors import DatasetError
 from taxotrait.masking import greedy_head_masking, trait_heads
 from taxotrait.model import PromptCAM, PromptConfig
-from taxotrait.taxonomy import top_down_prediction
+from taxotrait.taxonomy import parent_index, top_down_prediction
 from taxotrait.token_cache import TokenCache, TokenDataset, build_token_cache
 from taxotrait.train import TrainConfig, contrast_loss, predict, rival_loss, sibling_top1, train
 
@@ -221,13 +222,19 @@ def test_trait_heads_stop_before_a_rival_wins():
 
 
 def test_top_down_prediction_follows_the_predicted_parent():
-    parents = [["", ""], ["O1", "O1", "O2"], ["F1", "F2", "F3", "F3"]]
     names = [["O1", "O2"], ["F1", "F2", "F3"], ["G1", "G2", "G3", "G4"]]
+    parents = [None, torch.as_tensor(parent_index(["O1", "O1", "O2"], names[0], "classes")),
+               torch.as_tensor(parent_index(["F1", "F2", "F3", "F3"], names[1], "classes"))]
     scores = [torch.tensor([[2.0, 1.0], [0.0, 1.0]]),
               torch.tensor([[0.0, 1.0, 9.0], [5.0, 0.0, 1.0]]),  # image 0: F3 scores best but is not O1's
               torch.tensor([[0.0, 3.0, 8.0, 9.0], [9.0, 0.0, 1.0, 2.0]])]
-    assert top_down_prediction(scores, parents, names).tolist() == [1, 3]
-    assert top_down_prediction(scores[:1], parents[:1], names[:1]).tolist() == [0, 1]
+    predicted, chosen = None, []
+    for rank_scores, rank_parents in zip(scores, parents):
+        predicted = top_down_prediction(rank_scores, rank_parents, predicted)
+        chosen.append(predicted.tolist())
+    assert chosen == [[0, 1], [1, 2], [1, 3]]
+    with pytest.raises(DatasetError, match="classes: 1 parents are not classes of the rank above.*'O3'"):
+        parent_index(["O1", "O3"], names[0], "classes")
 
 
 def test_nothing_to_contrast_is_an_error():

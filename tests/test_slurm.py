@@ -31,7 +31,7 @@ from taxotrait.distributed import free_port, stop_process
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "srun", "sinfo", "scancel")
-GPU_RULES = {"cache_tokens", "train", "extract_attention", "mask_heads", "train_probes", "saliency_maps",
+GPU_RULES = {"cache_tokens", "train", "evaluate", "extract_attention", "mask_heads", "train_probes", "saliency_maps",
              "faithfulness"}
 RANKS = ["species"]
 RUN_TIMEOUT_S = 480

@@ -219,17 +219,24 @@ def check_leaves(taxonomy: pd.DataFrame, species: pd.Series, source: str) -> Non
                            "them from the tree or add their images")
 
 
-def top_down_prediction(scores: list, parents: list[list[str]], names: list[list[str]]) -> np.ndarray:
-    """Class index [N] at the last of the given ranks, predicted top-down: at the top rank the best class, at each
-    finer rank the best child of the taxon predicted above.
+def parent_index(parents: list[str], names_above: list[str], source: str) -> np.ndarray:
+    """Class index [C] at the coarser rank of each class's parent: `parents` (in class-index order) looked up in
+    `names_above` (the coarser rank's class names in class-index order); DatasetError naming `source` when a parent
+    is not a class there."""
+    index = pd.Index(names_above).get_indexer(parents)
+    if (index < 0).any():
+        strays = sorted({parent for parent, i in zip(parents, index) if i < 0})
+        raise DatasetError(f"{source}: {len(strays)} parents are not classes of the rank above, e.g. {strays[:5]}")
+    return index.astype(np.int64)
 
-    scores: per rank, class scores [N, C_r] (arrays or CPU tensors), coarse to fine; parents, names: per rank, each
-    class's parent ('' at the top rank) and name in class-index order."""
-    chosen = np.full(len(scores[0]), "", dtype=object)
-    predicted = np.zeros(len(scores[0]), dtype=np.int64)
-    for rank_scores, rank_parents, rank_names in zip(scores, parents, names):
-        rank_scores = np.asarray(rank_scores, dtype=np.float64)
-        allowed = np.asarray(rank_parents, dtype=object)[None, :] == chosen[:, None]
-        predicted = np.where(allowed, rank_scores, -np.inf).argmax(1)
-        chosen = np.asarray(rank_names, dtype=object)[predicted]
-    return predicted
+
+def top_down_prediction(scores, parents=None, predicted_above=None):
+    """The top-down prediction [B] at a rank: the best class of `scores` [B, C] among the children of the taxon
+    predicted at the coarser rank, `predicted_above` [B] (class indices there); None at the top rank: the best class.
+
+    Tensors on one device; parents [C]: the coarser rank's class index of each class's parent (`parent_index`).
+    At most [B, C] at once: call it rank by rank, coarse to fine, each rank's prediction feeding the next."""
+    if predicted_above is None:
+        return scores.argmax(1)
+    children = parents[None, :] == predicted_above[:, None]
+    return scores.masked_fill(~children, float("-inf")).argmax(1)

@@ -104,10 +104,15 @@ def rival_loss(model: PromptCAM, forward, x: torch.Tensor, labels: torch.Tensor,
     return losses, counted, model.best_rival(scores, columns, rivals) == labels
 
 
-def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
-    """Fraction of rows whose label is among the k highest logits."""
+def top_k_hits(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """bool [N]: whether each row's label is among its k highest logits."""
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return (top == labels.to(top.device)[:, None]).any(1).float().mean().item()
+    return (top == labels.to(top.device)[:, None]).any(1)
+
+
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    """Fraction of rows whose label is among the k highest logits (float64: the count over the rows)."""
+    return top_k_hits(logits, labels, k).double().mean().item()
 
 
 def _batches(data, order: torch.Tensor, batch_size: int, device: torch.device, num_workers: int = 0, shard=None):
@@ -187,18 +192,33 @@ def _with_keys_values(model: PromptCAM, train_data, val_data, config: TrainConfi
     return tuple(kept)
 
 
-@torch.no_grad()
+def ordered_batches(data, batch_size: int, device: torch.device, num_workers: int = 0):
+    """(x, labels) batches of view 0 / the eval transform of every item of `data`, in order, on `device`."""
+    data.set_epoch(None)
+    return _batches(data, torch.arange(len(data)), batch_size, device, num_workers)
+
+
+def scorer(model: PromptCAM, data, classes: torch.Tensor | None = None, chunk_size: int | None = None):
+    """The scoring by `model` (put in eval mode) of a batch of what `data` yields (`ordered_batches`: images, frozen
+    tokens or keys/values): x -> float32 logits [B, C] (or [B, K] for `classes`) on x's device, without gradients,
+    under the device's mixed precision."""
+    model.eval()
+    forward = _forward(model, data)
+    classes = None if classes is None else classes.to(model_device(model))
+
+    @torch.no_grad()
+    def score(x: torch.Tensor) -> torch.Tensor:
+        with mixed_precision(x.device):
+            return forward(x, classes=classes, chunk_size=chunk_size).float()
+
+    return score
+
+
 def predict(model: PromptCAM, data, batch_size: int = 256, classes: torch.Tensor | None = None,
             chunk_size: int | None = None, num_workers: int = 0) -> torch.Tensor:
     """Logits [N, C] (or [N, K] for `classes`) on CPU, float32, of view 0 / the eval transform of every item."""
-    device = model_device(model)
-    model.eval()
-    data.set_epoch(None)
-    classes = None if classes is None else classes.to(device)
-    forward, out = _forward(model, data), []
-    for x, _ in _batches(data, torch.arange(len(data)), batch_size, device, num_workers):
-        with mixed_precision(device):
-            out.append(forward(x, classes=classes, chunk_size=chunk_size).float().cpu())
+    score = scorer(model, data, classes, chunk_size)
+    out = [score(x).cpu() for x, _ in ordered_batches(data, batch_size, model_device(model), num_workers)]
     return torch.cat(out) if out else torch.empty(0, model.num_classes if classes is None else classes.shape[-1])
 
 
@@ -207,11 +227,9 @@ def sibling_top1(model: PromptCAM, data, batch_size: int = 256, chunk_size: int 
                  num_workers: int = 0) -> float:
     """Top-1 accuracy among the true parent's children (every class under contrast 'rank') of view 0 / the eval
     transform of every item of `data`, each image scored against its rivals only (`rival_loss`); NaN when empty."""
-    device = model_device(model)
     model.eval()
-    data.set_epoch(None)
     forward, correct = _forward(model, data), 0
-    for x, y in _batches(data, torch.arange(len(data)), batch_size, device, num_workers):
+    for x, y in ordered_batches(data, batch_size, model_device(model), num_workers):
         correct += int(rival_loss(model, forward, x, y, chunk_size=chunk_size)[2].sum())
     return correct / len(data) if len(data) else float("nan")
 
@@ -223,9 +241,8 @@ def init_class_prompts(model: PromptCAM, data, noise: float, seed: int, batch_si
     if not model.backbone.has_class_token:
         raise ValueError("prompt_init 'cls_mean' needs a backbone with a CLS token; use 'uniform'")
     device = model_device(model)
-    data.set_epoch(None)
     total = squares = 0.0
-    for x, _ in _batches(data, torch.arange(len(data)), batch_size, device):
+    for x, _ in ordered_batches(data, batch_size, device):
         tokens = x if isinstance(data, TokenDataset) else model.frozen_tokens(x)
         cls = model.last_block_input(tokens)[:, 0].double()
         total, squares = total + cls.sum(0), squares + cls.square().sum()

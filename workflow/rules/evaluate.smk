@@ -1,5 +1,6 @@
 # Accuracy overall and per class on every split: flat, among siblings, and top-down. One job for every rank: each
-# model is scored once, and its scores serve the finer ranks' top-down prediction.
+# batch of images is scored once per rank, and its prediction serves the finer ranks' top-down prediction; only
+# per-class counts are kept, so the memory is one batch's scores whatever the number of images and classes.
 rule evaluate:
     input:
         models=expand(f"{RESULTS}/{{rank}}/model.pt", rank=RANKS),
@@ -16,5 +17,7 @@ rule evaluate:
     benchmark:
         f"{BENCH}/evaluate.tsv"
     threads: 1
+    resources:
+        gpu=config["resources"]["gpu"],
     script:
         "../scripts/evaluate.py"
