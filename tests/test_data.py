@@ -202,3 +202,21 @@ def test_image_dataset_augments_per_epoch_and_index(images):
     assert not torch.equal(data[0][0], x1[1])
     data.set_epoch(None)
     assert torch.equal(data.__getitems__([0, 1])[0], eval_x)
+
+
+def test_cache_decoded_in_worker_processes_is_the_same_file(images, tmp_path):
+    from taxotrait.dataset import ImageError
+
+    paths, _ = images
+    model = make_model()
+    caches = [build_token_cache(model, paths, tmp_path / f"{workers}.npy", views=2, augment=AUGMENT, seed=3,
+                                batch_size=5, progress=False, precision="fp32", num_workers=workers)
+              for workers in (0, 2)]
+    assert caches[0].read_bytes() == caches[1].read_bytes()
+    assert (tmp_path / "0.npy.json").read_text() == (tmp_path / "2.npy.json").read_text()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG broken")
+    with pytest.raises(ImageError, match=r"broken\.png: not an image"):  # raised in a worker, named as it was
+        build_token_cache(model, [*paths[:6], broken], tmp_path / "b.npy", augment=EVAL, batch_size=2,
+                          progress=False, num_workers=2)
+    assert not (tmp_path / "b.npy").exists()

@@ -98,3 +98,40 @@ def test_bad_manifest_rows(tmp_path):
     (tmp_path / "taxonomy.csv").write_text(TAXONOMY)
     with pytest.raises(DatasetError, match="duplicate image_id 'a'"):
         prepare_dataset(dup, read_taxonomy(tmp_path / "taxonomy.csv", RANKS), RANKS, "m")
+
+
+def test_images_are_checked_in_worker_processes_with_the_same_tables(tmp_path, monkeypatch):
+    from concurrent.futures import ProcessPoolExecutor
+
+    from taxotrait import dataset
+
+    (tmp_path / "taxonomy.csv").write_text(TAXONOMY)
+    root = write_tree(tmp_path / "images", per_split=4)
+    (root / "train" / "Sp a1" / "img é 0.png").write_bytes(b"\x89PNG broken")
+    Image.new("RGB", (40, 40)).save(root / "test" / "Sp b1" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # data.max_image_pixels: the workers reject big.png too
+    pools = []
+
+    class RecordingPool(ProcessPoolExecutor):
+        def __init__(self, workers, **kwargs):
+            pools.append(workers)
+            super().__init__(workers, **kwargs)
+
+    monkeypatch.setattr(dataset, "ProcessPoolExecutor", RecordingPool)
+    images, taxonomy = scan_image_tree(root), read_taxonomy(tmp_path / "taxonomy.csv", RANKS)
+    alone = prepare_dataset(images, taxonomy, RANKS, "tree", max_reject_fraction=0.1, progress=False)
+    assert pools == []
+    pooled = prepare_dataset(images, taxonomy, RANKS, "tree", max_reject_fraction=0.1, progress=False, workers=2)
+    assert pools == [2]
+    for one, two in zip(alone, pooled):  # manifest, classes, rejects: the same rows in the same order
+        pd.testing.assert_frame_equal(one, two)
+    assert len(alone[0]) == 23 and sorted(r.split(":")[0] for r in alone[2]["reason"]) == ["not an image", "too large"]
+
+
+def test_a_job_uses_its_threads_at_most_the_cpus_it_is_given(monkeypatch):
+    import os
+
+    from taxotrait.dataset import job_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)  # e.g. SLURM's cpus_per_gpu
+    assert [job_cpus(threads) for threads in (8, 2, 1, 0)] == [3, 2, 1, 1]

@@ -2,8 +2,9 @@
 Eigen-CAM (the `grad-cam` package, pytorch-grad-cam) and by attention rollout (Abnar & Zuidema, 2020).
 
 The probe is the paper's protocol: one linear layer on the final-norm CLS token of the same frozen backbone. It is
-trained on the cached frozen tokens (`LinearProbe.features`: the rest of the backbone run on them), and is a whole
-differentiable model of images (`LinearProbe.forward`) for the faithfulness metrics.
+trained on the cached frozen tokens (`LinearProbe.features`: the rest of the backbone run on them, once, into a file:
+`probe_feature_file`; then minibatches of those features: `fit_linear_probe`), and is a whole differentiable model of
+images (`LinearProbe.forward`) for the faithfulness metrics.
 
 CAMs are taken at the standard ViT layer, the last block's first norm (`blocks[-1].norm1`), whose patch tokens are
 reshaped to the patch grid (pytorch-grad-cam's ViT reshape transform, after dropping the register tokens). Because
@@ -16,17 +17,28 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from tqdm.auto import tqdm
 
 from .backbone import tokens_entering, weights_digest
-from .model import block_attention, class_rivals, rival_prediction
+from .devices import mixed_precision
+from .model import PromptCAM, block_attention, families, family_columns
+
+if TYPE_CHECKING:
+    from .token_cache import TokenDataset
 
 CAM_METHODS = ("grad_cam", "layer_cam", "eigen_cam")
 PROBE_FORMAT = "taxotrait-linear-probe-1"
+# the probe's minibatch training (`fit_linear_probe`): shuffled passes over the training features, at least so many
+# steps on a small set, and Adam's learning rate on the standardised features
+PROBE_EPOCHS = 10
+PROBE_MIN_STEPS = 500
+PROBE_LR = 0.03
 
 
 def block_first_token(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -79,55 +91,144 @@ class LinearProbe(nn.Module):
         return self.forward_tokens(self.tokens(images))
 
 
+def probe_feature_file(probe: LinearProbe, data: TokenDataset, path: str | os.PathLike, batch_size: int,
+                       device: torch.device, progress: bool = True) -> np.ndarray:
+    """The final-norm CLS features [n, V, D] float32 of every view of the images of `data` (a `TokenDataset` with
+    `every_view`), computed `batch_size` images at a time into a .npy file at `path`, returned memory-mapped."""
+    views, dim = data.cache.views, probe.backbone.embed_dim
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(data), views, dim))
+    for start in tqdm(range(0, len(data), batch_size), desc=f"probe features {Path(path).stem}", disable=not progress):
+        tokens = data.__getitems__(range(start, min(start + batch_size, len(data))))[0].to(device)
+        with torch.no_grad(), mixed_precision(device):
+            features = probe.features(tokens.flatten(0, 1)).float()
+        array[start : start + len(tokens)] = features.unflatten(0, (len(tokens), views)).cpu().numpy()
+    array.flush()
+    del array
+    return np.load(path, mmap_mode="r")
+
+
+def _feature_batches(features, rows: torch.Tensor, batch_size: int, device: torch.device):
+    """(rows, features [b, D] float32) of `rows` of an array-like [n, D] (a memory map or a tensor), `batch_size` rows
+    at a time, each batch's rows read in increasing order."""
+    for batch in rows.split(batch_size):
+        batch = batch.sort().values
+        yield batch, torch.as_tensor(np.asarray(features[batch.numpy()]), dtype=torch.float32).to(device)
+
+
+def _rival_scores(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, family: tuple):
+    """Scores of the rivals of the images' classes by heads `weight` [L, C, D], `bias` [L, C] of features `x` [B, D]
+    with labels `y` [B] (`family`: `taxotrait.model.families`): (scores [L, B, R], own position [B], rivals bool
+    [B, R]). Only the columns of the batch's families are scored (`family_columns`: each image's siblings under
+    contrast 'siblings'), each once; every class when one family holds them all."""
+    columns, rivals = family_columns(y, *family)
+    if columns.dim() == 1:
+        return torch.einsum("bd,lcd->lbc", x, weight) + bias[:, None], y, rivals
+    columns, position = PromptCAM.own_columns(columns, y)
+    used, where = columns.unique(return_inverse=True)
+    scores = torch.einsum("bd,lud->lbu", x, weight.index_select(1, used)) + bias.index_select(1, used)[:, None]
+    return scores.gather(2, where.expand(len(weight), -1, -1)), position, rivals
+
+
+def rival_accuracy(features, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   groups: torch.Tensor | None = None, batch_size: int = 1024) -> torch.Tensor:
+    """Top-1 [L] among the true class's rivals (`taxotrait.model.rival_prediction`: the siblings under `groups`, every
+    class without) of heads `weight` [L, C, D], `bias` [L, C] on features [n, D] (read `batch_size` rows at a time)."""
+    device, num_classes = weight.device, weight.shape[1]
+    family = _families(groups, num_classes, device)
+    correct = torch.zeros(len(weight), dtype=torch.float64)
+    for rows, x in _feature_batches(features, torch.arange(len(labels)), batch_size, device):
+        scores, position, rivals = _rival_scores(x, labels[rows].to(device), weight, bias, family)
+        correct += (scores.masked_fill(~rivals, float("-inf")).argmax(-1) == position).sum(1).cpu()
+    return correct / max(len(labels), 1)
+
+
+def _families(groups: torch.Tensor | None, num_classes: int, device: torch.device) -> tuple:
+    """`families` of the sibling groups (contrast 'siblings'), or of one group of every class (contrast 'rank')."""
+    groups = torch.zeros(num_classes, dtype=torch.long) if groups is None else groups.long()
+    return tuple(tensor.to(device) for tensor in families(groups))
+
+
 def fit_linear_probe(
-    features: torch.Tensor,
+    features,
     labels: torch.Tensor,
     num_classes: int,
-    val_features: torch.Tensor | None = None,
+    val_features=None,
     val_labels: torch.Tensor | None = None,
     l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2),
-    max_iter: int = 100,
     groups: torch.Tensor | None = None,
+    batch_size: int = 128,
+    epochs: int = PROBE_EPOCHS,
+    min_steps: int = PROBE_MIN_STEPS,
+    lr: float = PROBE_LR,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Multinomial logistic regression (full-batch L-BFGS from zeros, deterministic): (weight [C, D], bias [C], l2).
+    """Multinomial logistic regression by minibatches: (weight [C, D], bias [C], l2).
 
-    With `groups` [C] (contrast 'siblings') the softmax of each image runs over its class's siblings only, the loss
-    Prompt-CAM is trained with (`taxotrait.train.contrast_loss`; images of a class without siblings add none), and
-    validation accuracy is the accuracy among the true class's siblings. The L2 penalty (on the weights) is chosen
-    from `l2_grid` by validation accuracy, ties to the strongest; without a validation set the middle value is used.
+    features [n, D]: a memory map or tensor, read `batch_size` rows at a time (its mean and spread once, then
+    `epochs` shuffled passes, more for a small set: `min_steps` steps at least), so memory does not grow with n.
+    Minimises the mean cross-entropy plus l2 * |weight|^2 with Adam (`lr`, cosine decay, from zeros; the features
+    standardised inside, which leaves the minimum unchanged), for every L2 penalty of `l2_grid` at once, seeded by
+    `seed`. With `groups` [C] (contrast 'siblings') the softmax of each image runs over its class's siblings only and
+    only their columns are scored (`taxotrait.model.family_columns`), the loss Prompt-CAM is trained with
+    (`taxotrait.train.contrast_loss`; images of a class without siblings add none), and validation accuracy is the
+    accuracy among the true class's siblings. The penalty is chosen by validation accuracy (`rival_accuracy`), ties
+    to the strongest; without a validation set the middle value is used.
     """
     from .train import contrast_loss
 
-    features, labels = features.double(), labels.long()
-    rivals = class_rivals(groups, labels, num_classes)
-    counted = contrast_loss(torch.zeros(len(labels), num_classes), labels, rivals)[1]
-    if not counted.any():
+    device, labels = torch.device(device), torch.as_tensor(labels).long()
+    family = _families(groups, num_classes, device)
+    if not (family[3][family[0][labels.to(device)]] > 1).any():
         raise ValueError("no training image has a class with a rival: nothing for a linear probe to tell apart")
-    grid = list(l2_grid) if val_features is not None and len(val_features) else [sorted(l2_grid)[len(l2_grid) // 2]]
-    best = None
-    for l2 in sorted(grid, reverse=True):
-        weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, requires_grad=True)
-        bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe",
-                                      tolerance_grad=1e-6, tolerance_change=1e-9)
+    validated = val_features is not None and len(val_features) > 0
+    grid = sorted(l2_grid, reverse=True) if validated else [sorted(l2_grid)[len(l2_grid) // 2]]
+    mean, spread = _feature_statistics(features, batch_size, device)
+    dim, penalties, inverse_variance = len(mean), torch.tensor(grid, device=device), spread.pow(-2)
+    weight = torch.zeros(len(grid), num_classes, dim, device=device, requires_grad=True)  # on standardised features
+    bias = torch.zeros(len(grid), num_classes, device=device, requires_grad=True)
+    steps_per_epoch = -(-len(labels) // batch_size)
+    epochs = max(epochs, -(-min_steps // steps_per_epoch))
+    optimizer = torch.optim.Adam([weight, bias], lr=lr, fused=True)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(epochs), desc="linear probe", disable=not progress):
+        order = torch.randperm(len(labels), generator=generator)
+        for rows, x in _feature_batches(features, order, batch_size, device):
+            y = labels[rows].to(device)
+            with torch.enable_grad():
+                scores, position, rivals = _rival_scores((x - mean) / spread, y, weight, bias, family)
+                losses, counted = contrast_loss(scores.flatten(0, 1), position.repeat(len(grid)),
+                                                rivals.repeat(len(grid), 1))
+                counted = counted[: len(y)]
+                if not counted.any():
+                    continue
+                penalty = (penalties * (weight.pow(2) * inverse_variance).sum((1, 2))).sum()
+                loss = losses.view(len(grid), -1)[:, counted].mean(1).sum() + penalty
+                optimizer.zero_grad()
+                loss.backward()
+            optimizer.step()
+            schedule.step()
+    weight = (weight / spread).detach()  # back to the features as they are
+    bias = bias.detach() - weight @ mean
+    best = 0
+    if len(grid) > 1:
+        best = int(rival_accuracy(val_features, torch.as_tensor(val_labels), weight, bias, groups, batch_size).argmax())
+    return weight[best].cpu(), bias[best].cpu(), grid[best]
 
-        def closure():
-            optimizer.zero_grad()
-            losses, _ = contrast_loss(features @ weight.T + bias, labels, rivals)
-            loss = losses[counted].mean() + l2 * weight.pow(2).sum()
-            loss.backward()
-            return loss
 
-        with torch.enable_grad():
-            optimizer.step(closure)
-        weight, bias = weight.detach(), bias.detach()
-        if len(grid) == 1:
-            return weight.float(), bias.float(), l2
-        prediction = rival_prediction(val_features.double() @ weight.T + bias, val_labels, groups)
-        accuracy = (prediction == val_labels).double().mean().item()
-        if best is None or accuracy > best[0]:
-            best = (accuracy, weight, bias, l2)
-    return best[1].float(), best[2].float(), best[3]
+def _feature_statistics(features, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [D] and standard deviation [D] (1 where a feature is constant) of features [n, D], `batch_size` rows at a
+    time."""
+    total = torch.zeros(features.shape[1], dtype=torch.float64, device=device)
+    squares = torch.zeros_like(total)
+    for _, x in _feature_batches(features, torch.arange(len(features)), batch_size, device):
+        total += x.sum(0).double()
+        squares += x.double().pow(2).sum(0)
+    mean = total / len(features)
+    spread = (squares / len(features) - mean.pow(2)).clamp_min(0).sqrt()
+    return mean.float(), torch.where(spread > 1e-6 * (1 + mean.abs()), spread, torch.ones_like(spread)).float()
 
 
 def save_probe(probe: LinearProbe, path: str | os.PathLike, backbone_name: str, digest: str | None = None,

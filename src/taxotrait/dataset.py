@@ -17,6 +17,7 @@ import stat
 import unicodedata
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ MIN_IMAGE_SIDE = 8  # pixels; smaller images are rejected, larger ones are resiz
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent images are composited onto white, as an image viewer shows them
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 'I' (32-bit integer) is read as 16-bit too
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+CHECK_CHUNK = 64  # images per task, at most, of the worker processes that check images (`check_images`)
 
 
 class ImageError(ValueError):
@@ -49,6 +51,27 @@ class ImageError(ValueError):
     def __init__(self, path, reason: str):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = str(path), reason
+
+    def __reduce__(self):  # raised in a worker process, it reaches the main process as it is
+        return type(self), (self.path, self.reason)
+
+
+def job_cpus(threads: int) -> int:
+    """The CPUs a job may use: its `threads` (Snakemake's), at most the CPUs this process may run on (a SLURM job's
+    allocation, e.g. its cpus_per_gpu)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(int(threads), available))
+
+
+class PixelLimit:
+    """PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, set from data.max_image_pixels) of this process,
+    set again when called in a worker process (a process pool's initializer, a DataLoader's worker_init_fn)."""
+
+    def __init__(self):
+        self.limit = Image.MAX_IMAGE_PIXELS
+
+    def __call__(self, *_):
+        Image.MAX_IMAGE_PIXELS = self.limit
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -362,6 +385,18 @@ def check_image(path: str) -> str | None:
     return None
 
 
+def check_images(paths: list[str], workers: int = 1, progress: bool = True) -> list[str | None]:
+    """`check_image` of every path, in order; with `workers` > 1 in as many processes, in chunks of CHECK_CHUNK
+    images at most (the same reasons: the decompression-bomb limit goes with them, `PixelLimit`)."""
+    paths = list(paths)
+    bar = {"total": len(paths), "desc": "checking images", "disable": not progress}
+    if workers <= 1:
+        return [check_image(p) for p in tqdm(paths, **bar)]
+    chunk = max(1, min(CHECK_CHUNK, len(paths) // (4 * workers)))
+    with ProcessPoolExecutor(workers, initializer=PixelLimit()) as pool:
+        return list(tqdm(pool.map(check_image, paths, chunksize=chunk), **bar))
+
+
 def prepare_dataset(
     images: pd.DataFrame,
     taxonomy: pd.DataFrame | None,
@@ -369,8 +404,10 @@ def prepare_dataset(
     source: str,
     max_reject_fraction: float = 0.01,
     progress: bool = True,
+    workers: int = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Validate images against the taxonomy: (manifest, classes, rejects) tables.
+    """Validate images against the taxonomy: (manifest, classes, rejects) tables; the images are decoded in `workers`
+    processes (`check_images`).
 
     `images` has path and split plus either the species column or every rank column; other columns are kept. Rows
     with a `skip_reason` (`scan_image_tree`) go to the rejects table as they are, not counted as rejected images.
@@ -421,8 +458,7 @@ def prepare_dataset(
         raise DatasetError(f"{source}: duplicate image_id {duplicated['image_id'].iloc[0]!r} "
                            f"({list(duplicated['path'].iloc[:2])}){hint}")
 
-    reasons = pd.Series([check_image(p) for p in tqdm(images["path"], desc="checking images", disable=not progress)],
-                        index=images.index, dtype=object)
+    reasons = pd.Series(check_images(images["path"], workers, progress), index=images.index, dtype=object)
     bad = reasons.notna()
     rejects = pd.concat([images[bad].assign(reason=reasons[bad]), skipped], ignore_index=True)[
         ["path", "image_id", "reason", "split", species]]
@@ -519,9 +555,9 @@ def labels(manifest: pd.DataFrame, classes: pd.DataFrame, rank: str) -> pd.Serie
     return manifest[rank].map(index).astype("int64")
 
 
-def prepare_files(inputs: dict, outputs: dict, data: dict, ranks: list[str]) -> None:
+def prepare_files(inputs: dict, outputs: dict, data: dict, ranks: list[str], workers: int = 1) -> None:
     """Image tree or manifest + taxonomy (`data`: the config's data section) -> manifest, classes and rejects tables
-    of `ranks`."""
+    of `ranks`, the images decoded in `workers` processes."""
     if data.get("images"):
         images, source = scan_image_tree(data["images"]), data["images"]
         images = images.rename(columns={"species": ranks[-1]})
@@ -533,7 +569,8 @@ def prepare_files(inputs: dict, outputs: dict, data: dict, ranks: list[str]) -> 
 
         taxonomy = tree_taxonomy(inputs["tree"], ranks)
         check_leaves(taxonomy, images[ranks[-1]], str(inputs["tree"]))
-    manifest, classes, rejects = prepare_dataset(images, taxonomy, ranks, source, data["max_reject_fraction"])
+    manifest, classes, rejects = prepare_dataset(images, taxonomy, ranks, source, data["max_reject_fraction"],
+                                                 workers=workers)
     for table, key in ((manifest, "manifest"), (classes, "classes"), (rejects, "rejects")):
         write_parquet(table, outputs[key])
     skipped = rejects["reason"].str.startswith(SKIPPED)

@@ -28,8 +28,6 @@ import pandas as pd
 import torch
 
 from .attention_store import AttentionFile
-from .baselines import LinearProbe
-from .devices import mixed_precision
 from .extract import map_statistics
 from .faithfulness import upsample
 from .intervals import clears, interval_columns, mean_with_intervals
@@ -39,7 +37,6 @@ from .methods import METHODS, MODEL_LABELS, method_label
 from .model import PromptCAM, class_rivals, rival_prediction
 from .saliency_store import read_saliency
 from .io import empty_table
-from .token_cache import TokenCache
 from .traits import rank_traits
 
 log = logging.getLogger("taxotrait.evaluation")
@@ -67,20 +64,6 @@ COUNTERFACTUAL_COLUMNS = {"rank": "string", "model": "string", "trait": "string"
                           "contrast": "string"}
 HEAD_PART_COLUMNS = {"rank": "string", "taxon": "string", "head": "int64", "part": "string", "share": "float64",
                      "n_images": "int64", "consistent": "bool", "is_trait_head": "bool"}
-
-
-# ------------------------------------------------------------------------------------------------ probes
-@torch.no_grad()
-def probe_features(probe: LinearProbe, cache: TokenCache, rows: np.ndarray, batch_size: int,
-                   device: torch.device) -> torch.Tensor:
-    """Final-norm CLS features [n, views, D] of cache rows `rows` (every view)."""
-    chunks = []
-    for start in range(0, len(rows), batch_size):
-        tokens = torch.from_numpy(cache.tokens[rows[start:start + batch_size]].astype(np.float32)).to(device)
-        b, v = tokens.shape[:2]
-        with mixed_precision(device):
-            chunks.append(probe.features(tokens.flatten(0, 1)).float().unflatten(0, (b, v)).cpu())
-    return torch.cat(chunks) if chunks else torch.zeros(0, cache.views, probe.backbone.embed_dim)
 
 
 # -------------------------------------------------------------------------------------------- saliency

@@ -43,6 +43,28 @@ def class_rivals(groups: torch.Tensor | None, labels: torch.Tensor, num_classes:
     return groups[None, :] == groups[labels][:, None]
 
 
+def families(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(groups, members, start, size) of sibling groups [C] (`sibling_groups`): the families (classes of one group),
+    their classes in class order one family after another, each family's first position among them and its size."""
+    sizes = torch.bincount(groups)
+    return groups, groups.argsort(stable=True), sizes.cumsum(0) - sizes, sizes
+
+
+def family_columns(classes: torch.Tensor, groups: torch.Tensor, members: torch.Tensor, start: torch.Tensor,
+                   size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(columns, rivals) of images of classes `classes` [B] from `families` (on their device): see
+    `PromptCAM.rival_columns`."""
+    num_classes = len(groups)
+    family = groups[classes]
+    width = int(size[family].max()) if len(classes) else num_classes
+    if width == num_classes:
+        return torch.arange(num_classes, device=classes.device), class_rivals(groups, classes, num_classes)
+    offsets = torch.arange(width, device=classes.device)
+    rivals = offsets < size[family][:, None]
+    index = (start[family][:, None] + offsets).clamp(max=num_classes - 1)
+    return torch.where(rivals, members[index], classes[:, None]), rivals
+
+
 def rival_prediction(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
     """The best class [B] among the rivals (`class_rivals`) of each true class `labels` [B]: the prediction given the
     true parent under contrast 'siblings', the flat prediction without groups."""
@@ -154,13 +176,9 @@ class PromptCAM(nn.Module):
             raise ValueError(f"{len(class_parents)} class parents given for {len(self.class_names)} classes")
         self.class_parents = None if class_parents is None else [str(p) for p in class_parents]
         # contrast 'siblings': a class competes only with the classes of its parent; 'rank': with every class
-        groups = sibling_groups(self.class_parents or [""] * len(self.class_names))
-        sizes = torch.bincount(groups)
-        self.register_buffer("groups", groups, persistent=False)
-        # the families (classes of one group): their classes in class order, one family after another
-        self.register_buffer("family_members", groups.argsort(stable=True), persistent=False)
-        self.register_buffer("family_start", sizes.cumsum(0) - sizes, persistent=False)
-        self.register_buffer("family_size", sizes, persistent=False)
+        family = families(sibling_groups(self.class_parents or [""] * len(self.class_names)))
+        for name, tensor in zip(("groups", "family_members", "family_start", "family_size"), family):
+            self.register_buffer(name, tensor, persistent=False)
         num_blocks, dim = len(backbone.blocks), backbone.embed_dim
         self.prompt_config = prompts.resolved(num_blocks, len(self.class_names))
         pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
@@ -203,15 +221,8 @@ class PromptCAM(nn.Module):
         is every class. rivals: bool [B, R] (or [B, C]), False at the padding. Scores of the columns restricted to
         the rivals are the full scores restricted to `rivals(classes)`, in another order.
         """
-        family = self.groups.to(classes.device)[classes]
-        size = self.family_size.to(classes.device)[family]
-        width = int(size.max()) if len(classes) else self.num_classes
-        if width == self.num_classes:
-            return torch.arange(self.num_classes, device=classes.device), self.rivals(classes)
-        offsets = torch.arange(width, device=classes.device)
-        rivals = offsets < size[:, None]
-        index = (self.family_start.to(classes.device)[family][:, None] + offsets).clamp(max=self.num_classes - 1)
-        return torch.where(rivals, self.family_members.to(classes.device)[index], classes[:, None]), rivals
+        family = (self.groups, self.family_members, self.family_start, self.family_size)
+        return family_columns(classes, *(tensor.to(classes.device) for tensor in family))
 
     @staticmethod
     def own_columns(columns: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

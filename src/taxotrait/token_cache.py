@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .data import AugmentConfig, ImageTransform, derived_generator, load_image
+from .dataset import ImageError, PixelLimit
 from .devices import frozen_forward, resolve_device, resolve_precision
 from .io import atomic_write
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .model import PromptCAM
 
 CACHE_FORMAT = "taxotrait-token-cache-1"
+PREFETCH_BATCHES = 2  # batches each image-decoding worker process prepares ahead of the forward
 
 
 class TokenCacheError(RuntimeError):
@@ -68,10 +70,20 @@ class _Views(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        image = load_image(self.paths[i])
+        """The views [V, 3, S, S], or the image's `ImageError` (raised by `build_token_cache` as it was raised)."""
+        try:
+            image = load_image(self.paths[i])
+        except ImageError as err:
+            return err
         if not self.transform.augment.random:
             return self.transform(image)[None]
         return torch.stack([self.transform(image, derived_generator(self.seed, i, v)) for v in range(self.views)])
+
+
+def _views_or_error(items: list) -> torch.Tensor | ImageError:
+    """A batch [B, V, 3, S, S] of `_Views` items, or the first image error among them."""
+    errors = [item for item in items if isinstance(item, ImageError)]
+    return errors[0] if errors else torch.stack(items)
 
 
 def build_token_cache(
@@ -90,10 +102,12 @@ def build_token_cache(
     """Compute `model.frozen_tokens` of `views` views of every image into a float16 cache at `out_path` (.npy).
 
     augment None (or without crop/flip): one view, the deterministic eval transform; otherwise every view is a
-    random augmentation seeded by (seed, image index, view). Written batch by batch to a temporary file, then
-    renamed. The model is moved to `device` (default: CUDA if available, else CPU); the tokens are computed there in
-    `precision` (`taxotrait.devices.resolve_precision`: 'auto' is bf16 where the device has it natively, else fp32),
-    both recorded in the description.
+    random augmentation seeded by (seed, image index, view). The images are decoded and transformed in `num_workers`
+    worker processes (each PREFETCH_BATCHES batches ahead; none: in this process), the forward runs here: the same
+    file whatever the number of workers. Written batch by batch to a temporary file, then renamed. The model is
+    moved to `device` (default: CUDA if available, else CPU); the tokens are computed there in `precision`
+    (`taxotrait.devices.resolve_precision`: 'auto' is bf16 where the device has it natively, else fp32), both
+    recorded in the description. An image that cannot be read raises its `ImageError`, naming the file.
     """
     out, paths = Path(out_path), [str(p) for p in paths]
     transform = ImageTransform.for_model(model, augment)
@@ -107,9 +121,14 @@ def build_token_cache(
             "precision": str(dtype).removeprefix("torch."), "paths": paths}
     with atomic_write(out) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=tuple(meta["shape"]))
-        loader = DataLoader(_Views(paths, transform, views, seed), batch_size=batch_size, num_workers=num_workers)
+        loader = DataLoader(_Views(paths, transform, views, seed), batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=_views_or_error, pin_memory=device.type == "cuda",
+                            prefetch_factor=PREFETCH_BATCHES if num_workers else None,
+                            worker_init_fn=PixelLimit() if num_workers else None)
         start = 0
         for images in tqdm(loader, desc=f"tokens {out.name}", disable=not progress):
+            if isinstance(images, ImageError):
+                raise images
             b = images.shape[0]
             tokens = frozen_forward(model.frozen_tokens, images.flatten(0, 1).to(device), device, dtype)
             tokens = tokens.to(torch.float16).cpu()
@@ -168,11 +187,12 @@ class TokenCache:
 class TokenDataset(Dataset):
     """(frozen tokens [T, D] float32, label) of cache rows `indices` (default: all), labels aligned with them.
 
-    `set_epoch(epoch, seed)` picks one random view per image from (seed, epoch); without an epoch, view 0.
+    `set_epoch(epoch, seed)` picks one random view per image from (seed, epoch); without an epoch, view 0. With
+    `every_view`, an item holds the tokens of every view, [V, T, D] (the linear probe's features).
     """
 
-    def __init__(self, cache: TokenCache, labels, indices=None):
-        self.cache = cache
+    def __init__(self, cache: TokenCache, labels, indices=None, every_view: bool = False):
+        self.cache, self.every_view = cache, every_view
         self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices, dtype=np.int64)
         self.labels = torch.as_tensor(np.array(labels, dtype=np.int64))  # a copy: labels may be read-only
         if len(self.labels) != len(self.indices):
@@ -190,7 +210,7 @@ class TokenDataset(Dataset):
     def __getitems__(self, items) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole batch (tokens [B, T, D], labels [B]); DataLoader uses it with an identity collate."""
         rows = self.indices[list(items)]
-        views = 0 if self.view is None else self.view[rows]
+        views = slice(None) if self.every_view else 0 if self.view is None else self.view[rows]
         return torch.from_numpy(self.cache.tokens[rows, views].astype(np.float32)), self.labels[list(items)]
 
     def __getitem__(self, i):

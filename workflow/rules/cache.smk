@@ -16,7 +16,8 @@ rule cache_tokens:
         f"{LOGS}/cache_tokens.{{kind}}.log",
     benchmark:
         f"{BENCH}/cache_tokens.{{kind}}.tsv"
-    threads: 2
+    # one for the forward, the others decode images in worker processes (DECODE_THREADS, prepare.smk)
+    threads: DECODE_THREADS
     resources:
         gpu=config["resources"]["gpu"],
     script:

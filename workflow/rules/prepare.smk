@@ -1,4 +1,6 @@
 # Validate images against the taxonomy; write the manifest, class and rejects tables.
+DECODE_THREADS = 8  # prepare and cache_tokens: processes decoding images (Snakemake caps them at --cores)
+
 rule prepare:
     input:
         unpack(dataset_inputs),
@@ -13,5 +15,7 @@ rule prepare:
         f"{LOGS}/prepare.log",
     benchmark:
         f"{BENCH}/prepare.tsv"
+    # processes decoding the images (at most --cores; on a cluster its CPUs, profiles/slurm)
+    threads: DECODE_THREADS
     script:
         "../scripts/prepare.py"

@@ -2,4 +2,5 @@
 from taxotrait.runner import run_step
 from taxotrait.steps.cache import cache_tokens
 
-run_step(snakemake, lambda s, settings: cache_tokens(s.wildcards.kind, s.input.manifest, s.output.tokens, settings))
+run_step(snakemake, lambda s, settings: cache_tokens(s.wildcards.kind, s.input.manifest, s.output.tokens, settings,
+                                                     s.threads))

@@ -7,13 +7,15 @@ from collections.abc import Mapping
 import pandas as pd
 
 from ..data import AugmentConfig
+from ..dataset import job_cpus
 from ..token_cache import build_token_cache
 from .common import model_step_device, new_model
 
 
-def cache_tokens(kind: str, manifest_path, out_path, settings: Mapping) -> None:
+def cache_tokens(kind: str, manifest_path, out_path, settings: Mapping, threads: int = 1) -> None:
     """Frozen tokens of the training images (`kind` 'train': `augment.views` augmented views drawn from
-    `train.seed`) or of the val and test images ('eval': the eval transform). Settings: `backbone`, `model`,
+    `train.seed`) or of the val and test images ('eval': the eval transform), the images decoded in all but one of
+    the job's `threads` (`job_cpus`: worker processes) and the forward in this one. Settings: `backbone`, `model`,
     `augment`, `train.device`, and `train.seed` for 'train'."""
     manifest = pd.read_parquet(manifest_path)
     probe = new_model(settings, ["probe"])
@@ -25,4 +27,5 @@ def cache_tokens(kind: str, manifest_path, out_path, settings: Mapping) -> None:
         paths, seed = manifest.loc[manifest["split"] != "train", "path"], 0
         augment, views = AugmentConfig(a["resize"], False, False), 1
     build_token_cache(probe, paths.tolist(), out_path, views=views, augment=augment, seed=seed,
-                      device=model_step_device(settings), precision=settings["backbone"]["precision"])
+                      device=model_step_device(settings), precision=settings["backbone"]["precision"],
+                      num_workers=job_cpus(threads) - 1)

@@ -15,6 +15,7 @@ tables, markdown and figures).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +27,7 @@ from PIL import Image
 
 from ..attention_store import AttentionFile
 from ..backbone import data_normalisation, weights_digest
-from ..baselines import LinearProbe, fit_linear_probe, load_probe, save_probe
+from ..baselines import LinearProbe, fit_linear_probe, load_probe, probe_feature_file, rival_accuracy, save_probe
 from ..config import SYNTHETIC_BRANCHING, faithfulness_ranks
 from ..data import AugmentConfig, ImageTransform, load_image
 from ..dataset import class_names, class_parents, labels
@@ -34,7 +35,7 @@ from ..devices import frozen_forward, mixed_precision, resolve_device, resolve_p
 from ..evaluation import (
     COUNTERFACTUAL_COLUMNS, CURVE_COLUMNS, FAITHFULNESS_COLUMNS, HEAD_PART_COLUMNS, LOCALIZATION_COLUMNS,
     rival_decision, examples_figure, faithfulness_figure, head_part_table, localization_figure, localization_rows,
-    model_groups, own_prompt_heads, probe_features, stratified_order, summary_markdown, trait_head_masks,
+    model_groups, own_prompt_heads, stratified_order, summary_markdown, trait_head_masks,
 )
 from ..extract import map_statistics
 from ..faithfulness import endpoint_probabilities, insertion_deletion
@@ -50,7 +51,7 @@ from ..report import labels as report_labels
 from ..saliency_store import read_saliency, write_saliency
 from ..synthetic import RANKS as SYNTHETIC_RANKS
 from ..synthetic import TRAIT_NAMES
-from ..token_cache import TokenCache
+from ..token_cache import TokenCache, TokenDataset
 from .common import backbone_of, new_model, trained_model
 
 log = logging.getLogger("taxotrait.evaluation")
@@ -67,48 +68,49 @@ def rank_groups(settings: Mapping, classes: pd.DataFrame, rank: str) -> torch.Te
 
 
 def train_probes(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
-    """A linear probe per rank on the final-norm CLS token of the frozen backbone (features computed once from the
-    token caches), with the configured contrast: under 'siblings' trained with the sibling softmax Prompt-CAM is
-    trained with; the L2 penalty is chosen on the val split; top-1 on val and test (among the true class's rivals:
-    the same decision as Prompt-CAM's) is kept in the probe's file."""
+    """A linear probe per rank on the final-norm CLS token of the frozen backbone, with the configured contrast:
+    under 'siblings' trained with the sibling softmax Prompt-CAM is trained with, scoring each image's siblings
+    alone; the L2 penalty is chosen on the val split; top-1 on val and test (among the true class's rivals: the same
+    decision as Prompt-CAM's) is kept in the probe's file. The features of every cached view are computed once,
+    batch by batch, into temporary files beside the first probe, then each rank's probe is trained on them by
+    minibatches of `evaluation.batch_size` (`fit_linear_probe`): memory does not grow with the number of images."""
     s = settings["evaluation"]
     device = device_of(s)
     manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
     first_block = new_model(settings, ["probe"]).first_prompted_block
     probe = LinearProbe(backbone_of(settings), ["probe"], first_block).to(device)
-    train_cache, eval_cache = TokenCache.open(inputs["train_tokens"]), TokenCache.open(inputs["eval_tokens"])
-    train_rows = manifest[manifest["split"] == "train"]
-    started = time.time()
-    train_x = probe_features(probe, train_cache, train_cache.index(train_rows["path"]), s["batch_size"], device)
-    split_x = {}
-    for split in ("val", "test"):
-        rows = manifest[manifest["split"] == split]
-        if len(rows):
-            split_x[split] = (rows, probe_features(probe, eval_cache, eval_cache.index(rows["path"]), s["batch_size"],
-                                                   device)[:, 0])
-    log.info("probe features of %d training and %d evaluation images in %.1f s", len(train_x),
-             sum(len(x) for _, x in split_x.values()), time.time() - started)
-    views, digest = train_x.shape[1], weights_digest(probe.backbone)
-    for rank, out in zip(settings["ranks"], outputs["probes"]):
-        names = class_names(classes, rank)
-        groups = rank_groups(settings, classes, rank)
-        y = torch.as_tensor(labels(train_rows, classes, rank).to_numpy())
-        val = split_x.get("val")
-        val_y = torch.as_tensor(labels(val[0], classes, rank).to_numpy()) if val else None
-        weight, bias, l2 = fit_linear_probe(train_x.flatten(0, 1), y.repeat_interleave(views), len(names),
-                                            val[1] if val else None, val_y, groups=groups)
-        top1 = {}
-        for split, (rows, x) in split_x.items():
-            truth = torch.as_tensor(labels(rows, classes, rank).to_numpy())
-            prediction = rival_prediction(x @ weight.T + bias, truth, groups)
-            top1[split] = float((prediction == truth).double().mean())
-        rank_probe = LinearProbe(probe.backbone, names, first_block)
-        with torch.no_grad():
-            rank_probe.head.weight.copy_(weight)
-            rank_probe.head.bias.copy_(bias)
-        save_probe(rank_probe, out, settings["backbone"]["name"], digest, rank=rank, l2=l2, top1=top1,
-                   device=str(device), contrast=settings["contrast"])
-        log.info("%s probe: l2 %g, top-1 %s", rank, l2, {k: round(v, 3) for k, v in top1.items()})
+    caches = {"train": TokenCache.open(inputs["train_tokens"]), "eval": TokenCache.open(inputs["eval_tokens"])}
+    splits = {split: manifest[manifest["split"] == split] for split in ("train", "val", "test")}
+    splits = {split: rows for split, rows in splits.items() if len(rows)}
+    folder = Path(outputs["probes"][0]).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = weights_digest(probe.backbone)
+    with tempfile.TemporaryDirectory(prefix=".probe_features.", dir=folder) as scratch:
+        started, features = time.time(), {}
+        for split, rows in splits.items():
+            cache = caches["train" if split == "train" else "eval"]
+            data = TokenDataset(cache, np.zeros(len(rows)), cache.index(rows["path"]), every_view=True)
+            features[split] = probe_feature_file(probe, data, Path(scratch) / f"{split}.npy", s["batch_size"],
+                                                 device).reshape(len(rows) * cache.views, -1)
+        log.info("probe features of %s images in %.1f s", {split: len(rows) for split, rows in splits.items()},
+                 time.time() - started)
+        for rank, out in zip(settings["ranks"], outputs["probes"]):
+            names, groups = class_names(classes, rank), rank_groups(settings, classes, rank)
+            truth = {split: torch.from_numpy(labels(rows, classes, rank).to_numpy(copy=True))
+                     for split, rows in splits.items()}
+            weight, bias, l2 = fit_linear_probe(
+                features["train"], truth["train"].repeat_interleave(caches["train"].views), len(names),
+                features.get("val"), truth.get("val"), groups=groups, batch_size=s["batch_size"], device=device)
+            top1 = {split: float(rival_accuracy(features[split], truth[split], weight[None].to(device),
+                                                bias[None].to(device), groups, s["batch_size"])[0])
+                    for split in ("val", "test") if split in splits}
+            rank_probe = LinearProbe(probe.backbone, names, first_block)
+            with torch.no_grad():
+                rank_probe.head.weight.copy_(weight)
+                rank_probe.head.bias.copy_(bias)
+            save_probe(rank_probe, out, settings["backbone"]["name"], digest, rank=rank, l2=l2, top1=top1,
+                       device=str(device), contrast=settings["contrast"])
+            log.info("%s probe: l2 %g, top-1 %s", rank, l2, {k: round(v, 3) for k, v in top1.items()})
 
 
 def eval_transform(settings: Mapping) -> ImageTransform:
