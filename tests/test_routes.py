@@ -80,3 +80,14 @@ def test_faithfulness_takes_two_threads_only_where_it_computes_insertion_and_del
     threads = {re.search(r"wildcards: rank=(\w+)", job)[1]: int((re.search(r"threads: (\d+)", job) or [0, 1])[1])
                for job in jobs}
     assert threads == {"order": 1, "genus": 1, "species": 2}
+
+
+def test_streaming_the_training_images_plans_no_training_token_cache(routes, tmp_path):
+    """cache.train_tokens false: one cache_tokens job (eval), and train and train_probes read no train.tokens.npy."""
+    stream = tmp_path / "stream.yaml"
+    stream.write_text("cache: {train_tokens: false}\n")
+    out = tmp_path / "results"
+    dry_run = snakemake("--configfile", ".test/image_tree/config.yaml", str(stream), "--config", f"results={out}",
+                        "-n").stdout
+    assert planned_jobs(dry_run)["cache_tokens"] == 1 and "train.tokens.npy" not in dry_run
+    assert planned_jobs(dry_run)["train"] == JOBS["train"] and planned_jobs(dry_run)["train_probes"] == 1

@@ -40,15 +40,20 @@ def prepared(tmp_path_factory):
     return root, config, inputs
 
 
+def with_train_tokens(root, config, inputs) -> dict:
+    """`inputs` with the training token cache, made on first use."""
+    path = root / "train.tokens.npy"
+    if not path.exists():
+        cache_step.cache_tokens("train", inputs["manifest"], path, config)
+    return {**inputs, "train_tokens": path}
+
+
 def train_species(root, config, inputs, streamed: bool, threads: int = 1) -> pd.DataFrame:
     out = root / ("streamed" if streamed else "cached")
-    inputs = dict(inputs)
     if streamed:
         config = {**config, "cache": {"train_tokens": False}}
     else:
-        inputs["train_tokens"] = root / "train.tokens.npy"
-        if not inputs["train_tokens"].exists():
-            cache_step.cache_tokens("train", inputs["manifest"], inputs["train_tokens"], config)
+        inputs = with_train_tokens(root, config, inputs)
     train_step.train("species", inputs, {"model": out / "model.pt", "log_table": out / "log.parquet"}, config,
                      threads=threads)
     assert (out / "model.pt").exists()
@@ -67,10 +72,23 @@ def test_streamed_training_follows_the_cached_one(prepared):
     assert streamed["val_top1"].tolist() == cached["val_top1"].tolist()
 
 
-def test_the_workflow_plans_no_training_token_cache_when_streaming(prepared):
-    """The train rule's inputs and settings: no train.tokens.npy, and the images' transform passed instead."""
-    from taxotrait.steps import rule_settings
+def test_streamed_probes_are_the_cached_ones(prepared):
+    """train_probes without a training token cache: the training images' features come from the images themselves,
+    the same probe as from the cache (no augmentation, one view) up to the cache's float16."""
+    import torch
 
-    _, config, _ = prepared
-    streamed = {**config, "cache": {"train_tokens": False}}
-    assert rule_settings(streamed, ["cache"]) != rule_settings(config, ["cache"])
+    from taxotrait.steps import evaluation as evaluation_step
+
+    root, config, inputs = prepared
+    config = {**config, "evaluation": {**config["evaluation"], "device": "cpu"}}
+    cached = with_train_tokens(root, config, inputs)
+    probes = {}
+    for name, (step_inputs, step_config) in {"cached": (cached, config),
+                                             "streamed": (inputs, {**config, "cache": {"train_tokens": False}})}.items():
+        paths = [root / f"probes_{name}" / rank / "probe.pt" for rank in config["ranks"]]
+        evaluation_step.train_probes(step_inputs, {"probes": paths}, step_config)
+        probes[name] = [torch.load(path, weights_only=True) for path in paths]
+    for cached_probe, streamed_probe in zip(probes["cached"], probes["streamed"]):
+        assert cached_probe["metadata"]["top1"] == streamed_probe["metadata"]["top1"]
+        for key, value in cached_probe["state_dict"].items():
+            torch.testing.assert_close(streamed_probe["state_dict"][key], value, atol=2e-3, rtol=2e-2)

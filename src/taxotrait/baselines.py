@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backbone import tokens_entering, weights_digest
+from .data import ImageDataset
 from .devices import mixed_precision
 from .model import PromptCAM, block_attention, families, family_columns
 
@@ -91,17 +92,19 @@ class LinearProbe(nn.Module):
         return self.forward_tokens(self.tokens(images))
 
 
-def probe_feature_file(probe: LinearProbe, data: TokenDataset, path: str | os.PathLike, batch_size: int,
+def probe_feature_file(probe: LinearProbe, data, path: str | os.PathLike, batch_size: int,
                        device: torch.device, progress: bool = True) -> np.ndarray:
     """The final-norm CLS features [n, V, D] float32 of every view of the images of `data` (a `TokenDataset` with
-    `every_view`), computed `batch_size` images at a time into a .npy file at `path`, returned memory-mapped."""
-    views, dim = data.cache.views, probe.backbone.embed_dim
+    `every_view`, or an `ImageDataset`: one view, the frozen forward run here), computed `batch_size` images at a
+    time into a .npy file at `path`, returned memory-mapped."""
+    images = isinstance(data, ImageDataset)
+    views, dim = 1 if images else data.cache.views, probe.backbone.embed_dim
     array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(data), views, dim))
     for start in tqdm(range(0, len(data), batch_size), desc=f"probe features {Path(path).stem}", disable=not progress):
-        tokens = data.__getitems__(range(start, min(start + batch_size, len(data))))[0].to(device)
+        x = data.__getitems__(range(start, min(start + batch_size, len(data))))[0].to(device)
         with torch.no_grad(), mixed_precision(device):
-            features = probe.features(tokens.flatten(0, 1)).float()
-        array[start : start + len(tokens)] = features.unflatten(0, (len(tokens), views)).cpu().numpy()
+            features = probe.features(probe.tokens(x) if images else x.flatten(0, 1)).float()
+        array[start : start + len(x)] = features.unflatten(0, (len(x), views)).cpu().numpy()
     array.flush()
     del array
     return np.load(path, mmap_mode="r")

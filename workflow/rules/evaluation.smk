@@ -5,15 +5,16 @@ from taxotrait import report as reporting
 
 rule train_probes:
     input:
+        unpack(train_tokens),
         manifest=f"{RESULTS}/manifest.parquet",
         classes=f"{RESULTS}/classes.parquet",
-        train_tokens=f"{RESULTS}/cache/train.tokens.npy",
         eval_tokens=f"{RESULTS}/cache/eval.tokens.npy",
         weights=backbone_weights(),
     output:
         probes=expand(f"{RESULTS}/{{rank}}/probe.pt", rank=RANKS),
     params:
-        settings=settings("ranks", "backbone", "model", "contrast", "evaluation.device", "evaluation.batch_size"),
+        settings=settings("ranks", "backbone", "model", "contrast", "cache", "augment.resize", IMAGE_LIMIT,
+                          "evaluation.device", "evaluation.batch_size"),
     log:
         f"{LOGS}/train_probes.log",
     benchmark:

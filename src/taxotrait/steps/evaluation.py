@@ -29,7 +29,7 @@ from ..attention_store import AttentionFile
 from ..backbone import data_normalisation, weights_digest
 from ..baselines import LinearProbe, fit_linear_probe, load_probe, probe_feature_file, rival_accuracy, save_probe
 from ..config import SYNTHETIC_BRANCHING, faithfulness_ranks
-from ..data import AugmentConfig, ImageTransform, load_image
+from ..data import AugmentConfig, ImageDataset, ImageTransform, load_image
 from ..dataset import class_names, class_parents, labels
 from ..devices import frozen_forward, mixed_precision, resolve_device, resolve_precision
 from ..evaluation import (
@@ -73,25 +73,32 @@ def train_probes(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
     alone; the L2 penalty is chosen on the val split; top-1 on val and test (among the true class's rivals: the same
     decision as Prompt-CAM's) is kept in the probe's file. The features of every cached view are computed once,
     batch by batch, into temporary files beside the first probe, then each rank's probe is trained on them by
-    minibatches of `evaluation.batch_size` (`fit_linear_probe`): memory does not grow with the number of images."""
+    minibatches of `evaluation.batch_size` (`fit_linear_probe`): memory does not grow with the number of images. With
+    `cache.train_tokens` false the training images' features come from the images (eval transform, one view)."""
     s = settings["evaluation"]
     device = device_of(s)
     manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
     first_block = new_model(settings, ["probe"]).first_prompted_block
     probe = LinearProbe(backbone_of(settings), ["probe"], first_block).to(device)
-    caches = {"train": TokenCache.open(inputs["train_tokens"]), "eval": TokenCache.open(inputs["eval_tokens"])}
+    eval_cache = TokenCache.open(inputs["eval_tokens"])
+    train_cache = TokenCache.open(inputs["train_tokens"]) if settings["cache"]["train_tokens"] else None
     splits = {split: manifest[manifest["split"] == split] for split in ("train", "val", "test")}
     splits = {split: rows for split, rows in splits.items() if len(rows)}
+    views = {split: 1 if split == "train" and train_cache is None else (train_cache or eval_cache).views
+             if split == "train" else eval_cache.views for split in splits}
     folder = Path(outputs["probes"][0]).parent
     folder.mkdir(parents=True, exist_ok=True)
     digest = weights_digest(probe.backbone)
     with tempfile.TemporaryDirectory(prefix=".probe_features.", dir=folder) as scratch:
         started, features = time.time(), {}
         for split, rows in splits.items():
-            cache = caches["train" if split == "train" else "eval"]
-            data = TokenDataset(cache, np.zeros(len(rows)), cache.index(rows["path"]), every_view=True)
+            cache = train_cache if split == "train" else eval_cache
+            if cache is None:  # cache.train_tokens false: the training images' frozen forward runs here
+                data = ImageDataset(rows["path"].tolist(), np.zeros(len(rows)), eval_transform(settings))
+            else:
+                data = TokenDataset(cache, np.zeros(len(rows)), cache.index(rows["path"]), every_view=True)
             features[split] = probe_feature_file(probe, data, Path(scratch) / f"{split}.npy", s["batch_size"],
-                                                 device).reshape(len(rows) * cache.views, -1)
+                                                 device).reshape(len(rows) * views[split], -1)
         log.info("probe features of %s images in %.1f s", {split: len(rows) for split, rows in splits.items()},
                  time.time() - started)
         for rank, out in zip(settings["ranks"], outputs["probes"]):
@@ -99,7 +106,7 @@ def train_probes(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
             truth = {split: torch.from_numpy(labels(rows, classes, rank).to_numpy(copy=True))
                      for split, rows in splits.items()}
             weight, bias, l2 = fit_linear_probe(
-                features["train"], truth["train"].repeat_interleave(caches["train"].views), len(names),
+                features["train"], truth["train"].repeat_interleave(views["train"]), len(names),
                 features.get("val"), truth.get("val"), groups=groups, batch_size=s["batch_size"], device=device)
             top1 = {split: float(rival_accuracy(features[split], truth[split], weight[None].to(device),
                                                 bias[None].to(device), groups, s["batch_size"])[0])
