@@ -1,5 +1,7 @@
 """Figures from real (tiny) workflow products: attention.h5, traits tables and a manifest of small PNGs."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,12 +14,12 @@ from taxotrait.attention_store import AttentionFile
 from taxotrait.data import AugmentConfig, ImageTransform, load_image
 from taxotrait.extract import extract_attention, mask_heads, sibling_classes
 from taxotrait.model import PromptCAM
-from taxotrait.traits import hierarchy_traits, rank_traits
+from taxotrait.traits import hierarchy_traits, key_table, rank_traits
 
 RANKS = ["genus", "species"]
 # odd characters on purpose: file names must be sanitised
 TAXONOMY = {"Ab/x sp.1": "Gen x", "Ab/x sp.2": "Gen x", "Cd y": "Gen (y)", "Cd z": "Gen (y)"}
-FIGURES = figures.FigureSettings(resize=36, gallery_images=3, max_heads=2)
+FIGURES = figures.FigureSettings(resize=36, gallery_images=3, max_heads=2, report_galleries=1)
 N_IMAGES = 12
 
 
@@ -125,6 +127,16 @@ def test_overlay_upsamples_the_map_onto_the_image():
     assert 0 < heat[40, 8] < 1  # bilinear, not nearest
 
 
+def pngs(folder):
+    return sorted(folder.glob("*.png"))
+
+
+def index_links(folder):
+    """The files index.html links to, and its report labels."""
+    text = (folder / "index.html").read_text()
+    return re.findall(r'<a href="([^"]+)">', text), report.result_labels(folder, report.INDEX)
+
+
 def test_rank_figures_write_one_gallery_per_taxon(products, tmp_path):
     for rank in RANKS:
         traits = pd.read_parquet(products["traits"][rank])
@@ -133,14 +145,36 @@ def test_rank_figures_write_one_gallery_per_taxon(products, tmp_path):
         written = figures.rank_figures(rank, products["attention"][rank], products["traits"][rank],
                                        products["manifest"], out, FIGURES)
         expected = {f"gallery_{figures.safe_name(t)}.png" for t in traits["taxon"].unique()} | {"shared_traits.png"}
-        assert {p.name for p in out.iterdir()} == expected
-        assert sorted(written) == sorted(out.iterdir())
+        assert {p.name for p in pngs(out)} == expected
+        assert sorted(written) == pngs(out)
         for path in written:
             assert_readable_png(path)
         # the report's labels: the taxon's own name (not the sanitised file name), the rank and the kind
         shown = [report.figure_labels(out, path.stem) for path in written]
         assert {s["taxon"] for s in shown if s["kind"] == "trait gallery"} == set(traits["taxon"])
         assert [s["kind"] for s in shown].count("shared traits") == 1 and {s["rank"] for s in shown} == {rank}
+        # the report shows report_galleries galleries (the first in class order) and the shared traits, the same files
+        first = written[0]
+        assert sorted(p.name for p in (out / "report").iterdir()) == sorted([first.name, "shared_traits.png"])
+        assert (out / "report" / first.name).read_bytes() == first.read_bytes()
+        assert report.result_labels(out, first.stem) == report.figure_labels(out, first.stem)
+        # and its index links every figure of the folder
+        links, labels = index_links(out)
+        assert links == [p.name for p in written] and all((out / link).is_file() for link in links)
+        assert labels == {"rank": rank, "taxon": report.ALL_TAXA, "kind": "gallery index"}
+
+
+def test_drawing_processes_write_the_same_figures(products, tmp_path):
+    settings = figures.FigureSettings(resize=36, gallery_images=3, max_heads=2, report_galleries=24)
+    by_workers = {}
+    for workers in (1, 3):
+        out = tmp_path / str(workers)
+        figures.rank_figures("species", products["attention"]["species"], products["traits"]["species"],
+                             products["manifest"], out / "species", settings, workers=workers)
+        figures.hierarchy_figures(products["attention"], products["hierarchy"], products["manifest"],
+                                  out / "hierarchy", RANKS, settings, workers=workers)
+        by_workers[workers] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+    assert len(by_workers[1]) >= 6 and by_workers[1] == by_workers[3]
 
 
 def test_gallery_layout(products):
@@ -188,8 +222,12 @@ def test_hierarchy_figures_one_column_per_rank(products, tmp_path):
                                         FIGURES)
     table = pd.read_parquet(products["hierarchy"])
     assert {p.name for p in written} == {f"{figures.safe_name(s)}.png" for s in table["species"].unique()}
+    assert sorted(written) == pngs(out)
     for path in written:
         assert_readable_png(path)
+    assert [p.name for p in (out / "report").iterdir()] == [written[0].name]  # report_galleries: 1
+    links, labels = index_links(out)
+    assert links == [p.name for p in written] and labels["kind"] == "coarse-to-fine index"
 
     species = table["species"].iloc[0]
     manifest = pd.read_parquet(products["manifest"])
@@ -234,7 +272,10 @@ def test_no_traits_writes_no_empty_figure(products, tmp_path, caplog):
     pd.read_parquet(products["hierarchy"]).iloc[:0].to_parquet(tmp_path / "hierarchy.parquet", index=False)
     written += figures.hierarchy_figures(products["attention"], tmp_path / "hierarchy.parquet", products["manifest"],
                                          tmp_path / "hier", RANKS, FIGURES)
-    assert written == [] and list((tmp_path / "out").iterdir()) == list((tmp_path / "hier").iterdir()) == []
+    assert written == [] and pngs(tmp_path / "out") == pngs(tmp_path / "hier") == []
+    for folder in (tmp_path / "out", tmp_path / "hier"):  # the index says so; the report shows it alone
+        assert index_links(folder)[0] == [] and list((folder / "report").iterdir()) == []
+        assert "No figure" in (folder / "index.html").read_text()
     assert "no shared-traits figure" in caplog.text and "no species has trait heads" in caplog.text
 
 
@@ -256,27 +297,68 @@ def test_only_correctly_classified_images_are_shown(products, tmp_path):
         assert len(attention.correct_rows("no such taxon")) == 0
 
 
-def test_key_figure_draws_every_taxon_at_its_place_in_the_tree(products):
-    from taxotrait.traits import key_table
+def classes_table(parent_of: dict[str, str], ranks) -> pd.DataFrame:
+    """classes.parquet of a two-rank taxonomy {child: parent} (class indices in sorted order)."""
+    rows = [(ranks[0], i, g, "") for i, g in enumerate(sorted(set(parent_of.values())))]
+    rows += [(ranks[1], i, s, parent_of[s]) for i, s in enumerate(sorted(parent_of))]
+    return pd.DataFrame(rows, columns=["rank", "class_index", "taxon", "parent"])
 
-    rows = [("genus", i, g, "") for i, g in enumerate(sorted(set(TAXONOMY.values())))]
-    rows += [("species", i, s, TAXONOMY[s]) for i, s in enumerate(sorted(TAXONOMY))]
-    classes = pd.DataFrame(rows, columns=["rank", "class_index", "taxon", "parent"])
-    position = figures.leaf_order(classes, RANKS)
+
+def test_key_figure_draws_every_taxon_at_its_place_in_the_tree(products, tmp_path):
+    classes = classes_table(TAXONOMY, RANKS)
+    tree = figures.taxon_tree(classes, RANKS)
+    position = figures.leaf_order(tree, tree[figures.ROOT])
     # leaves 0..3 in depth-first order, each genus at the mean of its species
     assert sorted(position[("species", s)] for s in TAXONOMY) == [0, 1, 2, 3]
     for genus in set(TAXONOMY.values()):
         kids = [position[("species", s)] for s, g in TAXONOMY.items() if g == genus]
         assert position[("genus", genus)] == pytest.approx(np.mean(kids)) and max(kids) - min(kids) == 1
-    key = key_table([pd.read_parquet(products["traits"][r]) for r in RANKS], classes, RANKS)
-    manifest = pd.read_parquet(products["manifest"])
-    files = {rank: AttentionFile(products["attention"][rank]) for rank in RANKS}
-    try:
-        images = figures.ImageSource(manifest, 32, 36)
-        fig = figures.key_figure(key, classes, RANKS, files, images)
-    finally:
-        for f in files.values():
-            f.close()
-    titles = [ax.get_title() for ax in fig.get_axes()[1:]]
-    assert len(titles) == len(classes)  # one panel per taxon
-    assert all(any(title.startswith(figures._short(t, 18)) for title in titles) for t in classes["taxon"])
+    classes.to_parquet(tmp_path / "classes.parquet")
+    key_table([pd.read_parquet(products["traits"][r]) for r in RANKS], classes, RANKS).to_parquet(
+        tmp_path / "key.parquet")
+    written = figures.key_figures(tmp_path / "key.parquet", tmp_path / "classes.parquet", products["attention"],
+                                  products["manifest"], tmp_path / "key", RANKS, 36, report_pages=1)
+    assert [p.name for p in written] == ["key_1_top.png"] == [p.name for p in pngs(tmp_path / "key")]
+    assert_readable_png(written[0])
+    (page,) = figures.key_pages(tree)  # the page drawn again, to read where its panels are
+    panels = {node: figures.KeyPanel(node[1]) for node in page.taxa}
+    fig = figures.key_page_figure(page, panels, figures.Crop(32, 36), "t")
+    box = {tuple(ax.get_gid().split(":")[1:]): ax.get_position() for ax in fig.get_axes()[1:]}
+    assert sorted(box) == sorted(zip(classes["rank"], classes["taxon"]))  # a panel per taxon
+    for species, genus in TAXONOMY.items():  # each genus above its species, between them
+        g, s = box[("genus", genus)], box[("species", species)]
+        assert g.y0 > s.y0 and abs((g.x0 + g.x1) / 2 - (s.x0 + s.x1) / 2) < g.width
+    assert report.result_labels(tmp_path / "key", "key_1_top")["kind"] == "key figure"
+    assert index_links(tmp_path / "key")[0] == ["key_1_top.png"]
+
+
+def test_key_pages_of_a_wide_taxonomy_stay_within_the_pixel_bound(tmp_path):
+    """Many genera, one of them with many species: every taxon on exactly one page, every page at most 20 Mpx,
+    a taxon's children drawn below it or starting the page it names."""
+    parent_of = {f"Big sp{i:03d}": "Genus big" for i in range(130)}
+    parent_of |= {f"Small{g:02d} sp{i}": f"Genus {g:02d}" for g in range(70) for i in range(1 + g % 3)}
+    classes = classes_table(parent_of, RANKS)
+    tree = figures.taxon_tree(classes, RANKS)
+    pages = figures.key_pages(tree)
+    drawn = [node for page in pages for node in page.taxa]
+    assert sorted(drawn) == sorted(zip(classes["rank"], classes["taxon"]))  # each taxon exactly once
+    page_of = {node: page.number for page in pages for node in page.taxa}
+    for page in pages:
+        for node in page.taxa:
+            kids = tree.get(node, [])
+            assert page.children.get(node, kids) == kids
+            if kids and node not in page.children:  # continued: the page it names starts with its children
+                assert page_of[kids[0]] == page.links[node] and pages[page.links[node] - 1].context == node
+    assert len(pages) > 3 and {len(page.levels) for page in pages} == {1, 2}
+    crop = figures.Crop(32, 36)
+    for page in pages:
+        panels = {node: figures.KeyPanel(node[1], note="no image") for node in page.taxa}
+        fig = figures.key_page_figure(page, panels, crop, figures.key_page_title(page, len(pages)))
+        path = figures.save_figure(fig, tmp_path / f"{page.number}.png", tight=False, colours=None)
+        with Image.open(path) as image:
+            assert 20e6 / 100 < image.width * image.height <= 20e6, (page.number, image.size)
+    # deep trees: at most KEY_PAGE_ROWS ranks a page
+    chain = {figures.ROOT: [("r0", "t0")], **{(f"r{i}", f"t{i}"): [(f"r{i + 1}", f"t{i + 1}")] for i in range(19)}}
+    deep = figures.key_pages(chain)
+    assert [len(page.levels) for page in deep] == [8, 8, 4]
+    assert [node for page in deep for node in page.taxa] == [(f"r{i}", f"t{i}") for i in range(20)]

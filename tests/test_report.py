@@ -1,5 +1,6 @@
 """What `snakemake --report` shows: category order, figure labels, the tables' HTML pages and legible figures."""
 
+import re
 from html.parser import HTMLParser
 
 import numpy as np
@@ -114,3 +115,43 @@ def test_localization_figure_is_legible_and_its_legend_covers_no_bars():
     assert height <= 7 and width <= 12  # shown whole, unscaled, in the report's window
     with pytest.raises(ValueError, match="no ground truth"):
         evaluation.localization_figure(empty_table(evaluation.LOCALIZATION_COLUMNS))
+
+
+def test_evenly_spaced_picks_a_bounded_spread_of_the_figures():
+    assert report.evenly_spaced(10, 4) == [0, 3, 6, 9]
+    assert report.evenly_spaced(3, 24) == [0, 1, 2] and report.evenly_spaced(5, 1) == [0]
+    assert report.evenly_spaced(5, 0) == [] and report.evenly_spaced(0, 24) == []
+    for n in (25, 480, 10_000):
+        picks = report.evenly_spaced(n, 24)
+        assert len(set(picks)) == 24 and picks == sorted(picks) and (picks[0], picks[-1]) == (0, n - 1)
+        assert max(np.diff(picks)) - min(np.diff(picks)) <= 1  # even
+
+
+def test_a_figures_folder_shows_its_selection_in_the_report_and_indexes_every_figure(tmp_path):
+    from snakemake.io import glob_wildcards
+
+    fig = new_figure(1, 1)
+    fig.add_subplot().plot([0, 1])
+    written = []
+    for i in range(30):
+        found = report.labels("species" if i < 20 else "genus", f"Taxon {i} & {{x}}", "trait gallery")
+        written.append((save_figure(fig, tmp_path / f"gallery_{i:02d}.png", colours=None, report_labels=found), found))
+    shown = [written[i][0] for i in report.evenly_spaced(len(written), 5)]
+    index = report.publish_figures(tmp_path, written, shown, "Trait galleries: species",
+                                   report.labels("species", kind="gallery index"))
+    # what Snakemake's report embeds (the rules' patterns): the selection and the index, nothing else
+    found = [name for pattern in report.REPORT_PATTERNS for name in glob_wildcards(str(tmp_path / pattern)).name]
+    assert sorted(found) == sorted([path.stem for path in shown] + [report.INDEX])
+    assert all((tmp_path / "report" / path.name).read_bytes() == path.read_bytes() for path in shown)
+    assert report.result_labels(tmp_path, report.INDEX) == {"rank": "species", "taxon": "all taxa",
+                                                            "kind": "gallery index"}
+    assert report.result_labels(tmp_path, shown[1].stem) == report.labels("species", "Taxon 7 & {\u200bx}",
+                                                                          "trait gallery")
+    # the index: every figure, linked relative to the page, grouped by rank in order, the report's marked
+    text = index.read_text()
+    assert re.findall(r"<h2>([^<]*)</h2>", text) == ["species (20)", "genus (10)"]
+    assert re.findall(r'<a href="([^"]+)">', text) == [path.name for path, _ in written]
+    assert text.count("<em>in the report</em>") == 5 and ">Taxon 7 &amp; {x}</a>" in text
+    # published again with another selection: the report folder holds that one only
+    report.publish_figures(tmp_path, written, shown[:1], "again", report.labels(kind="gallery index"))
+    assert [path.name for path in (tmp_path / "report").iterdir()] == [shown[0].name]

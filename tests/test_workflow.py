@@ -188,7 +188,8 @@ def test_key(results):
     forks = classes.groupby(["rank", "parent"]).ngroups
     assert text.count("\n## ") == forks and "## (root) → Ordo_A vs Ordo_B (order)" in text
     assert "## Familia_A1 → Genus_A1a vs Genus_A1b (genus)" in text and "of images" in text
-    figure = np.asarray(Image.open(results / "figures" / "key.png").convert("RGB"), dtype=np.float64)
+    (page,) = (results / "figures" / "key").glob("*.png")  # the tiny tree fits one page
+    figure = np.asarray(Image.open(page).convert("RGB"), dtype=np.float64)
     assert figure.std() > 10 and figure.shape[1] > figure.shape[0]  # a wide tree, not blank
 
 
@@ -395,9 +396,10 @@ def test_report_shows_the_tables_labels_every_result_and_orders_ranks(results, t
         assert {shown[p]["labels"]["rank"] for p in paths} == {subcategory.split(". ", 1)[1]}
     # the tables: HTML pages the report displays (not Markdown it would download), with the run's settings
     pages = {entry["filename"]: entry for entry in shown.values() if entry["mime_type"] == "text/html"}
-    assert set(pages) == {"summary.html", "evaluation.html", "key.html"}
+    assert set(pages) == {"summary.html", "evaluation.html", "key.html", "index.html"}  # index.html: every figure
     key = categories[next(name for name in categories if name.endswith("Key"))]
-    assert sorted(shown[p]["filename"] for paths in key.values() for p in paths) == ["key.html", "key.png"]
+    key_files = sorted(shown[p]["filename"] for paths in key.values() for p in paths)
+    assert key_files == ["index.html", "key.html", "report/key_1_top.png"]  # the tiny tree: one key page
     assert not [entry["filename"] for entry in shown.values() if entry["filename"].endswith(".md")]
     for name, expected in (("summary.html", "<th>top-1 (top-down)</th>"), ("evaluation.html", "Prompt-CAM (trait heads)"),
                            ("key.html", "<h2>(root) → Ordo_A vs Ordo_B (order)</h2>")):

@@ -7,16 +7,24 @@ last-block attention of a class prompt over the patch grid, upsampled bilinearly
 per map.
 
 The plotting functions take arrays and return `matplotlib.figure.Figure` objects (Agg rendering, no pyplot state),
-so they can be used from a notebook; `rank_figures` and `hierarchy_figures` are the workflow steps that read the
-result files and write PNGs.
+so they can be used from a notebook; `rank_figures`, `hierarchy_figures` and `key_figures` are the workflow steps
+that read the result files and write PNGs. They read attention.h5 and the manifest in their own process and hand
+each figure's data to a pool of drawing processes (`FigurePool`), so a step's time is bounded by its processes and
+its memory by the figures in flight, whatever the number of taxa; the report shows a bounded selection of each
+folder and its index page (`taxotrait.report.publish_figures`).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
+import multiprocessing as mp
 import os
 import re
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,12 +34,13 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+from tqdm import tqdm
 
 from .attention_store import AttentionFile
 from .data import AugmentConfig, ImageTransform, load_image
 from .faithfulness import upsample
-from .report import ALL_RANKS, labels, png_labels
 from .io import atomic_write
+from .report import ALL_RANKS, ALL_TAXA, INDEX, evenly_spaced, labels, png_labels, publish_figures
 
 log = logging.getLogger("taxotrait.figures")
 
@@ -60,12 +69,14 @@ def unique_name(name: str, used: set[str]) -> str:
 
 @dataclass(frozen=True)
 class FigureSettings:
-    """What the figures show: `resize` (augment.resize, the eval crop's), `gallery_images` images per trait gallery
-    and `max_heads` trait heads per taxon (figures.gallery_images, figures.max_heads)."""
+    """What the figures show: `resize` (augment.resize, the eval crop's), `gallery_images` images per trait gallery,
+    `max_heads` trait heads per taxon and `report_galleries` figures of a folder shown in the report
+    (figures.gallery_images, figures.max_heads, figures.report_galleries)."""
 
     resize: int
     gallery_images: int
     max_heads: int
+    report_galleries: int
 
 
 def eval_crop(path: str | os.PathLike, img_size: int, resize: int) -> np.ndarray:
@@ -283,25 +294,41 @@ def hierarchy_figure(species: str, image: np.ndarray, columns: list[HierarchyCol
 
 
 # ------------------------------------------------------------------------------------------------ inputs
+@dataclass(frozen=True)
+class Crop:
+    """The eval crop of the model's images (`img_size`, augment.resize): `crop(path)` -> RGB float [S, S, 3]."""
+
+    img_size: int
+    resize: int
+
+    def __call__(self, path: str | os.PathLike) -> np.ndarray:
+        return eval_crop(path, self.img_size, self.resize)
+
+
 class ImageSource:
     """Eval crops of manifest images by image_id (the last `cache_size` kept: memory stays bounded)."""
 
     def __init__(self, manifest: pd.DataFrame, img_size: int, resize: int, source: str = "manifest",
                  cache_size: int = 32):
         self.path_of = dict(zip(manifest["image_id"].astype(str), manifest["path"].astype(str)))
-        self.img_size, self.resize, self.source, self.cache_size = img_size, resize, source, cache_size
+        self.crop, self.source, self.cache_size = Crop(img_size, resize), source, cache_size
         self.cache: dict[str, np.ndarray] = {}
+
+    def path(self, image_id: str) -> str:
+        """The file of `image_id`; KeyError or FileNotFoundError naming the manifest when it has none."""
+        if image_id not in self.path_of:
+            raise KeyError(f"image {image_id!r} is not in {self.source}")
+        path = self.path_of[image_id]
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image {image_id!r}: file not found: {path} (listed in {self.source})")
+        return path
 
     def __call__(self, image_id: str) -> np.ndarray:
         if image_id not in self.cache:
-            if image_id not in self.path_of:
-                raise KeyError(f"image {image_id!r} is not in {self.source}")
-            path = self.path_of[image_id]
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"image {image_id!r}: file not found: {path} (listed in {self.source})")
+            path = self.path(image_id)
             if len(self.cache) >= self.cache_size:
                 self.cache.pop(next(iter(self.cache)))
-            self.cache[image_id] = eval_crop(path, self.img_size, self.resize)
+            self.cache[image_id] = self.crop(path)
         return self.cache[image_id]
 
 
@@ -309,7 +336,115 @@ def _top(traits: pd.DataFrame, n: int) -> pd.DataFrame:
     return traits.sort_values(["frequency", "mean_importance"], ascending=False, kind="stable").head(n)
 
 
+def correct_rows_by_class(attention: AttentionFile) -> dict[int, np.ndarray]:
+    """The rows of the correctly classified images of every class (by class index), in file order: one pass over
+    the file rather than one per taxon (`AttentionFile.correct_rows`)."""
+    rows = np.flatnonzero(attention.correct)
+    rows = rows[np.argsort(attention.labels[rows], kind="stable")]
+    classes, starts = np.unique(attention.labels[rows], return_index=True)
+    return {int(c): part for c, part in zip(classes, np.split(rows, starts[1:]))}
+
+
+NO_ROWS = np.array([], dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------------ drawing processes
+def _start_worker() -> None:
+    """A drawing process: torch on one thread (the parent's OpenMP threads do not survive the fork)."""
+    torch.set_num_threads(1)
+
+
+class FigurePool:
+    """`workers` processes drawing figures (none for 1: drawn in this process). They are forked when the pool is
+    entered, before the caller opens attention.h5: a job carries everything its figure shows (maps, image paths), so
+    only the caller reads the HDF5 files. `map` keeps at most two jobs per worker in flight, so memory stays bounded
+    whatever the number of figures."""
+
+    def __init__(self, workers: int = 1):
+        self.workers, self.pool = max(1, int(workers)), None
+
+    def __enter__(self) -> "FigurePool":
+        if self.workers > 1:
+            self.pool = mp.get_context("fork").Pool(self.workers, initializer=_start_worker)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+    def map(self, draw, jobs: Iterable) -> Iterator:
+        """draw(job) for every job, in order."""
+        if self.pool is None:
+            yield from map(draw, jobs)
+            return
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(self.pool.apply_async(draw, (job,)))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+Written = tuple[Path, dict]  # a figure written and its report labels
+
+
+def _drawn(jobs: Iterable, draw, pool: FigurePool, total: int, what: str) -> list[Written]:
+    return list(tqdm(pool.map(draw, jobs), total=total, desc=what, unit="figure"))
+
+
+def _publish(out_dir: Path, written: list[Written], shown: int, title: str, index_labels: dict,
+             always: list[Written] = ()) -> list[Path]:
+    """`written` and `always` in out_dir's index, `shown` of `written` (evenly spread) and `always` in the report."""
+    everything = [*written, *always]
+    chosen = [written[i][0] for i in evenly_spaced(len(written), shown)] + [path for path, _ in always]
+    publish_figures(out_dir, everything, chosen, title, index_labels)
+    return [path for path, _ in everything]
+
+
 # ------------------------------------------------------------------------------------------------ steps
+@dataclass(frozen=True)
+class GalleryJob:
+    """A trait gallery to draw (`trait_gallery`) at `path`: its taxon's top traits, images and their maps."""
+
+    path: Path
+    rank: str
+    taxon: str
+    traits: pd.DataFrame
+    image_ids: list[str]
+    image_paths: list[str]
+    maps: np.ndarray
+    crop: Crop
+
+
+def draw_gallery(job: GalleryJob) -> Written:
+    """Draw and write a GalleryJob."""
+    fig = trait_gallery(job.taxon, job.traits, [job.crop(p) for p in job.image_paths], job.maps, job.image_ids,
+                        job.rank)
+    found = labels(job.rank, job.taxon, "trait gallery")
+    return save_figure(fig, job.path, report_labels=found), found
+
+
+def gallery_jobs(rank: str, attention: AttentionFile, traits: pd.DataFrame, images: ImageSource,
+                 settings: FigureSettings, out_dir: Path) -> Iterator[GalleryJob]:
+    """The gallery of every taxon of `traits` with a correctly classified image, in the file's class order."""
+    rows_of, used = correct_rows_by_class(attention), set()
+    by_taxon = dict(list(traits.groupby(traits["taxon"].astype(str))))
+    for taxon in sorted(by_taxon, key=lambda t: attention.index_of.get(t, len(attention.class_names))):
+        top = _top(by_taxon[taxon], settings.max_heads)
+        rows = rows_of.get(attention.index_of.get(taxon, -1), NO_ROWS)[: settings.gallery_images]
+        if len(top) == 0 or len(rows) == 0:
+            log.warning("%s %s: trait heads but no correctly classified image in %s; skipped", rank, taxon,
+                        attention.path)
+            continue
+        ids = [attention.image_ids[r] for r in rows]
+        maps = np.stack([attention.head_maps(r, top["prompt"].tolist(), top["head"].tolist()) for r in rows])
+        name = unique_name(f"gallery_{safe_name(taxon)}", used)
+        yield GalleryJob(out_dir / f"{name}.png", rank, taxon, top, ids, [images.path(i) for i in ids], maps,
+                         images.crop)
+
+
 def shared_examples(attention: AttentionFile, traits: pd.DataFrame, images: ImageSource, max_heads: int,
                     n_pairs: int = 3) -> list[SharedExample]:
     """Up to `n_pairs` (image, taxon, sibling) examples with distinct taxon pairs: correctly classified images whose
@@ -317,9 +452,10 @@ def shared_examples(attention: AttentionFile, traits: pd.DataFrame, images: Imag
     examples, seen = [], set()
     own = traits[traits["prompt"] == traits["taxon"]]  # a taxon's traits through its own prompt
     by_taxon = dict(list(own.groupby(own["taxon"].astype(str))))
+    rows_of = correct_rows_by_class(attention)
     for taxon in sorted(by_taxon, key=lambda t: attention.index_of.get(t, len(attention.class_names))):
         top = _top(by_taxon[taxon], max_heads)
-        for row in attention.correct_rows(taxon):
+        for row in rows_of.get(attention.index_of.get(taxon, -1), NO_ROWS):
             label = attention.labels[row]
             slots = [s for s in range(2, attention.classes.shape[1])
                      if attention.classes[row, s] >= 0 and attention.classes[row, s] != label]
@@ -341,40 +477,33 @@ def shared_examples(attention: AttentionFile, traits: pd.DataFrame, images: Imag
 
 
 def rank_figures(rank: str, attention_h5, traits_parquet, manifest_parquet, out_dir, settings: FigureSettings,
-                 n_pairs: int = 3) -> list[Path]:
-    """Write out_dir/gallery_<taxon>.png for every taxon with trait heads and out_dir/shared_traits.png (when a
-    correctly classified image has a sibling class's maps); returns the paths written (none for a rank without a
-    correctly classified image: the log says so)."""
+                 n_pairs: int = 3, workers: int = 1) -> list[Path]:
+    """Write out_dir/gallery_<taxon>.png for every taxon with trait heads (drawn by `workers` processes) and
+    out_dir/shared_traits.png (when a correctly classified image has a sibling class's maps), then the report's part
+    of out_dir (`taxotrait.report.publish_figures`: settings.report_galleries galleries and the shared traits, and
+    index.html); returns the figures written (none for a rank without a correctly classified image: the log says
+    so)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     traits = pd.read_parquet(traits_parquet)
     traits = traits[traits["rank"] == rank] if "rank" in traits.columns else traits
     manifest = pd.read_parquet(manifest_parquet)
-    written, used = [], set()
-    with AttentionFile(attention_h5) as attention:
+    with FigurePool(workers) as pool, AttentionFile(attention_h5) as attention:
         images = ImageSource(manifest, attention.img_size, settings.resize, str(manifest_parquet))
-        by_taxon = dict(list(traits.groupby(traits["taxon"].astype(str))))
-        for taxon in sorted(by_taxon, key=lambda t: attention.index_of.get(t, len(attention.class_names))):
-            top = _top(by_taxon[taxon], settings.max_heads)
-            rows = attention.correct_rows(taxon)[: settings.gallery_images]
-            if len(top) == 0 or len(rows) == 0:
-                log.warning("%s %s: trait heads but no correctly classified image in %s; skipped", rank, taxon,
-                            attention_h5)
-                continue
-            ids = [attention.image_ids[r] for r in rows]
-            maps = np.stack([attention.head_maps(r, top["prompt"].tolist(), top["head"].tolist()) for r in rows])
-            fig = trait_gallery(taxon, top, [images(i) for i in ids], maps, ids, rank)
-            name = unique_name(f"gallery_{safe_name(taxon)}", used)
-            written.append(save_figure(fig, out_dir / f"{name}.png",
-                                       report_labels=labels(rank, taxon, "trait gallery")))
+        galleries = _drawn(gallery_jobs(rank, attention, traits, images, settings, out_dir), draw_gallery, pool,
+                           traits["taxon"].nunique(), f"{rank} galleries")
         examples = shared_examples(attention, traits, images, settings.max_heads, n_pairs)
+    shared = []
     if examples:
         pairs = "; ".join(f"{e.taxon} vs {e.sibling}" for e in examples)
-        written.append(save_figure(shared_traits_figure(examples, rank), out_dir / "shared_traits.png",
-                                   report_labels=labels(rank, pairs, "shared traits")))
+        found = labels(rank, pairs, "shared traits")
+        shared.append((save_figure(shared_traits_figure(examples, rank), out_dir / "shared_traits.png",
+                                   report_labels=found), found))
     else:
         log.warning("%s: no correctly classified image with a sibling class's maps in %s: no shared-traits figure",
                     rank, attention_h5)
+    written = _publish(out_dir, galleries, settings.report_galleries, f"Trait galleries: {rank}",
+                       labels(rank, ALL_TAXA, "gallery index"), shared)
     log.info("%s: %d figures in %s", rank, len(written), out_dir)
     return written
 
@@ -412,141 +541,311 @@ def species_columns(species: str, files: list[AttentionFile], table: pd.DataFram
     return image_id, columns
 
 
+@dataclass(frozen=True)
+class HierarchyJob:
+    """A coarse-to-fine figure to draw (`hierarchy_figure`) at `path`: its species' image and columns."""
+
+    path: Path
+    species: str
+    image_id: str
+    image_path: str
+    columns: list[HierarchyColumn]
+    crop: Crop
+
+
+def draw_hierarchy(job: HierarchyJob) -> Written:
+    """Draw and write a HierarchyJob."""
+    fig = hierarchy_figure(job.species, job.crop(job.image_path), job.columns, job.image_id)
+    found = labels(ALL_RANKS, job.species, "coarse to fine")
+    return save_figure(fig, job.path, report_labels=found), found
+
+
 def hierarchy_figures(attention_h5_by_rank: dict, hierarchy_parquet, manifest_parquet, out_dir, ranks: list[str],
-                      settings: FigureSettings) -> list[Path]:
+                      settings: FigureSettings, workers: int = 1) -> list[Path]:
     """Write out_dir/<species>.png for every species of hierarchy_traits.parquet that has an image in every rank's
-    attention.h5 (in the order of `ranks`, coarse to fine, the last the species'); returns the paths."""
+    attention.h5 (in the order of `ranks`, coarse to fine, the last the species'), drawn by `workers` processes, then
+    the report's part of out_dir (settings.report_galleries of them and index.html); returns the figures."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     species_rank = ranks[-1]
     ranks = [r for r in ranks if r in attention_h5_by_rank]
     table = pd.read_parquet(hierarchy_parquet)
     manifest = pd.read_parquet(manifest_parquet)
-    written, used = [], set()
-    files = [AttentionFile(attention_h5_by_rank[rank]) for rank in ranks]
-    try:
-        img_size = files[0].img_size if files else 0
-        images = ImageSource(manifest, img_size, settings.resize, str(manifest_parquet))
-        if "split" in manifest.columns:  # test images first
-            manifest = manifest.iloc[np.argsort((manifest["split"] != "test").to_numpy(), kind="stable")]
-        ids_of = manifest.groupby(manifest[species_rank].astype(str), sort=False)["image_id"].agg(list)
+    if "split" in manifest.columns:  # test images first
+        manifest = manifest.iloc[np.argsort((manifest["split"] != "test").to_numpy(), kind="stable")]
+    ids_of = manifest.groupby(manifest[species_rank].astype(str), sort=False)["image_id"].agg(list)
+
+    def jobs(files: list[AttentionFile], images: ImageSource) -> Iterator[HierarchyJob]:
+        used = {INDEX}  # the folder's index page is index.html
         for species, rows in table.groupby(table["species"].astype(str), sort=True):
             chosen = species_columns(species, files, rows, ids_of.get(species, []), settings.max_heads)
             if chosen is None:
                 log.warning("%s: no image in every rank's attention.h5; skipped", species)
                 continue
             image_id, columns = chosen
-            fig = hierarchy_figure(species, images(image_id), columns, image_id)
-            written.append(save_figure(fig, out_dir / f"{unique_name(safe_name(species), used)}.png",
-                                       report_labels=labels(ALL_RANKS, species, "coarse to fine")))
-    finally:
-        for f in files:
-            f.close()
-    if not written:
+            yield HierarchyJob(out_dir / f"{unique_name(safe_name(species), used)}.png", species, image_id,
+                               images.path(image_id), columns, images.crop)
+
+    with FigurePool(workers) as pool, ExitStack() as stack:
+        files = [stack.enter_context(AttentionFile(attention_h5_by_rank[rank])) for rank in ranks]
+        images = ImageSource(manifest, files[0].img_size if files else 0, settings.resize, str(manifest_parquet))
+        drawn = _drawn(jobs(files, images), draw_hierarchy, pool, table["species"].nunique(), "coarse to fine")
+    if not drawn:
         log.warning("hierarchy: no species has trait heads (no correctly classified image): no figure")
+    written = _publish(out_dir, drawn, settings.report_galleries, "Coarse to fine: every species",
+                       labels(kind="coarse-to-fine index"))
     log.info("hierarchy: %d figures in %s", len(written), out_dir)
     return written
 
 
 # ------------------------------------------------------------------------------------------------ the key
-KEY_MAX_TAXA = 48  # ranks with more taxa than this are left out of the key figure (it would be unreadable)
+Node = tuple[str, str]  # a taxon of the key: (rank, taxon)
+ROOT: Node = ("", "")  # above the top rank
+# A key page holds at most KEY_PAGE_COLUMNS taxa side by side and KEY_PAGE_ROWS ranks, KEY_CELL inches per taxon and
+# KEY_ROW per rank: at 100 dpi at most 6000 x 1630 pixels (under 20 Mpx, PIL's guard is 89 Mpx) at any taxonomy size.
+KEY_PAGE_COLUMNS, KEY_PAGE_ROWS = 48, 8
+KEY_CELL, KEY_ROW = 1.25, 1.95
 
 
-def leaf_order(classes: pd.DataFrame, ranks: list[str]) -> dict[tuple[str, str], float]:
-    """x position of every (rank, taxon) in a drawing of the tree: leaves 0, 1, ... in depth-first order, each
-    internal taxon at the mean of its children."""
-    children: dict[tuple[str, str], list[tuple[str, str]]] = {}
+def taxon_tree(classes: pd.DataFrame, ranks: list[str]) -> dict[Node, list[Node]]:
+    """The children of every taxon of `ranks` (coarse to fine) in classes.parquet, in class_index order; ROOT's:
+    the top rank's taxa."""
+    children: dict[Node, list[Node]] = {}
     for depth, rank in enumerate(ranks):
         rows = classes[classes["rank"] == rank].sort_values("class_index")
         for taxon, parent in zip(rows["taxon"].astype(str), rows["parent"].fillna("").astype(str)):
-            above = (ranks[depth - 1], parent) if depth else ("", "")
-            children.setdefault(above, []).append((rank, taxon))
-    position: dict[tuple[str, str], float] = {}
+            children.setdefault((ranks[depth - 1], parent) if depth else ROOT, []).append((rank, taxon))
+    return children
 
-    def place(node) -> float:
+
+def leaf_order(children: dict[Node, list[Node]], top: list[Node]) -> dict[Node, float]:
+    """x position of every taxon of the tree below `top` (`children`: the links drawn): leaves 0, 1, ... in
+    depth-first order, each other taxon at the mean of its children."""
+    position: dict[Node, float] = {}
+    leaves = itertools.count()
+
+    def place(node: Node) -> float:
         kids = children.get(node, [])
-        if not kids:
-            position[node] = float(sum(1 for n in position if not children.get(n)))
-        else:
-            position[node] = float(np.mean([place(kid) for kid in kids]))
+        position[node] = float(np.mean([place(kid) for kid in kids])) if kids else float(next(leaves))
         return position[node]
 
-    place(("", ""))
-    position.pop(("", ""))
+    for node in top:
+        place(node)
     return position
 
 
-def key_figure(key: pd.DataFrame, classes: pd.DataFrame, ranks: list[str], attention: dict[str, AttentionFile],
-               images: ImageSource) -> Figure:
-    """The key as a tree (the Prompt-CAM paper's Figure 9 for every fork at once): one row per rank, each taxon at its
-    place in the tree, linked to its parent, showing its top trait head's map on a correctly classified image of it
-    (a monotypic taxon: the image alone). Ranks with more than KEY_MAX_TAXA taxa are left out."""
-    shown = [r for r in ranks if (classes["rank"] == r).sum() <= KEY_MAX_TAXA] or ranks[:1]
-    position = leaf_order(classes, ranks)
-    x_of = {node: x for node, x in position.items() if node[0] in shown}
-    span = max(x_of.values()) - min(x_of.values()) + 1 if x_of else 1
-    cell = 1.25
-    fig = Figure(figsize=(max(span * cell, 6.0), len(shown) * 1.95 + 0.7), dpi=DPI)
+@dataclass
+class KeyPage:
+    """One page of the key figure: `levels`, the taxa it draws rank by rank (coarse to fine), the first a run of the
+    children of `context` (ROOT, or a taxon drawn on page `context_page`), the `part`-th of (part, parts) runs;
+    `children`: the links drawn; `links`: its taxa whose children continue on another page, and that page."""
+
+    number: int
+    context: Node
+    part: tuple[int, int]
+    levels: list[list[Node]]
+    children: dict[Node, list[Node]]
+    context_page: int | None = None
+    links: dict[Node, int] = field(default_factory=dict)
+
+    @property
+    def taxa(self) -> list[Node]:
+        return [node for level in self.levels for node in level]
+
+
+def _width(children: dict[Node, list[Node]], node: Node, depth: int, cap: int) -> int:
+    """Columns of `node`'s tree drawn `depth` ranks deep (its leaves), counted up to just past `cap`."""
+    kids = children.get(node, []) if depth > 1 else []
+    total = 0
+    for kid in kids:
+        total += _width(children, kid, depth - 1, cap - total)
+        if total > cap:
+            break
+    return total or 1
+
+
+def key_pages(children: dict[Node, list[Node]], columns: int = KEY_PAGE_COLUMNS,
+              rows: int = KEY_PAGE_ROWS) -> list[KeyPage]:
+    """The key figure cut into pages of at most `columns` taxa side by side and `rows` ranks, every taxon of the tree
+    (`taxon_tree`) on exactly one page. A page holds a run of children of one taxon, each with its descendants down
+    to the page's last rank; a child whose descendants would not fit on a page by themselves is drawn alone, its
+    children starting pages of their own, as do those of the page's last rank. Pages are numbered depth-first from
+    the top of the tree."""
+    pages: list[KeyPage] = []
+    stack = [ROOT]
+    while stack:
+        context = stack.pop()
+        runs: list[list[tuple[Node, bool]]] = []
+        used = columns
+        for node in children.get(context, []):
+            width = _width(children, node, rows, columns)
+            whole = width <= columns  # drawn with its descendants
+            if used + (width if whole else 1) > columns:
+                runs.append([])
+                used = 0
+            runs[-1].append((node, whole))
+            used += width if whole else 1
+        continued = []
+        for part, run in enumerate(runs, start=1):
+            levels, drawn = [[node for node, _ in run]], {}
+            expand = [node for node, whole in run if whole]
+            while len(levels) < rows:
+                drawn.update({node: children[node] for node in expand if children.get(node)})
+                expand = [kid for node in expand for kid in children.get(node, [])]
+                if not expand:
+                    break
+                levels.append(expand)
+            pages.append(KeyPage(len(pages) + 1, context, (part, len(runs)), levels, drawn))
+            continued += [node for node in _depth_first(drawn, levels[0]) if children.get(node) and node not in drawn]
+        stack.extend(reversed(continued))
+    page_of = {node: page.number for page in pages for node in page.taxa}
+    first_page: dict[Node, int] = {}
+    for page in pages:
+        first_page.setdefault(page.context, page.number)
+    for page in pages:
+        page.context_page = page_of.get(page.context)
+        page.links = {node: first_page[node] for node in page.taxa if node in first_page}
+    return pages
+
+
+def _depth_first(children: dict[Node, list[Node]], top: list[Node]) -> Iterator[Node]:
+    for node in top:
+        yield node
+        yield from _depth_first(children, children.get(node, []))
+
+
+@dataclass(frozen=True)
+class KeyPanel:
+    """A taxon's panel on a key page: its title and one of its images (`image_path`, shown as its eval crop) with its
+    top trait head's map (`heat`; None: the image alone), or, without an image, a `note`."""
+
+    title: str
+    image_path: str | None = None
+    heat: np.ndarray | None = None
+    note: str = ""
+
+
+def key_page_title(page: KeyPage, n_pages: int) -> str:
+    """The title of a key page: what it holds and where its taxa's parent is drawn."""
+    head = f"Key, page {page.number} of {n_pages}"
+    if page.context == ROOT:
+        where = ": at each fork, each child's top trait head on one of its images"
+    else:
+        where = f": below {page.context[0]} {page.context[1]} (page {page.context_page})"
+    part, parts = page.part
+    whose = "the top rank's taxa" if page.context == ROOT else "its children"
+    return head + where + (f", part {part} of {parts} of {whose}" if parts > 1 else "")
+
+
+def key_page_figure(page: KeyPage, panels: dict[Node, KeyPanel], crop: Crop, title: str) -> Figure:
+    """A key page as a tree (the Prompt-CAM paper's Figure 9 for every fork it holds): one row per rank, each taxon
+    at its place in the tree, linked to its parent, showing its panel (the image loaded with `crop`); a taxon whose
+    children continue on another page says which. Each panel's axes carry the gid 'taxon:<rank>:<taxon>'. At most
+    KEY_PAGE_COLUMNS x KEY_CELL by KEY_PAGE_ROWS x KEY_ROW + 0.7 inches (`key_pages`)."""
+    x_of = leaf_order(page.children, page.levels[0])
+    span = max(x_of.values()) + 1
+    fig = Figure(figsize=(max(span * KEY_CELL, 6.0), len(page.levels) * KEY_ROW + 0.7), dpi=DPI)
     FigureCanvasAgg(fig)
-    low = min(x_of.values()) if x_of else 0.0
+    width, height = fig.get_figwidth(), fig.get_figheight()
     tree = fig.add_axes([0, 0, 1, 1])
-    tree.set_xlim(0, fig.get_figwidth())
-    tree.set_ylim(0, fig.get_figheight())
+    tree.set_xlim(0, width)
+    tree.set_ylim(0, height)
     tree.axis("off")
-    size = cell * 0.82
-    parents = dict(zip(zip(classes["rank"], classes["taxon"].astype(str)), classes["parent"].fillna("").astype(str)))
-    row_y = {rank: fig.get_figheight() - 0.3 - (depth + 1) * 1.95 for depth, rank in enumerate(shown)}  # inches
-    centre = {(rank, taxon): ((x - low + 0.5) * cell + (fig.get_figwidth() - span * cell) / 2, row_y[rank])
-              for (rank, taxon), x in x_of.items()}
-    for (rank, taxon), (cx, cy) in centre.items():
-        depth = ranks.index(rank)
-        above = (ranks[depth - 1], parents[(rank, taxon)]) if depth else None
-        if above in centre:
-            px, py = centre[above]
-            tree.plot([px, px, cx, cx], [py - 0.02, (py + cy + size) / 2, (py + cy + size) / 2, cy + size + 0.28],
-                      color="0.55", lw=0.8)
-    for (rank, taxon), (cx, cy) in centre.items():
-        ax = fig.add_axes([(cx - size / 2) / fig.get_figwidth(), cy / fig.get_figheight(),
-                           size / fig.get_figwidth(), size / fig.get_figheight()])
-        file = attention[rank]
-        rows = file.correct_rows(taxon)
-        top = _top(key[(key["rank"] == rank) & (key["taxon"] == taxon)], 1)
-        if not len(rows):
+    size = KEY_CELL * 0.82
+    row_y = [height - 0.3 - (depth + 1) * KEY_ROW for depth in range(len(page.levels))]  # inches
+    centre = {node: ((x_of[node] + 0.5) * KEY_CELL + (width - span * KEY_CELL) / 2, row_y[depth])
+              for depth, level in enumerate(page.levels) for node in level}
+    for parent, kids in page.children.items():
+        px, py = centre[parent]
+        for kid in kids:
+            cx, cy = centre[kid]
+            middle = (py + cy + size) / 2
+            tree.plot([px, px, cx, cx], [py - 0.02, middle, middle, cy + size + 0.28], color="0.55", lw=0.8)
+    for node, (cx, cy) in centre.items():
+        ax = fig.add_axes([(cx - size / 2) / width, cy / height, size / width, size / height])
+        ax.set_gid(f"taxon:{node[0]}:{node[1]}")
+        panel = panels[node]
+        if panel.image_path is None:
             _clean(ax)
-            ax.set_title(_short(taxon, 18), fontsize=7)
-            ax.text(0.5, 0.5, "no correctly\nclassified image", ha="center", va="center", fontsize=6,
-                    transform=ax.transAxes)
-            continue
-        image = images(file.image_ids[rows[0]])
-        if len(top):
-            trait = top.iloc[0]
-            whose = "" if trait["prompt"] == taxon else f" of {_short(str(trait['prompt']), 12)}"
-            where = f" · {trait['part']}" if isinstance(trait["part"], str) and trait["part"] else ""
-            overlay(ax, image, file.head_maps(rows[0], [trait["prompt"]], [int(trait["head"])])[0],
-                    title=f"{_short(taxon, 18)}\nh{int(trait['head'])}{whose}{where} {trait['frequency']:.0%}",
-                    fontsize=6)
+            ax.set_title(panel.title, fontsize=7)
+            ax.text(0.5, 0.5, panel.note, ha="center", va="center", fontsize=6, transform=ax.transAxes)
+        elif panel.heat is None:
+            show_image(ax, crop(panel.image_path), panel.title, fontsize=6)
         else:
-            show_image(ax, image, f"{_short(taxon, 18)}\n(monotypic)", fontsize=6)
-    for rank, y in row_y.items():
-        tree.text(0.08, y + size / 2, rank, rotation=90, ha="left", va="center", fontsize=9, color="0.3")
-    left_out = [r for r in ranks if r not in shown]
-    fig.suptitle("Key: at each fork, each child's top trait head on one of its images"
-                 + (f" (not drawn: {', '.join(left_out)}, more than {KEY_MAX_TAXA} taxa)" if left_out else ""),
-                 fontsize=10, y=1 - 0.25 / fig.get_figheight())
+            overlay(ax, crop(panel.image_path), panel.heat, title=panel.title, fontsize=6)
+        if node in page.links:
+            ax.set_xlabel(f"children: page {page.links[node]}", fontsize=6)
+    for level, y in zip(page.levels, row_y):
+        tree.text(0.08, y + size / 2, level[0][0], rotation=90, ha="left", va="center", fontsize=9, color="0.3")
+    fig.suptitle(title, fontsize=10, y=1 - 0.25 / height)
     return fig
 
 
-def key_figures(key_parquet, classes_parquet, attention_h5_by_rank: dict, manifest_parquet, out_path,
-                ranks: list[str], resize: int) -> Path:
-    """Write the key figure (`key_figure`) of a run to `out_path` (`ranks` coarse to fine; `resize`: the eval crop's
-    augment.resize)."""
+def key_panel(node: Node, attention: AttentionFile, rows: np.ndarray, trait: dict | None,
+              images: ImageSource) -> KeyPanel:
+    """The panel of `node` (`KeyPanel`): its first correctly classified image (`rows`) under its top trait head
+    `trait` (a key.parquet row; None for a monotypic taxon)."""
+    taxon = node[1]
+    if not len(rows):
+        return KeyPanel(_short(taxon, 18), note="no correctly\nclassified image")
+    path = images.path(attention.image_ids[rows[0]])
+    if trait is None:
+        return KeyPanel(f"{_short(taxon, 18)}\n(monotypic)", path)
+    whose = "" if trait["prompt"] == taxon else f" of {_short(str(trait['prompt']), 12)}"
+    where = f" · {trait['part']}" if isinstance(trait["part"], str) and trait["part"] else ""
+    heat = attention.head_maps(rows[0], [trait["prompt"]], [int(trait["head"])])[0]
+    return KeyPanel(f"{_short(taxon, 18)}\nh{int(trait['head'])}{whose}{where} {trait['frequency']:.0%}", path, heat)
+
+
+@dataclass(frozen=True)
+class KeyPageJob:
+    """A key page to draw (`key_page_figure`) at `path`, with its panels and report labels."""
+
+    path: Path
+    page: KeyPage
+    panels: dict[Node, KeyPanel]
+    title: str
+    crop: Crop
+    labels: dict
+
+
+def draw_key_page(job: KeyPageJob) -> Written:
+    """Draw and write a KeyPageJob (its size as drawn: `tight` cropping would move the panels)."""
+    fig = key_page_figure(job.page, job.panels, job.crop, job.title)
+    return save_figure(fig, job.path, tight=False, report_labels=job.labels), job.labels
+
+
+def key_figures(key_parquet, classes_parquet, attention_h5_by_rank: dict, manifest_parquet, out_dir,
+                ranks: list[str], resize: int, report_pages: int, workers: int = 1) -> list[Path]:
+    """Write the key figure of a run as pages (`key_pages`, `key_page_figure`; `ranks` coarse to fine; `resize`:
+    the eval crop's augment.resize) to out_dir/key_<page>_<taxon above it>.png, drawn by `workers` processes, then
+    the report's part of out_dir (`report_pages` pages, the first included, and index.html); returns the pages."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     ranks = [r for r in ranks if r in attention_h5_by_rank]
+    classes = pd.read_parquet(classes_parquet)
+    pages = key_pages(taxon_tree(classes, ranks))
+    key = pd.read_parquet(key_parquet)
+    best = _top(key, len(key)).drop_duplicates(["rank", "taxon"])  # each taxon's top trait head
+    trait_of = {(str(r), str(t)): row for r, t, row in zip(best["rank"], best["taxon"], best.to_dict("records"))}
     manifest = pd.read_parquet(manifest_parquet)
-    files = {rank: AttentionFile(attention_h5_by_rank[rank]) for rank in ranks}
-    try:
+    digits = len(str(len(pages)))
+
+    def jobs(files: dict[str, AttentionFile], images: ImageSource) -> Iterator[KeyPageJob]:
+        rows_of = {rank: correct_rows_by_class(file) for rank, file in files.items()}
+        for page in pages:
+            panels = {node: key_panel(node, files[node[0]],
+                                      rows_of[node[0]].get(files[node[0]].index_of.get(node[1], -1), NO_ROWS),
+                                      trait_of.get(node), images) for node in page.taxa}
+            above = page.context if page.context != ROOT else (ALL_RANKS, ALL_TAXA)
+            name = f"key_{page.number:0{digits}d}_{safe_name(page.context[1] or 'top')}"
+            yield KeyPageJob(out_dir / f"{name}.png", page, panels, key_page_title(page, len(pages)), images.crop,
+                             labels(above[0], above[1], "key figure"))
+
+    with FigurePool(workers) as pool, ExitStack() as stack:
+        files = {rank: stack.enter_context(AttentionFile(attention_h5_by_rank[rank])) for rank in ranks}
         images = ImageSource(manifest, files[ranks[0]].img_size, resize, str(manifest_parquet))
-        fig = key_figure(pd.read_parquet(key_parquet), pd.read_parquet(classes_parquet), ranks, files, images)
-        return save_figure(fig, out_path, tight=False)
-    finally:
-        for f in files.values():
-            f.close()
+        drawn = _drawn(jobs(files, images), draw_key_page, pool, len(pages), "key pages")
+    written = _publish(out_dir, drawn, report_pages, "Key figure: every page", labels(kind="key index"))
+    log.info("key: %d pages in %s", len(written), out_dir)
+    return written

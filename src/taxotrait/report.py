@@ -1,10 +1,15 @@
 """What `snakemake --report report.html` shows: the order of its categories, the labels of every result (rank,
-taxon, kind) and the HTML pages of the run's tables with the run's settings (summary.html, evaluation.html).
+taxon, kind) and the HTML pages of the run's tables with the run's settings (summary.html, evaluation.html), and what the report shows of a figures folder.
 
 Snakemake's report lists categories and subcategories alphabetically, so `category` and `rank_subcategory` number
 them ("2. Coarse to fine", "1. order"): the menu follows `CATEGORIES` and the ranks go coarse to fine. Figures carry
 their labels in PNG text chunks (`png_labels`, written by `taxotrait.figures.save_figure`), which the report rules
 read back with `figure_labels`.
+
+The report embeds every file its patterns match, so a folder of one figure per taxon would grow it without bound.
+A figures folder keeps every figure on disk; `publish_figures` links the ones the report shows (a bounded selection,
+`evenly_spaced` over the taxa, `figures.report_galleries`) into its `report/` subfolder and writes its `index.html`,
+a link to every figure of the folder. The rules' `REPORT_PATTERNS` match those two, `result_labels` labels them.
 """
 
 from __future__ import annotations
@@ -13,10 +18,14 @@ import html
 import json
 import os
 import re
+import shutil
+from urllib.parse import quote
 from collections.abc import Mapping
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from .io import atomic_write
 
 # The report's result categories, top to bottom.
 CATEGORIES = ["Key", "Summary", "Coarse to fine", "Trait galleries", "Evaluation"]
@@ -27,6 +36,9 @@ SUMMARY_SETTINGS = ("dataset", "ranks", "contrast", "data", "backbone", "model",
                     "rank_overrides", "attention", "masking")
 KEY_SETTINGS = ("dataset", "ranks", "contrast", "backbone", "masking")
 EVALUATION_SETTINGS = ("dataset", "ranks", "backbone", "attention", "evaluation")
+# A figures folder's part of the report: the figures it shows (in this subfolder) and its index page (INDEX.html).
+REPORT_FOLDER, INDEX = "report", "index"
+REPORT_PATTERNS = [f"{REPORT_FOLDER}/{{name}}.png", f"{{name,{INDEX}}}.html"]  # a directory output's report patterns
 
 
 def numbered(name: str, names: list[str]) -> str:
@@ -61,13 +73,36 @@ def png_labels(values: dict[str, str]) -> PngImagePlugin.PngInfo:
 
 
 def figure_labels(folder: str | os.PathLike, name: str) -> dict[str, str]:
-    """The report labels of figure `folder`/`name`.png (a figure written without them: its name as its kind).
-    Braces are followed by a zero-width space: Snakemake would read "{x}" in a label as a wildcard."""
+    """The report labels of figure `folder`/`name`.png (a figure written without them: its name as its kind)."""
     path = Path(folder) / f"{name}.png"
     with Image.open(path) as image:
         text = getattr(image, "text", {})
     found = labels(kind=name) if f"taxotrait:{LABELS[0]}" not in text else {k: text[f"taxotrait:{k}"] for k in LABELS}
+    return _without_wildcards(found)
+
+
+def _without_wildcards(found: dict[str, str]) -> dict[str, str]:
+    """Braces followed by a zero-width space: Snakemake would read "{x}" in a label as a wildcard."""
     return {key: value.replace("{", "{\u200b") for key, value in found.items()}
+
+
+def result_labels(folder: str | os.PathLike, name: str) -> dict[str, str]:
+    """The report labels of result `name` of a figures folder (`REPORT_PATTERNS`): its index page (`INDEX`: the
+    labels in folder/index.html's meta tags) or a figure the report shows (folder/report/`name`.png)."""
+    if name != INDEX:
+        return figure_labels(Path(folder) / REPORT_FOLDER, name)
+    text = (Path(folder) / f"{INDEX}.html").read_text(encoding="utf-8")
+    found = dict(re.findall(r'<meta name="taxotrait:(\w+)" content="([^"]*)">', text))
+    return _without_wildcards({key: html.unescape(found[key]) for key in LABELS})
+
+
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """`k` of the indices 0 .. n-1, evenly spread over them, the first and the last included (all when n <= k)."""
+    if n <= k:
+        return list(range(n))
+    if k <= 1:
+        return [0] * k
+    return [i * (n - 1) // (k - 1) for i in range(k)]
 
 
 # ------------------------------------------------------------------------------------------------ pages
@@ -171,3 +206,44 @@ def page_html(markdown: str, config: Mapping, sections: tuple[str, ...]) -> str:
             f"</title><style>{STYLE}</style></head><body><div class=\"page\"><main>{body}</main>"
             f'<aside id="settings"><h2>Settings of this run</h2>{settings_html(config, sections)}</aside></div>'
             "</body></html>\n")
+
+
+def publish_figures(folder: str | os.PathLike, figures: list[tuple[Path, dict[str, str]]], shown: list[Path],
+                    title: str, index_labels: dict[str, str]) -> Path:
+    """What the report shows of a figures folder: the figures `shown` linked into folder/report/ (hard links, copies
+    where the file system has none; the rest of that subfolder removed), and folder/index.html, `title` and a relative
+    link to every figure of `figures` ((path, report labels), in their order), grouped by rank, those the report shows
+    marked, with `index_labels` (`labels`) as its report labels. Returns the index's path."""
+    folder = Path(folder)
+    selected = folder / REPORT_FOLDER
+    selected.mkdir(parents=True, exist_ok=True)
+    for old in selected.iterdir():
+        old.unlink()
+    for path in shown:
+        try:
+            os.link(path, selected / path.name)
+        except OSError:
+            shutil.copyfile(path, selected / path.name)
+    with atomic_write(folder / f"{INDEX}.html") as tmp:
+        Path(tmp).write_text(index_html(figures, {path.name for path in shown}, title, index_labels), encoding="utf-8")
+    return folder / f"{INDEX}.html"
+
+
+def index_html(figures: list[tuple[Path, dict[str, str]]], shown: set[str], title: str,
+               index_labels: dict[str, str]) -> str:
+    """The index page of a figures folder (`publish_figures`): a list of links to the figures, relative to the page,
+    one list per rank (in the order the figures first name it), each entry the figure's taxon and kind."""
+    by_rank: dict[str, list[str]] = {}
+    for path, found in figures:
+        mark = " · <em>in the report</em>" if path.name in shown else ""
+        by_rank.setdefault(found["rank"], []).append(
+            f'<li><a href="{html.escape(quote(path.name))}">{html.escape(found["taxon"])}</a> · '
+            f'{html.escape(found["kind"])}{mark}</li>')
+    lists = "".join(f"<h2>{html.escape(rank)} ({len(items)})</h2><ul>{''.join(items)}</ul>"
+                    for rank, items in by_rank.items()) or "<p>No figure: the step's log says why.</p>"
+    meta = "".join(f'<meta name="taxotrait:{key}" content="{html.escape(index_labels[key])}">' for key in LABELS)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{meta}<title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>{len(figures)} figures, {len(shown)} of them shown in the report (spread evenly over this list, "
+            "<code>figures.report_galleries</code>). The links open the PNG files beside this page, in the run's "
+            f"results folder.</p>{lists}</body></html>\n")

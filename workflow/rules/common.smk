@@ -115,7 +115,7 @@ def all_outputs():
     per_rank = ["metrics.parquet", "attention.h5", "heads.parquet", "traits.parquet", "figures"]
     outputs = [f"{RESULTS}/{rank}/{name}" for rank in RANKS for name in per_rank]
     outputs += [f"{RESULTS}/hierarchy_traits.parquet", f"{RESULTS}/figures/hierarchy", f"{RESULTS}/summary.md",
-                f"{RESULTS}/key.parquet", f"{RESULTS}/key.md", f"{RESULTS}/key.html", f"{RESULTS}/figures/key.png"]
+                f"{RESULTS}/key.parquet", f"{RESULTS}/key.md", f"{RESULTS}/key.html", f"{RESULTS}/figures/key"]
     if config["evaluation"]["enabled"]:
         outputs += [f"{RESULTS}/faithfulness.parquet", f"{RESULTS}/localization.parquet", f"{RESULTS}/evaluation.md"]
     return outputs

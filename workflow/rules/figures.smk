@@ -1,6 +1,10 @@
 # Figures: trait galleries and shared traits per rank, and the coarse-to-fine view of every species.
 from taxotrait import report as reporting
 
+# processes drawing one job's figures (Snakemake gives a job at most --cores); key.smk's key_figure draws with as many.
+# Each folder keeps every figure; the report shows figures.report_galleries of them and the folder's index.html.
+FIGURE_THREADS = 8
+
 rule figures:
     input:
         attention=f"{RESULTS}/{{rank}}/attention.h5",
@@ -9,14 +13,15 @@ rule figures:
     output:
         figures=report(
             directory(f"{RESULTS}/{{rank}}/figures"),
-            patterns=["{name}.png"],
+            patterns=reporting.REPORT_PATTERNS,
             caption="../report/figures.rst",
             category=reporting.category("Trait galleries"),
             subcategory=lambda wildcards: reporting.rank_subcategory(wildcards.rank, RANKS),
-            labels=lambda wildcards, output: reporting.figure_labels(output.figures, wildcards.name),
+            labels=lambda wildcards, output: reporting.result_labels(output.figures, wildcards.name),
         ),
     params:
         settings=settings("figures", "augment.resize", IMAGE_LIMIT),
+    threads: FIGURE_THREADS
     log:
         f"{LOGS}/figures.{{rank}}.log",
     benchmark:
@@ -33,13 +38,14 @@ rule hierarchy_figures:
     output:
         figures=report(
             directory(f"{RESULTS}/figures/hierarchy"),
-            patterns=["{name}.png"],
+            patterns=reporting.REPORT_PATTERNS,
             caption="../report/hierarchy.rst",
             category=reporting.category("Coarse to fine"),
-            labels=lambda wildcards, output: reporting.figure_labels(output.figures, wildcards.name),
+            labels=lambda wildcards, output: reporting.result_labels(output.figures, wildcards.name),
         ),
     params:
         settings=settings("ranks", "figures", "augment.resize", IMAGE_LIMIT),
+    threads: FIGURE_THREADS
     log:
         f"{LOGS}/hierarchy_figures.log",
     benchmark:

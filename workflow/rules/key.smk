@@ -31,14 +31,16 @@ rule key_figure:
         attention=expand(f"{RESULTS}/{{rank}}/attention.h5", rank=RANKS),
         manifest=f"{RESULTS}/manifest.parquet",
     output:
-        figure=report(
-            f"{RESULTS}/figures/key.png",
+        pages=report(
+            directory(f"{RESULTS}/figures/key"),
+            patterns=reporting.REPORT_PATTERNS,
             caption="../report/key_figure.rst",
             category=reporting.category("Key"),
-            labels=reporting.labels(kind="key figure"),
+            labels=lambda wildcards, output: reporting.result_labels(output.pages, wildcards.name),
         ),
     params:
-        settings=settings("ranks", "augment.resize", IMAGE_LIMIT),
+        settings=settings("ranks", "augment.resize", "figures.report_galleries", IMAGE_LIMIT),
+    threads: FIGURE_THREADS  # figures.smk
     log:
         f"{LOGS}/key_figure.log",
     benchmark:

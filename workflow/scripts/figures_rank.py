@@ -2,4 +2,4 @@
 from taxotrait.runner import run_step
 from taxotrait.steps.figures import figures
 
-run_step(snakemake, lambda s, settings: figures(s.wildcards.rank, s.input, s.output, settings))
+run_step(snakemake, lambda s, settings: figures(s.wildcards.rank, s.input, s.output, settings, workers=s.threads))

@@ -25,8 +25,11 @@ def key(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
             Path(tmp).write_text(content, encoding="utf-8")
 
 
-def key_figure(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
-    """figures/key.png: the key's forks with each child's trait maps. Settings: `ranks`, `augment.resize`."""
+def key_figure(inputs: Mapping, outputs: Mapping, settings: Mapping, workers: int = 1) -> None:
+    """figures/key/: the key's forks with each child's trait maps, as pages drawn by `workers` processes, the
+    report's selection of them and their index page. Settings: `ranks`, `augment.resize`,
+    `figures.report_galleries`."""
     ranks = list(settings["ranks"])
     key_figures(inputs["key"], inputs["classes"], dict(zip(ranks, inputs["attention"])), inputs["manifest"],
-                outputs["figure"], ranks, settings["augment"]["resize"])
+                outputs["pages"], ranks, settings["augment"]["resize"], settings["figures"]["report_galleries"],
+                workers=workers)
