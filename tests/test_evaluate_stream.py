@@ -11,6 +11,8 @@ import yaml
 from PIL import Image
 
 from taxotrait.checkpoint import atomic_save, checkpoint_payload
+from taxotrait.evaluation import stratified_order
+from taxotrait.model import PromptCAM
 from taxotrait.dataset import class_names, class_parents, labels, prepare_files
 from taxotrait.schema import with_defaults
 from taxotrait.steps import cache, common, evaluate
@@ -75,14 +77,17 @@ def string_top_down(scores: list, parents: list[list[str]], names: list[list[str
     return predicted
 
 
-def dense_metrics(inputs, config) -> dict[str, pd.DataFrame]:
-    """The metrics tables as evaluate made them before it streamed: every image's logits of every rank at once."""
+def dense_metrics(inputs, config, flat_images=None) -> dict[str, pd.DataFrame]:
+    """The metrics tables as evaluate made them before it streamed: every image's logits of every rank at once; flat
+    top-1/top-5 over the first `flat_images` of each split in round-robin order over species (all when None)."""
     manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
     models = [common.trained_model(path, config) for path in inputs["models"]]
     parents, names = [class_parents(classes, r) for r in RANKS], [class_names(classes, r) for r in RANKS]
     rows = {rank: [] for rank in RANKS}
     for split in ("val", "test"):
         split_rows = manifest[manifest["split"] == split]
+        flat = torch.zeros(len(split_rows), dtype=torch.bool)
+        flat[stratified_order(split_rows["species"])[:flat_images]] = True
         scores = [predict(m, common.token_data(inputs["eval_tokens"], manifest, classes, r, split)[0],
                           chunk_size=config["model"]["class_chunk"]) for m, r in zip(models, RANKS)]
         for depth, (rank, model, logits) in enumerate(zip(RANKS, models, scores)):
@@ -93,47 +98,55 @@ def dense_metrics(inputs, config) -> dict[str, pd.DataFrame]:
             for taxon, pick in [("__all__", torch.ones_like(truth, dtype=torch.bool)),
                                 *((name, truth == index) for index, name in enumerate(model.class_names))]:
                 if pick.any():
-                    rows[rank].append((rank, split, taxon, int(pick.sum()),
-                                       top_k_accuracy(logits[pick], truth[pick], 1),
-                                       top_k_accuracy(logits[pick], truth[pick], 5),
+                    sampled = pick & flat
+                    top1, top5 = ((top_k_accuracy(logits[sampled], truth[sampled], k) if sampled.any() else np.nan)
+                                  for k in (1, 5))
+                    rows[rank].append((rank, split, taxon, int(pick.sum()), top1, top5,
                                        sibling[pick].double().mean().item(), top_down[pick].double().mean().item(),
-                                       model.contrast, "cpu"))
+                                       model.contrast, "cpu", int(sampled.sum())))
     return {rank: pd.DataFrame(rows[rank], columns=list(evaluate.METRICS_COLUMNS)).astype(evaluate.METRICS_COLUMNS)
             for rank in RANKS}
 
 
-def test_streamed_metrics_equal_scoring_every_image_at_once(evaluated, tmp_path, monkeypatch):
+def spy_on_scoring(monkeypatch) -> list[tuple[int, int]]:
+    """(images, classes) of every scoring the step asks of a model's last block."""
+    scored, forward = [], PromptCAM.forward_keys_values
+
+    def spied(model, keys_values, classes=None, chunk_size=None):
+        scores = forward(model, keys_values, classes, chunk_size)
+        scored.append(tuple(scores.shape))
+        return scores
+
+    monkeypatch.setattr(PromptCAM, "forward_keys_values", spied)
+    return scored
+
+
+@pytest.mark.parametrize("flat_images", [None, 5])
+def test_streamed_metrics_equal_scoring_every_image_at_once(evaluated, tmp_path, monkeypatch, flat_images):
+    """Every column as the dense computation gives it; with a flat sample of 5 images per split, flat top-1/top-5 are
+    those of the 5 first images in round-robin order over species (NaN for the species with none there)."""
     inputs, config = evaluated
-    scored = []  # the shape of every batch of logits the step makes
-
-    def spied_scorer(*args, **kwargs):
-        score = step_scorer(*args, **kwargs)
-
-        def spied_score(x):
-            logits = score(x)
-            scored.append(tuple(logits.shape))
-            return logits
-
-        return spied_score
-
-    step_scorer = evaluate.scorer
-    monkeypatch.setattr(evaluate, "scorer", spied_scorer)
+    config = {**config, "metrics": {"flat_images": flat_images}}
+    scored = spy_on_scoring(monkeypatch)
     monkeypatch.setattr(evaluate, "BATCH_SIZE", BATCH)
     targets = [tmp_path / rank / "metrics.parquet" for rank in RANKS]
     evaluate.evaluate(inputs, {"metrics": targets}, config)
 
-    # one batch of one rank at a time: never more than BATCH images' logits
+    # never more than a batch of images at once; every class only for the top rank and the flat sample
     sizes = {"val": 2 * len(LINEAGES), "test": 3 * len(LINEAGES)}
-    batches = [min(BATCH, n - start) for n in sizes.values() for start in range(0, n, BATCH)]
-    widths = [2, 4, 8]
-    assert scored == [(size, width) for size in batches for width in widths]
-    expected = dense_metrics(inputs, config)
+    assert max(images for images, _ in scored) == BATCH
+    every_class = sum(images for images, classes in scored if classes == len(LINEAGES))  # the species rank's
+    assert every_class == sum(min(n, flat_images or n) for n in sizes.values())
+    expected = dense_metrics(inputs, config, flat_images)
     for rank, target in zip(RANKS, targets):
         streamed = pd.read_parquet(target)
         pd.testing.assert_frame_equal(streamed, expected[rank], check_exact=True)
         assert len(streamed) == 2 * (1 + {"order": 2, "genus": 4, "species": 8}[rank])  # every taxon has images
     species = pd.read_parquet(targets[-1])
     overall = species[species["taxon"] == "__all__"]
+    assert overall["n_flat_images"].tolist() == [min(n, flat_images or n) for n in sizes.values()]
     # random models: the three accuracies differ (the counts are not trivially all right or all wrong)
     values = overall[["top1", "sibling_top1", "top_down_top1"]].to_numpy()
     assert ((values > 0) & (values < 1)).any() and (species["top_down_top1"] != species["sibling_top1"]).any()
+    if flat_images:
+        assert species["top1"].isna().any() and species["sibling_top1"].notna().all()

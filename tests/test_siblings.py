@@ -11,8 +11,9 @@ from conftest import make_vit
 from taxotrait.data import AugmentConfig
 from taxotrait.errors import DatasetError
 from taxotrait.masking import greedy_head_masking, trait_heads
-from taxotrait.model import PromptCAM, PromptConfig
-from taxotrait.taxonomy import parent_index, top_down_prediction
+from taxotrait.model import PromptCAM, PromptConfig, families
+from taxotrait.steps.evaluate import children_columns
+from taxotrait.taxonomy import parent_index
 from taxotrait.token_cache import TokenCache, TokenDataset, build_token_cache
 from taxotrait.train import TrainConfig, contrast_loss, predict, rival_loss, sibling_top1, train
 
@@ -228,9 +229,10 @@ def test_top_down_prediction_follows_the_predicted_parent():
     scores = [torch.tensor([[2.0, 1.0], [0.0, 1.0]]),
               torch.tensor([[0.0, 1.0, 9.0], [5.0, 0.0, 1.0]]),  # image 0: F3 scores best but is not O1's
               torch.tensor([[0.0, 3.0, 8.0, 9.0], [9.0, 0.0, 1.0, 2.0]])]
-    predicted, chosen = None, []
-    for rank_scores, rank_parents in zip(scores, parents):
-        predicted = top_down_prediction(rank_scores, rank_parents, predicted)
+    predicted, chosen = scores[0].argmax(1), [scores[0].argmax(1).tolist()]
+    for rank_scores, rank_parents in zip(scores[1:], parents[1:]):
+        columns, present = children_columns(predicted, families(rank_parents))
+        predicted = PromptCAM.best_rival(rank_scores.gather(1, columns), columns, present)
         chosen.append(predicted.tolist())
     assert chosen == [[0, 1], [1, 2], [1, 3]]
     with pytest.raises(DatasetError, match="classes: 1 parents are not classes of the rank above.*'O3'"):

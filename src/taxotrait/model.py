@@ -59,10 +59,18 @@ def family_columns(classes: torch.Tensor, groups: torch.Tensor, members: torch.T
     width = int(size[family].max()) if len(classes) else num_classes
     if width == num_classes:
         return torch.arange(num_classes, device=classes.device), class_rivals(groups, classes, num_classes)
-    offsets = torch.arange(width, device=classes.device)
-    rivals = offsets < size[family][:, None]
-    index = (start[family][:, None] + offsets).clamp(max=num_classes - 1)
-    return torch.where(rivals, members[index], classes[:, None]), rivals
+    return family_members(family, members, start, size, classes)
+
+
+def family_members(family: torch.Tensor, members: torch.Tensor, start: torch.Tensor, size: torch.Tensor,
+                   padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(columns [B, W], present bool [B, W]): the classes of the families `family` [B] (`families`' members, start
+    and size), W the largest of them, a shorter row padded with `padding` [B] (present False there)."""
+    width = int(size[family].max()) if len(family) else 0
+    offsets = torch.arange(width, device=family.device)
+    present = offsets < size[family][:, None]
+    index = (start[family][:, None] + offsets).clamp(max=len(members) - 1)
+    return torch.where(present, members[index], padding[:, None]), present
 
 
 def rival_prediction(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:

@@ -228,15 +228,3 @@ def parent_index(parents: list[str], names_above: list[str], source: str) -> np.
         strays = sorted({parent for parent, i in zip(parents, index) if i < 0})
         raise DatasetError(f"{source}: {len(strays)} parents are not classes of the rank above, e.g. {strays[:5]}")
     return index.astype(np.int64)
-
-
-def top_down_prediction(scores, parents=None, predicted_above=None):
-    """The top-down prediction [B] at a rank: the best class of `scores` [B, C] among the children of the taxon
-    predicted at the coarser rank, `predicted_above` [B] (class indices there); None at the top rank: the best class.
-
-    Tensors on one device; parents [C]: the coarser rank's class index of each class's parent (`parent_index`).
-    At most [B, C] at once: call it rank by rank, coarse to fine, each rank's prediction feeding the next."""
-    if predicted_above is None:
-        return scores.argmax(1)
-    children = parents[None, :] == predicted_above[:, None]
-    return scores.masked_fill(~children, float("-inf")).argmax(1)

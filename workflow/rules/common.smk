@@ -39,6 +39,16 @@ def settings(*keys):
     return lambda wildcards: rule_settings(config, keys, wildcards.get("rank"))
 
 
+def synthetic_threads():
+    """Processes rendering the demo: one per 1,000 images (about 15 s of rendering each), at least two (the
+    demo's); Snakemake caps them at --cores. The output does not depend on them."""
+    synthetic = config["data"]["synthetic"]
+    species = (synthetic["n_orders"] * synthetic["families_per_order"] * synthetic["genera_per_family"]
+               * synthetic["species_per_genus"])
+    images = species * (synthetic["n_train"] + synthetic["n_val"] + synthetic["n_test"])
+    return max(2, images // 1000)
+
+
 def dataset_inputs(wildcards=None):
     """Files that define the dataset: the synthetic manifest, or the user's manifest/taxonomy tables."""
     data = config["data"]

@@ -1,6 +1,7 @@
-# Accuracy overall and per class on every split: flat, among siblings, and top-down. One job for every rank: each
-# batch of images is scored once per rank, and its prediction serves the finer ranks' top-down prediction; only
-# per-class counts are kept, so the memory is one batch's scores whatever the number of images and classes.
+# Accuracy overall and per class on every split: among siblings and top-down (every image, against the children of
+# its true and of its predicted parent), flat (a stratified sample of metrics.flat_images, against every class). One
+# job for every rank: each batch's prediction serves the finer ranks' top-down prediction; only per-class counts are
+# kept, so the memory is one batch's scores whatever the number of images and classes.
 rule evaluate:
     input:
         models=expand(f"{RESULTS}/{{rank}}/model.pt", rank=RANKS),
@@ -11,7 +12,7 @@ rule evaluate:
     output:
         metrics=expand(f"{RESULTS}/{{rank}}/metrics.parquet", rank=RANKS),
     params:
-        settings=settings("ranks", "backbone", "model.class_chunk", "train.device"),
+        settings=settings("ranks", "backbone", "model.class_chunk", "metrics.flat_images", "train.device"),
     log:
         f"{LOGS}/evaluate.log",
     benchmark:
