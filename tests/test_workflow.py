@@ -58,9 +58,10 @@ def test_rank_outputs(results, rank):
     assert log["epoch"].tolist() == [1, 2, 3] and log["loss"].notna().all()
     metrics = pd.read_parquet(folder / "metrics.parquet")
     assert list(metrics.columns) == ["rank", "split", "taxon", "n_images", "top1", "top5", "sibling_top1",
-                                     "top_down_top1", "contrast", "device"]
+                                     "top_down_top1", "contrast", "device", "n_flat_images"]
     overall = metrics[metrics["taxon"] == "__all__"].set_index("split")
     assert overall.loc["test", "n_images"] == N_SPECIES * N_TEST and (metrics["contrast"] == "siblings").all()
+    assert (overall["n_flat_images"] == overall["n_images"]).all()  # the flat sample is the whole split here
     assert metrics[["top1", "top5", "sibling_top1", "top_down_top1"]].stack().between(0, 1).all()
     # one fork of two: among siblings is the easier question; top-down needs every rank above right too
     assert (overall["sibling_top1"] >= overall["top1"] - 1e-9).all()
@@ -72,12 +73,12 @@ def test_rank_outputs(results, rank):
     with h5py.File(folder / "attention.h5") as h5:
         n = N_SPECIES * N_TEST
         assert h5["attention"].shape == (n, slots, 6, 8, 8) and h5["attention"].dtype == np.float16
-        assert h5["logits"].shape == (n, num_classes) and h5["classes"].shape == (n, slots)
+        assert h5["scores"].shape == h5["classes"].shape == (n, slots) and len(h5["class_names"]) == num_classes
         assert h5.attrs["rank"] == rank and list(h5.attrs["grid"]) == [8, 8] and h5.attrs["device"] == "cpu"
         assert list(h5["class_names"].asstr()[:]) == sorted(pd.read_parquet(results / "manifest.parquet")[rank].unique())
         # the prediction given the true parent: the better of the true class and its sibling
-        logits, label, sibling = h5["logits"][:], h5["label"][:], h5["classes"][:, 2]
-        pair = np.stack([logits[np.arange(n), label], logits[np.arange(n), sibling]], 1)
+        scores, label, sibling = h5["scores"][:], h5["label"][:], h5["classes"][:, 2]
+        pair = scores[:, [0, 2]]  # the true class's slot and its sibling's
         assert np.array_equal(h5["prediction"][:], np.where(pair.argmax(1) == 0, label, sibling))
         assert h5.attrs["contrast"] == "siblings"
         rows = h5["attention"][:, 0].astype(np.float64).sum(axis=(-1, -2))  # the patch share of each head's row
@@ -217,7 +218,8 @@ def test_rank_contrast_end_to_end(results, tmp_path):
         assert (metrics["contrast"] == "rank").all()
         with h5py.File(run / rank / "attention.h5") as h5:
             assert h5.attrs["contrast"] == "rank"
-            assert np.array_equal(h5["prediction"][:], h5["logits"][:].argmax(1))
+            scores = h5["scores"][:]  # the predicted class (slot 1) scores best of every stored slot
+            np.testing.assert_allclose(np.nanmax(scores, 1), scores[:, 1], atol=1e-4)
     assert set(pd.read_parquet(run / "key.parquet")["contrast"]) == {"rank"}
     assert "(contrast: rank)" in (run / "key.md").read_text()
     assert "top-1 (flat) >= 0.90" in (run / "summary.md").read_text()
