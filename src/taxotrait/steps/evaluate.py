@@ -31,8 +31,9 @@ COUNTED = ("n_images", "n_flat_images", "top1", "top5", "sibling_top1", "top_dow
 # Images scored at once: the step holds the scores of one batch at one rank, at most [BATCH_SIZE, classes], at a time.
 BATCH_SIZE = 256
 # Classes per forward chunk where `model.class_chunk` is null: the last block then runs for at most BATCH_SIZE x
-# CLASS_CHUNK class prompts at once, whatever the number of classes.
-CLASS_CHUNK = 512
+# CLASS_CHUNK class prompts at once, whatever the number of classes (32,768: about 0.5 GB at ViT-S; 512 took 3.4 GB,
+# bench/RESULTS.md, taxonomy scale).
+CLASS_CHUNK = 128
 
 
 def evaluate(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
