@@ -358,3 +358,35 @@ def stack_frames(out):
     """Python stack-frame lines in Snakemake's output."""
     return re.findall(r'^\s*File ".*", line \d+', output(out), flags=re.M)
 
+
+
+# -------------------------------------------------------------------------------- errors met while jobs are planned
+@pytest.mark.parametrize("folder", ["validation", "Train"])
+def test_a_split_folder_named_otherwise_stops_the_plan_with_one_line(tmp_path, folder):
+    """Found while Snakemake plans the jobs (the images' fingerprint): the message alone, no stack frames."""
+    root = tree(tmp_path / "images")
+    picture(root / folder / "Sp a1" / "0.png")
+    out = snakemake("--configfile", tree_config(tmp_path, root), "-n", check=False)
+    assert out.returncode and f"DatasetError: {root / folder}: split folders must be named" in output(out)
+    assert not stack_frames(out) and "Traceback" not in output(out)
+
+
+def test_a_manifest_row_with_another_split_stops_the_plan_with_one_line(tmp_path):
+    root = tree(tmp_path / "images")
+    rows = [f"{split}/{species}/0.png,{'validation' if k == 1 else split},Ordo A,Genus a,{species}"
+            for k, (split, species) in enumerate([("train", "Sp a1"), ("train", "Sp a2"), ("test", "Sp a1")])]
+    (root / "manifest.csv").write_text("path,split,order,genus,species\n" + "\n".join(rows) + "\n")
+    config = tmp_path / "manifest.yaml"
+    config.write_text(f"dataset: listed\nresults: {tmp_path / 'results'}\nranks: {RANKS}\n"
+                      f"data: {{synthetic: null, manifest: '{root / 'manifest.csv'}'}}\n")
+    out = snakemake("--configfile", str(config), "-n", check=False)
+    assert out.returncode and f"{root / 'manifest.csv'}: row 3 has split 'validation'" in output(out)
+    assert not stack_frames(out) and "Traceback" not in output(out)
+
+
+def test_a_demo_setting_the_generator_cannot_honour_is_a_config_error(tmp_path):
+    bad = tmp_path / "wide.yaml"
+    bad.write_text("data: {synthetic: {families_per_order: 25}}\n")
+    out = snakemake("--configfile", str(bad), "--config", f"results={tmp_path}", "-n", check=False)
+    assert out.returncode and "data.synthetic.families_per_order: 25 is greater than the maximum of 24" in output(out)
+    assert not stack_frames(out) and "Traceback" not in output(out)

@@ -32,7 +32,9 @@ def tune_allocator(environ=os.environ) -> None:
 @contextmanager
 def stopping_at_start(report) -> Iterator[None]:
     """The workflow's start-up checks: an InputError (config or dataset) ends Snakemake with its message alone,
-    passed to `report` (Snakemake's logger.error), without Python stack frames."""
+    passed to `report` (Snakemake's logger.error), without Python stack frames. Also a decorator, of the functions
+    Snakemake calls while it plans the jobs: SystemExit passes through its handling of their errors, which would
+    print stack frames."""
     try:
         yield
     except InputError as err:

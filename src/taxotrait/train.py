@@ -46,7 +46,7 @@ class TrainConfig:
     prompt_init: str = "uniform"  # 'uniform': the model's init | 'cls_mean': mean CLS token entering the last block
     init_noise: float = 0.02  # cls_mean: noise std, relative to the std of the CLS tokens' entries
     label_smoothing: float = 0.0
-    keys_values_gb: float = 4.0  # CPU, prompt depth 1: keep the frozen last-block keys/values of up to this many GB
+    keys_values_gb: float = 1.0  # CPU, prompt depth 1: keep the frozen last-block keys/values of up to this many GB
     device: str = "auto"  # 'auto': CUDA if available (with bf16 autocast), else CPU
     num_workers: int = 0  # DataLoader workers (image decoding)
 
@@ -143,13 +143,15 @@ class KeyValueDataset(Dataset):
     def __init__(self, data: TokenDataset, model: PromptCAM, batch_size: int, progress: bool = False):
         self.data, self.labels = data, data.labels
         views, device = data.cache.views, model_device(model)
-        chunks = []
+        self.keys_values = None  # [N, V, 2, H, T, d], filled in place: no second copy at any time
         with torch.no_grad():
             for start in tqdm(range(0, len(data), batch_size), desc="keys/values", disable=not progress):
                 rows = data.indices[start : start + batch_size]
                 tokens = torch.from_numpy(data.cache.tokens[rows].astype("float32")).to(device)  # [b, V, T, D]
-                chunks.append(model.image_keys_values(tokens.flatten(0, 1)).unflatten(0, (len(rows), views)).half().cpu())
-        self.keys_values = torch.cat(chunks)  # [N, V, 2, H, T, d]
+                chunk = model.image_keys_values(tokens.flatten(0, 1)).unflatten(0, (len(rows), views)).half().cpu()
+                if self.keys_values is None:
+                    self.keys_values = chunk.new_empty((len(data), *chunk.shape[1:]))
+                self.keys_values[start : start + len(rows)] = chunk
 
     @staticmethod
     def size_gb(data: TokenDataset) -> float:

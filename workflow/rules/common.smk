@@ -8,6 +8,10 @@ from taxotrait.runner import stopping_at_start, tune_allocator
 from taxotrait.schema import with_defaults
 from taxotrait.steps import rule_settings
 
+# A data or config error (taxotrait.errors.InputError) met at start-up, or while Snakemake plans the jobs in the
+# functions below (decorated with @planning), stops the run before any job with its message alone, no stack frames.
+planning = stopping_at_start(logger.error)
+
 # every key against the schema (an unknown key, a wrong type or range: ConfigError naming the key), then the rest;
 # ranks with a single taxon are dropped (a warning names them), a single species stops: the message alone is shown
 # every key the config files leave out takes its schema default (the one place defaults live)
@@ -36,9 +40,10 @@ def settings(*keys):
     """A rule's `params: settings`: the config keys its step reads (a section, or a dotted key of one) and their
     values, the only settings the step receives (taxotrait.steps): changing one re-runs the rule, and nothing else
     does. Under a {rank} wildcard, `train` is that rank's (its rank_overrides applied)."""
-    return lambda wildcards: rule_settings(config, keys, wildcards.get("rank"))
+    return planning(lambda wildcards: rule_settings(config, keys, wildcards.get("rank")))
 
 
+@planning
 def synthetic_threads():
     """Processes rendering the demo: one per 1,000 images (about 15 s of rendering each), at least two (the
     demo's); Snakemake caps them at --cores. The output does not depend on them."""
@@ -49,6 +54,7 @@ def synthetic_threads():
     return max(2, images // 1000)
 
 
+@planning
 def dataset_inputs(wildcards=None):
     """Files that define the dataset: the synthetic manifest, or the user's manifest/taxonomy tables."""
     data = config["data"]
@@ -63,6 +69,7 @@ def dataset_inputs(wildcards=None):
     return inputs
 
 
+@planning
 def images_fingerprint(wildcards=None):
     """The user's images as listed (paths, sizes, modification times): a params value, so that adding, removing or
     replacing an image re-runs prepare (the demo's images are made by the workflow: none)."""
@@ -73,16 +80,19 @@ def images_fingerprint(wildcards=None):
     return dataset_fingerprint(config["data"])
 
 
+@planning
 def backbone_weights():
     """The backbone weights file ([] when timm fetches them itself, or for random weights)."""
     weights = config["backbone"].get("weights")
     return [weights] if weights and weights != "random" else []
 
 
+@planning
 def trained_model(wildcards):
     return f"{RESULTS}/{wildcards.rank}/model.pt"
 
 
+@planning
 def train_settings(wildcards):
     """What a rank's training reads: backbone, model, contrast, cache and the rank's train settings (its rank_overrides
     applied; with the training images streamed, their transform too), so that changing one rank's override re-trains that rank only. Not the number of data-parallel
@@ -92,17 +102,20 @@ def train_settings(wildcards):
     return rule_settings(config, ["backbone", "model", "contrast", "cache", *keys, *images], wildcards.rank)
 
 
+@planning
 def train_tokens(wildcards=None):
     """The token cache of the training images, none with `cache.train_tokens` false (the model steps that train then
     run the frozen forward over the images each epoch)."""
     return {"train_tokens": f"{RESULTS}/cache/train.tokens.npy"} if config["cache"]["train_tokens"] else {}
 
 
+@planning
 def train_processes(wildcards):
     """The rank's train.processes (0: one per GPU of the job): how the job runs, not what it computes."""
     return rank_train_settings(config, wildcards.rank)["processes"] or 0
 
 
+@planning
 def faithfulness_threads(wildcards):
     """Two threads for a rank whose insertion and deletion are computed (evaluation.faithfulness.finest_ranks), one
     for the others (their counterfactual test alone), which then run beside other jobs."""
@@ -110,6 +123,7 @@ def faithfulness_threads(wildcards):
     return 2 if wildcards.rank in faithfulness_ranks(RANKS, finest) else 1
 
 
+@planning
 def part_annotation_inputs(wildcards=None):
     """The CUB-style part annotation files of `evaluation.parts` (none when unset)."""
     folder = config["evaluation"]["parts"]
@@ -120,6 +134,7 @@ def part_annotation_inputs(wildcards=None):
     return {key: str(path) for key, path in part_annotation_files(folder).items()}
 
 
+@planning
 def all_outputs():
     """Every product of the workflow for the configured dataset and ranks."""
     per_rank = ["metrics.parquet", "attention.h5", "heads.parquet", "traits.parquet", "figures"]
