@@ -144,3 +144,14 @@ def test_train_probes_reads_the_token_caches_a_batch_at_a_time(dataset, tmp_path
         assert probe.class_names == class_names(classes, rank) and meta["contrast"] == "siblings"
         assert meta["top1"]["test"] == pytest.approx(top1, abs=1e-6) and set(meta["top1"]) == {"val", "test"}
         assert meta["l2"] in (1e-4, 1e-3, 1e-2)
+
+
+def test_a_large_set_takes_larger_batches_not_more_steps():
+    """Every step moves every class's weights, so the steps stay near min_steps (batches up to PROBE_MAX_BATCH):
+    here 12,000 images x 10 passes in batches of 240, 500 steps, and still the full-batch fit."""
+    x, y = overlapping_classes(12_000, seed=1)
+    train = CountingRows(x.numpy())
+    weight, bias, l2 = fit_linear_probe(train, y, 4, groups=GROUPS, batch_size=64)
+    assert max(train.reads) == 240 and sum(r for r in train.reads if r == 240) == 10 * len(x)
+    reference = full_batch_fit(x, y, l2, GROUPS)
+    assert objective(x, y, weight, bias, l2, GROUPS) <= objective(x, y, *reference, l2, GROUPS) + 2e-3

@@ -36,9 +36,12 @@ if TYPE_CHECKING:
 CAM_METHODS = ("grad_cam", "layer_cam", "eigen_cam")
 PROBE_FORMAT = "taxotrait-linear-probe-1"
 # the probe's minibatch training (`fit_linear_probe`): shuffled passes over the training features, at least so many
-# steps on a small set, and Adam's learning rate on the standardised features
+# steps on a small set, and Adam's learning rate on the standardised features. Every step updates every class's
+# weights (exact Adam with an L2 penalty), so a large set takes larger batches, up to PROBE_MAX_BATCH, rather than
+# more steps: the work grows with images + steps x classes, not images x classes (bench/RESULTS.md, taxonomy scale)
 PROBE_EPOCHS = 10
 PROBE_MIN_STEPS = 500
+PROBE_MAX_BATCH = 1024
 PROBE_LR = 0.03
 
 
@@ -170,7 +173,8 @@ def fit_linear_probe(
     """Multinomial logistic regression by minibatches: (weight [C, D], bias [C], l2).
 
     features [n, D]: a memory map or tensor, read `batch_size` rows at a time (its mean and spread once, then
-    `epochs` shuffled passes, more for a small set: `min_steps` steps at least), so memory does not grow with n.
+    `epochs` shuffled passes, more for a small set: `min_steps` steps at least; a large set in larger batches, up to
+    PROBE_MAX_BATCH, so that the steps stay near `min_steps`), so memory does not grow with n.
     Minimises the mean cross-entropy plus l2 * |weight|^2 with Adam (`lr`, cosine decay, from zeros; the features
     standardised inside, which leaves the minimum unchanged), for every L2 penalty of `l2_grid` at once, seeded by
     `seed`. With `groups` [C] (contrast 'siblings') the softmax of each image runs over its class's siblings only and
@@ -191,6 +195,7 @@ def fit_linear_probe(
     dim, penalties, inverse_variance = len(mean), torch.tensor(grid, device=device), spread.pow(-2)
     weight = torch.zeros(len(grid), num_classes, dim, device=device, requires_grad=True)  # on standardised features
     bias = torch.zeros(len(grid), num_classes, device=device, requires_grad=True)
+    batch_size = max(batch_size, min(PROBE_MAX_BATCH, -(-epochs * len(labels) // min_steps)))
     steps_per_epoch = -(-len(labels) // batch_size)
     epochs = max(epochs, -(-min_steps // steps_per_epoch))
     optimizer = torch.optim.Adam([weight, bias], lr=lr, fused=True)
