@@ -180,6 +180,7 @@ def derived_profile(folder: Path, cluster: Cluster) -> Path:
         "slurm-keep-successful-logs": True,
         "retries": 0,
         "latency-wait": 5,
+        "max-threads": 2,  # the node's CPUs: a job asking for more (prepare, cache_tokens: 8) would never start
     })
     small = {"mem_mb": 1000, "runtime": 10}
     profile["default-resources"] = {**profile.get("default-resources", {}), **small}
