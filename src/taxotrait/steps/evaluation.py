@@ -84,8 +84,6 @@ def train_probes(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
     train_cache = TokenCache.open(inputs["train_tokens"]) if settings["cache"]["train_tokens"] else None
     splits = {split: manifest[manifest["split"] == split] for split in ("train", "val", "test")}
     splits = {split: rows for split, rows in splits.items() if len(rows)}
-    views = {split: 1 if split == "train" and train_cache is None else (train_cache or eval_cache).views
-             if split == "train" else eval_cache.views for split in splits}
     folder = Path(outputs["probes"][0]).parent
     folder.mkdir(parents=True, exist_ok=True)
     digest = weights_digest(probe.backbone)
@@ -97,8 +95,8 @@ def train_probes(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
                 data = ImageDataset(rows["path"].tolist(), np.zeros(len(rows)), eval_transform(settings))
             else:
                 data = TokenDataset(cache, np.zeros(len(rows)), cache.index(rows["path"]), every_view=True)
-            features[split] = probe_feature_file(probe, data, Path(scratch) / f"{split}.npy", s["batch_size"],
-                                                 device).reshape(len(rows) * views[split], -1)
+            per_view = probe_feature_file(probe, data, Path(scratch) / f"{split}.npy", s["batch_size"], device)
+            features[split] = per_view.reshape(-1, per_view.shape[-1])  # [images x views, D]
         log.info("probe features of %s images in %.1f s", {split: len(rows) for split, rows in splits.items()},
                  time.time() - started)
         for rank, out in zip(settings["ranks"], outputs["probes"]):
@@ -106,7 +104,7 @@ def train_probes(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
             truth = {split: torch.from_numpy(labels(rows, classes, rank).to_numpy(copy=True))
                      for split, rows in splits.items()}
             weight, bias, l2 = fit_linear_probe(
-                features["train"], truth["train"].repeat_interleave(views["train"]), len(names),
+                features["train"], truth["train"].repeat_interleave(len(features["train"]) // len(splits["train"])), len(names),
                 features.get("val"), truth.get("val"), groups=groups, batch_size=s["batch_size"], device=device)
             top1 = {split: float(rival_accuracy(features[split], truth[split], weight[None].to(device),
                                                 bias[None].to(device), groups, s["batch_size"])[0])
