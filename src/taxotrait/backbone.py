@@ -1,4 +1,5 @@
-"""Frozen timm ViT backbones: creation by name, local weight files, the offline default, digests."""
+"""Frozen timm ViT backbones: creation by name (a timm name, or an OpenCLIP backbone of `OPEN_CLIP_BACKBONES`), local
+weight files (timm's or open_clip's), the offline default, digests."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import os
 import pickle
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
 import torch
+from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 OFFLINE_BACKBONE = "vit_small_patch14_dinov2.lvd142m"
@@ -20,6 +23,30 @@ RANDOM_WEIGHTS_SEED = 0  # backbone.weights: random
 
 # Input normalisation used by the authors' released models.
 AUTHORS_NORMALISATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+# open_clip's preprocessing, for OpenCLIP image towers: CLIP's mean and std
+CLIP_NORMALISATION = {"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD}
+# open_clip's weights files on the hub: its default (every OpenCLIP repository has it; read without unpickling), then
+# the safetensors one that newer uploads add
+OPEN_CLIP_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
+
+
+@dataclass(frozen=True)
+class OpenClipBackbone:
+    """The image tower of an OpenCLIP model: the timm ViT of its architecture and activation, and the Hugging Face
+    repository holding its open_clip weights file (the first of `files` there)."""
+
+    timm_name: str
+    hub_id: str
+    files: tuple[str, ...] = OPEN_CLIP_FILES
+
+
+# backbone.name -> the OpenCLIP model; its image tower is read from open_clip's weights file, normalised with CLIP's
+# mean and std
+OPEN_CLIP_BACKBONES = {
+    "bioclip": OpenClipBackbone("vit_base_patch16_clip_quickgelu_224", "imageomics/bioclip"),  # ViT-B/16, QuickGELU
+    "bioclip-2": OpenClipBackbone("vit_large_patch14_clip_224", "imageomics/bioclip-2"),  # ViT-L/14, GELU
+}
 
 
 class BackboneWeightsError(RuntimeError):
@@ -78,7 +105,11 @@ def _hub_offline() -> bool:
 
 
 def pretrained_sources(name: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """Where timm gets the pretrained weights of `name`: ([(Hugging Face repo, file), ...], [url, ...])."""
+    """Where the pretrained weights of `name` come from: ([(Hugging Face repo, file), ...], [url, ...]); timm's, or an
+    OpenCLIP backbone's repository."""
+    if name in OPEN_CLIP_BACKBONES:
+        clip = OPEN_CLIP_BACKBONES[name]
+        return [(clip.hub_id, file) for file in clip.files], []
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except Exception:
@@ -134,9 +165,59 @@ def _what_to_provide(name: str) -> str:
         where = urls[0]
     else:
         return f"timm has no pretrained weights for '{name}'"
-    return (f"download {where} on a connected machine (or there run timm.create_model('{name}', pretrained=True) and "
-            "save its state_dict()), copy it here and set `backbone.weights` in the config to that file; or put it in "
-            "the Hugging Face cache and keep HF_HUB_OFFLINE=1")
+    timm_way = "" if name in OPEN_CLIP_BACKBONES else (
+        f" (or there run timm.create_model('{name}', pretrained=True) and save its state_dict())")
+    return (f"download {where} on a connected machine{timm_way}, copy it here and set `backbone.weights` in the config "
+            f"to that file (`backbone: {{name: {name}, weights: path/to/{os.path.basename(urlparse(where).path)}}}`); "
+            "or put it in the Hugging Face cache and keep HF_HUB_OFFLINE=1")
+
+
+def download_open_clip(clip: OpenClipBackbone) -> Path:
+    """The open_clip weights file of `clip`, downloaded from its Hugging Face repository (the first of its file names
+    the repository holds) into the Hugging Face cache."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    for file in clip.files:
+        try:
+            return Path(hf_hub_download(clip.hub_id, file))
+        except EntryNotFoundError as err:
+            absent = err
+    raise absent
+
+
+def _pretrained_file(name: str) -> Path | None:
+    """The pretrained weights of `name` as a local file: from the Hugging Face (or torch hub) cache, or downloaded for
+    an OpenCLIP backbone; None when timm downloads them itself. Offline (HF_HUB_OFFLINE), or when the hub does not
+    answer a `HUB_PROBE_TIMEOUT`-second connection probe, BackboneWeightsError says at once which file to provide."""
+    cached = cached_weights(name)
+    if cached is not None:
+        return cached
+    hub, urls = pretrained_sources(name)
+    if hub and _hub_offline():
+        raise BackboneWeightsError(f"the pretrained weights of backbone '{name}' are not in the Hugging Face cache "
+                                   f"and HF_HUB_OFFLINE is set: {_what_to_provide(name)}.")
+    if hub or urls:
+        from huggingface_hub import constants
+
+        probe = constants.ENDPOINT if hub else urls[0]
+        if not reachable(probe):
+            raise BackboneWeightsError(
+                f"cannot download the pretrained weights of backbone '{name}': {urlparse(probe).hostname} is not "
+                f"reachable (no network?) and they are not cached: {_what_to_provide(name)}.")
+    if name not in OPEN_CLIP_BACKBONES:
+        return None
+    try:
+        return download_open_clip(OPEN_CLIP_BACKBONES[name])
+    except Exception as err:
+        raise BackboneWeightsError(f"cannot download the pretrained weights of backbone '{name}' "
+                                   f"({type(err).__name__}: {err}): {_what_to_provide(name)}.") from err
+
+
+def is_open_clip(state: dict[str, torch.Tensor]) -> bool:
+    """Whether `state` is an OpenCLIP model's, its ViT image tower under `visual.` (as timm's checkpoint filter reads
+    it; the text tower's keys are not read)."""
+    return "visual.class_embedding" in state or "module.visual.class_embedding" in state
 
 
 def create_backbone(
@@ -145,61 +226,62 @@ def create_backbone(
     img_size: int = 224,
     antialias: bool = True,
 ) -> VisionTransformer:
-    """Create the frozen timm ViT `name` at `img_size`.
+    """Create the frozen timm ViT `name` at `img_size`: a timm name, or an OpenCLIP backbone of `OPEN_CLIP_BACKBONES`
+    (e.g. ``bioclip``: its timm ViT).
 
-    `weights` is a local .safetensors/.pth file, ``"random"`` for timm's random initialisation drawn from seed
-    `RANDOM_WEIGHTS_SEED` (the same weights in every process: tests, benchmarks, the GPU check), or None for
-    timm's pretrained weights: taken from the Hugging Face (or torch hub) cache when there, read like a local file
-    (no network access); otherwise downloaded, unless HF_HUB_OFFLINE is set or the hub does not answer a
-    `HUB_PROBE_TIMEOUT`-second connection probe, in which case BackboneWeightsError says at once which file to
-    provide. Position embeddings are resampled to the grid of `img_size` with bicubic interpolation (`antialias` as
-    timm's default, True).
+    `weights` is a local .safetensors/.pth/.bin file (timm's layout, or an OpenCLIP model's: its image tower is read,
+    strictly, and its text tower left out), ``"random"`` for timm's random initialisation drawn from seed
+    `RANDOM_WEIGHTS_SEED` (the same weights in every process: tests, benchmarks, the GPU check), or None for the
+    pretrained weights (`_pretrained_file`): taken from the Hugging Face (or torch hub) cache when there, read like a
+    local file (no network access); otherwise downloaded, unless offline. An OpenCLIP backbone or weights file is
+    normalised with CLIP's mean and std, as open_clip does. Position embeddings are resampled to the grid of
+    `img_size` with bicubic interpolation (`antialias` as timm's default, True).
     """
-    kwargs = dict(img_size=img_size, num_classes=0)
     if weights is None:
-        cached = cached_weights(name)
-        if cached is not None:
-            return create_backbone(name, cached, img_size, antialias)
-        hub, urls = pretrained_sources(name)
-        if hub and _hub_offline():
-            raise BackboneWeightsError(f"the pretrained weights of backbone '{name}' are not in the Hugging Face cache "
-                                       f"and HF_HUB_OFFLINE is set: {_what_to_provide(name)}.")
-        if hub or urls:
-            from huggingface_hub import constants
-
-            probe = constants.ENDPOINT if hub else urls[0]
-            if not reachable(probe):
-                raise BackboneWeightsError(
-                    f"cannot download the pretrained weights of backbone '{name}': {urlparse(probe).hostname} is not "
-                    f"reachable (no network?) and they are not cached: {_what_to_provide(name)}.")
+        weights = _pretrained_file(name)
+    if weights is None:
         try:
-            model = timm.create_model(name, pretrained=True, **kwargs)
+            model = timm.create_model(name, pretrained=True, img_size=img_size, num_classes=0)
         except Exception as err:
             raise BackboneWeightsError(
                 f"cannot obtain pretrained weights for backbone '{name}' ({type(err).__name__}: {err}). "
                 f"Without network access, {_what_to_provide(name)}."
             ) from err
     else:
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_WEIGHTS_SEED)  # "random": the same weights in every process
-                model = timm.create_model(name, pretrained=False, **kwargs)
-        except Exception as err:
-            raise BackboneWeightsError(f"unknown or unsupported timm backbone '{name}': {err}") from err
-        if str(weights) != "random":
-            state = checkpoint_filter_fn(read_state_dict(weights), model, antialias=antialias)
-            state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.")) or k in model.state_dict()}
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise BackboneWeightsError(
-                    f"weights file {weights} does not fit backbone '{name}': "
-                    f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                    f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-                )
+        model = _backbone_with_weights(name, weights, img_size, antialias)
     if not isinstance(model, VisionTransformer):
         raise BackboneWeightsError(f"backbone '{name}' is a {type(model).__name__}, not a timm VisionTransformer")
     model.requires_grad_(False)
     return model.eval()
+
+
+def _backbone_with_weights(name: str, weights: str | os.PathLike, img_size: int, antialias: bool) -> torch.nn.Module:
+    """timm's model `name` (or the timm ViT of an OpenCLIP backbone) at `img_size` with `weights`: a file, or
+    "random"."""
+    clip = OPEN_CLIP_BACKBONES.get(name)
+    timm_name = clip.timm_name if clip else name
+    state = None if str(weights) == "random" else read_state_dict(weights)
+    normalisation = CLIP_NORMALISATION if clip or (state is not None and is_open_clip(state)) else None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)  # "random": the same weights in every process
+            model = timm.create_model(timm_name, pretrained=False, pretrained_cfg_overlay=normalisation,
+                                      img_size=img_size, num_classes=0)
+    except Exception as err:
+        raise BackboneWeightsError(f"unknown or unsupported timm backbone '{timm_name}': {err}") from err
+    if state is None:
+        return model
+    layout = " (timm's names for the file's image-tower keys, visual.*)" if is_open_clip(state) else ""
+    state = checkpoint_filter_fn(state, model, antialias=antialias)
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.")) or k in model.state_dict()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BackboneWeightsError(
+            f"weights file {weights} does not fit backbone '{name}'{f' (timm {timm_name})' if clip else ''}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}{layout}"
+        )
+    return model
 
 
 def weights_digest(model: torch.nn.Module) -> str:
