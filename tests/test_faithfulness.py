@@ -1,4 +1,5 @@
-"""Insertion/deletion on toy models with known answers, and the baselines (linear probe, CAMs, rollout)."""
+"""Insertion/deletion on toy models with known answers, and the baselines (linear probe, CAMs, Finer-CAM,
+rollout)."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ from torchvision.transforms.functional import gaussian_blur
 
 from taxotrait import faithfulness as fa
 from taxotrait.baselines import (CAM_METHODS, LinearProbe, _cam_class, attention_rollout, block_first_token, cam_maps,
-                                 eigen_projection, fit_linear_probe, load_probe, save_probe, vit_reshape)
+                                 eigen_projection, FinerTarget, fit_linear_probe, load_probe, nearest_rivals,
+                                 save_probe, vit_reshape)
 from taxotrait.model import class_rivals
 
 SIZE = 8  # 8 x 8 images: 64 pixels
@@ -135,24 +137,44 @@ def test_fit_linear_probe_separates_and_roundtrips(tiny_vit, tmp_path):
     assert meta["rank"] == "genus" and torch.equal(loaded.head.weight, probe.head.weight)
 
 
+def finer_cam_of_the_package(model, layer, reshape, images, category, comparisons=None):
+    """pytorch-grad-cam's own FinerCAM (GradCAM on the patch grid) of `category` for each image, with its default
+    comparison classes (those nearest in score) and alpha unless `comparisons` (positions in that order) are given."""
+    from pytorch_grad_cam import FinerCAM
+
+    finer = FinerCAM(model, [layer], reshape, base_method=_cam_class("grad_cam", (4, 4)))
+    finer.compute_input_gradient = True  # the backbone is frozen
+    try:
+        return np.concatenate([finer(image[None], target_idx=int(category), comparison_categories=comparisons)
+                               for image in images])
+    finally:
+        finer.base_cam.activations_and_grads.release()
+
+
 @pytest.mark.parametrize("reg_tokens", [0, 4])
 @pytest.mark.parametrize("method", CAM_METHODS)
 def test_cams_from_tokens_equal_cams_of_the_image_model(method, reg_tokens, images):
+    """The CAMs from cached tokens are those of the image model made by the package itself: Finer-CAM its FinerCAM
+    over every class (contrast 'rank'), the three classes nearest in score of five compared with."""
     from conftest import make_vit
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     vit = make_vit(reg_tokens=reg_tokens)
-    probe = LinearProbe(vit, ["a", "b", "c"])
+    probe = LinearProbe(vit, ["a", "b", "c", "d", "e"])
     torch.manual_seed(0)
     torch.nn.init.normal_(probe.head.weight)
     targets = torch.tensor([0, 2, 1])
     from_tokens = cam_maps(method, probe, probe.frozen_tokens(images), targets)
     assert from_tokens.shape == (3, 4, 4) and from_tokens.min() >= 0 and from_tokens.max() <= 1 + 1e-6
-    cam = _cam_class(method, (4, 4))(model=probe, target_layers=[vit.blocks[-1].norm1],
-                                     reshape_transform=vit_reshape(vit.num_prefix_tokens, (4, 4)))
-    cam.compute_input_gradient = True
-    from_images = cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
-    cam.activations_and_grads.release()
+    layer, reshape = vit.blocks[-1].norm1, vit_reshape(vit.num_prefix_tokens, (4, 4))
+    if method == "finer_cam":
+        from_images = np.concatenate([finer_cam_of_the_package(probe, layer, reshape, images[i : i + 1], t)
+                                      for i, t in enumerate(targets)])
+    else:
+        cam = _cam_class(method, (4, 4))(model=probe, target_layers=[layer], reshape_transform=reshape)
+        cam.compute_input_gradient = True
+        from_images = cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+        cam.activations_and_grads.release()
     assert np.allclose(from_tokens, from_images, atol=1e-4)
 
 
@@ -188,6 +210,78 @@ def test_sibling_grad_cam_is_the_gradient_of_the_score_against_its_siblings(tiny
     assert np.allclose(ours, cam, atol=1e-4)
     plain = cam_maps("grad_cam", probe, tokens, targets)  # the class score alone: another map
     assert not np.allclose(ours, plain, atol=1e-3)
+
+
+def test_finer_cam_compares_with_the_siblings_nearest_in_score():
+    scores = torch.tensor([0.0, 1.0, 5.0, 1.2, 0.9, 1.05, 7.0, 3.0])
+    family = torch.tensor([True, True, True, True, True, False, False, False])  # class 5 is nearest, not a sibling
+    assert nearest_rivals(scores, 1, family) == [4, 3, 0]
+    assert nearest_rivals(scores, 1, torch.ones(8, dtype=torch.bool)) == [5, 4, 3]  # contrast 'rank'
+    classes = torch.arange(8)
+    assert nearest_rivals(scores, 6, (classes == 2) | (classes == 6)) == [2]  # fewer rivals than comparisons
+    assert nearest_rivals(scores, 7, classes == 7) == []
+
+
+def test_finer_target_keeps_its_sign_for_a_sure_class():
+    """At a margin of 30 the package's FinerWeightedTarget explains the comparison classes (its epsilon outweighs
+    their probability); ours has the gradient it has at any margin, the package's at a margin of 3."""
+    from pytorch_grad_cam.utils.model_targets import FinerWeightedTarget
+
+    def gradient(target, scores):
+        scores = torch.tensor(scores, requires_grad=True)
+        target(scores).backward()
+        return scores.grad
+
+    ours = gradient(FinerTarget(0, torch.ones(3, dtype=torch.bool)), [30.0, 0.0, -1.0])
+    assert torch.allclose(ours, gradient(FinerWeightedTarget(0, [1, 2], 1.0), [3.0, 0.0, -1.0]), atol=1e-5)
+    assert ours[0] == 1 and gradient(FinerWeightedTarget(0, [1, 2], 1.0), [30.0, 0.0, -1.0])[0] < 0
+
+
+class AmongSiblings(torch.nn.Module):
+    """The probe's scores of tokens with every class but `siblings` (bool [C]) at -inf: the package's FinerCAM of it
+    compares a class with its siblings only."""
+
+    def __init__(self, probe: LinearProbe, siblings: torch.Tensor):
+        super().__init__()
+        self.probe, self.siblings = probe, siblings
+
+    def forward(self, tokens):
+        return self.probe.forward_tokens(tokens).masked_fill(~self.siblings, float("-inf"))
+
+
+def test_finer_cam_of_the_registry_explains_the_sibling_decision(tiny_vit, images):
+    """The registry's Finer-CAM (contrast 'siblings'), for the true class and, where the probe is wrong, its
+    prediction: the package's FinerCAM restricted to the class's siblings. Another map than Grad-CAM's for a class
+    with several siblings; Grad-CAM's own for a class with one (both explain s[c] - s[d]) or none (s[c] alone)."""
+    from taxotrait.methods import METHODS, MapInputs
+
+    names = ["a1", "a2", "a3", "a4", "a5", "b1", "b2", "c1"]
+    groups = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2])  # a family of five, a pair, a class alone
+    probe = LinearProbe(tiny_vit, names)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(probe.head.weight)
+    truth, predicted = torch.tensor([1, 5, 7]), np.array([1, 6, 7])  # the probe is wrong on the pair
+    tokens = probe.frozen_tokens(images)
+    scores = probe.forward_tokens(tokens)
+    siblings = class_rivals(groups, truth, len(names))
+    everyone = torch.ones(len(names), dtype=torch.bool)
+    # on the first image the nearest classes of all are not the nearest siblings: the restriction matters
+    assert nearest_rivals(scores[0], 1, everyone) != nearest_rivals(scores[0], 1, siblings[0])
+    x = MapInputs(np.zeros((3, 2, 1, 4, 4)), np.ones((3, 1), bool), np.ones((3, 1), bool), probe, tokens, truth,
+                  predicted, groups, names, 2, lambda: iter(()))
+    maps = METHODS["finer_cam"].maps(x)
+    assert maps.shape == (3, 2, 4, 4)
+    layer, reshape = tiny_vit.blocks[-1].norm1, vit_reshape(tiny_vit.num_prefix_tokens, (4, 4))
+    for i, (c, comparisons) in enumerate([(1, None), (5, [1])]):  # the pair: one sibling to compare with
+        package = finer_cam_of_the_package(AmongSiblings(probe, groups == groups[c]), layer, reshape,
+                                           tokens[i : i + 1], c, comparisons)
+        assert np.allclose(maps[i, 0], package[0], atol=1e-4)
+    package = finer_cam_of_the_package(AmongSiblings(probe, groups == 1), layer, reshape, tokens[1:2], 6, [1])
+    assert np.allclose(maps[1, 1], package[0], atol=1e-4)
+    assert np.array_equal(maps[[0, 2], 1], maps[[0, 2], 0])  # right: the predicted class is the true one
+    grad_cam = METHODS["grad_cam"].maps(x)
+    assert not np.allclose(maps[0], grad_cam[0], atol=1e-3)
+    assert np.allclose(maps[1:], grad_cam[1:], atol=1e-5)
 
 
 def test_sign_fixed_eigen_cam_is_positive_on_a_planted_blob():

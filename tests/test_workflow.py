@@ -256,7 +256,8 @@ def within_intervals(table, *scores):
 def test_evaluation(results):
     """Faithfulness (tiny.yaml: the finest rank, 2 images, 4 steps), localization of every method and the
     counterfactual traits, each score with its interval, every method explaining the sibling decision."""
-    methods = {"prompt_cam_traits", "prompt_cam_all", "grad_cam", "layer_cam", "eigen_cam", "rollout"}
+    order = ["prompt_cam_traits", "prompt_cam_all", "grad_cam", "layer_cam", "finer_cam", "eigen_cam", "rollout"]
+    methods = set(order)
     faithfulness = pd.read_parquet(results / "faithfulness.parquet")
     assert list(faithfulness.columns) == ["rank", "method", "model", "insertion", "insertion_low", "insertion_high",
                                           "deletion", "deletion_low", "deletion_high", "n_images", "model_top1",
@@ -290,13 +291,15 @@ def test_evaluation(results):
     probe_rows = counterfactual[counterfactual["model"] == "linear_probe"]
     assert probe_rows["peak_on_trait"].isna().all() and (probe_rows["n_peak_images"] == 0).all()
     with h5py.File(results / "species" / "saliency.h5") as h5:
-        assert h5["maps"].shape == (8, 6, 2, 8, 8) and list(h5.attrs["methods"]) == sorted(methods, key=[
-            "prompt_cam_traits", "prompt_cam_all", "grad_cam", "layer_cam", "eigen_cam", "rollout"].index)
+        assert h5["maps"].shape == (8, 7, 2, 8, 8) and list(h5.attrs["methods"]) == order
     for name in ("faithfulness", "localization", "example_maps"):
         assert (results / "figures" / "evaluation" / f"{name}.png").is_file()
     text = (results / "evaluation.md").read_text()
     assert "Prompt-CAM against the baselines" in text and "## Counterfactual traits" in text
     assert re.search(r"\| species \| Prompt-CAM \(trait heads\) \| prompt_cam \| [0-9.]+ \| \**[0-9.]+ \[[0-9.]+, [0-9.]+\]", text)
+    # every registered method has its rows: faithfulness at the finest rank, the three pointing games at each rank
+    assert re.search(r"\| species \| Finer-CAM \| linear_probe \| [0-9.]+ \| \**[0-9.]+ \[[0-9.]+, [0-9.]+\]", text)
+    assert text.count("| genus | Finer-CAM |") == 3
 
 
 def test_rerun_does_nothing(results):

@@ -1,5 +1,7 @@
 """The baselines of Prompt-CAM's Table 1: a linear probe on the frozen backbone, explained by Grad-CAM, Layer-CAM and
-Eigen-CAM (the `grad-cam` package, pytorch-grad-cam) and by attention rollout (Abnar & Zuidema, 2020).
+Eigen-CAM (the `grad-cam` package, pytorch-grad-cam) and by attention rollout (Abnar & Zuidema, 2020); and Finer-CAM
+(Zhang et al., "Finer-CAM: Spotting the Difference Reveals Finer Details for Visual Explanation", CVPR 2025), Grad-CAM
+of the class against its most similar classes (`FinerTarget`).
 
 The probe is the paper's protocol: one linear layer on the final-norm CLS token of the same frozen backbone. It is
 trained on the cached frozen tokens (`LinearProbe.features`: the rest of the backbone run on them, once, into a file:
@@ -28,12 +30,16 @@ from tqdm.auto import tqdm
 from .backbone import tokens_entering, weights_digest
 from .data import ImageDataset
 from .devices import mixed_precision
-from .model import PromptCAM, block_attention, families, family_columns
+from .model import PromptCAM, block_attention, class_rivals, families, family_columns
 
 if TYPE_CHECKING:
     from .token_cache import TokenDataset
 
-CAM_METHODS = ("grad_cam", "layer_cam", "eigen_cam")
+CAM_METHODS = ("grad_cam", "layer_cam", "finer_cam", "eigen_cam")
+# Finer-CAM's defaults in pytorch-grad-cam (`FinerCAM.forward`): the comparison classes' whole score subtracted
+# (alpha 1), the three classes whose scores are nearest the target's compared with
+FINER_ALPHA = 1.0
+FINER_COMPARISONS = 3
 PROBE_FORMAT = "taxotrait-linear-probe-1"
 # the probe's minibatch training (`fit_linear_probe`): shuffled passes over the training features, at least so many
 # steps on a small set, and Adam's learning rate on the standardised features. Every step updates every class's
@@ -304,6 +310,37 @@ class SiblingContrastTarget:
         return score - torch.logsumexp(output[..., self.others.to(output.device)], dim=-1)
 
 
+def nearest_rivals(scores: torch.Tensor, category: int, rivals: torch.Tensor,
+                   count: int = FINER_COMPARISONS) -> list[int]:
+    """Finer-CAM's comparison classes: the `count` rivals (bool [C]) of `category` other than itself whose scores [C]
+    are nearest its own, nearest first."""
+    others = rivals.clone()
+    others[category] = False
+    distance = (scores - scores[category]).abs().masked_fill(~others, float("inf"))
+    return distance.argsort(stable=True)[: min(count, int(others.sum()))].tolist()
+
+
+class FinerTarget:
+    """Finer-CAM's target of a class among its rivals (bool [C]): s[c] - alpha sum_d q[d] s[d] over the rivals d
+    nearest in score (`nearest_rivals`, on the scores of the pass being explained), q their softmax among themselves;
+    s[c] alone when c has no other rival.
+
+    This is pytorch-grad-cam's `FinerWeightedTarget` without its epsilon: that target divides by the comparison
+    classes' probability among every class plus 1e-9, and once that probability falls below 1e-9 (a sure class,
+    margin over about 20) the gradient of the epsilon outweighs the rest and points at the comparison classes."""
+
+    def __init__(self, category: int, rivals: torch.Tensor):
+        self.category, self.rivals = int(category), rivals
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        nearest = nearest_rivals(output.detach(), self.category, self.rivals.to(output.device))
+        score = output[..., self.category]
+        if not nearest:
+            return score
+        compared = output[..., nearest]
+        return score - FINER_ALPHA * (compared.softmax(-1) * compared).sum(-1)
+
+
 def eigen_projection(activations: np.ndarray) -> np.ndarray:
     """Eigen-CAM with its sign fixed: activations [B, K, h, w] -> maps [B, h, w].
 
@@ -324,10 +361,11 @@ def eigen_projection(activations: np.ndarray) -> np.ndarray:
 
 def _cam_class(method: str, grid: tuple[int, int]):
     """The package's CAM class for `method`, returning maps on the patch grid (not resized to an input image);
-    Eigen-CAM with its sign fixed (`eigen_projection`)."""
+    Finer-CAM is GradCAM (the base method of the package's FinerCAM) of its own targets; Eigen-CAM with its sign
+    fixed (`eigen_projection`)."""
     from pytorch_grad_cam import EigenCAM, GradCAM, LayerCAM
 
-    base = {"grad_cam": GradCAM, "layer_cam": LayerCAM, "eigen_cam": EigenCAM}[method]
+    base = {"grad_cam": GradCAM, "layer_cam": LayerCAM, "finer_cam": GradCAM, "eigen_cam": EigenCAM}[method]
 
     class OnGrid(base):
         def get_target_width_height(self, input_tensor):
@@ -342,11 +380,12 @@ def _cam_class(method: str, grid: tuple[int, int]):
 
 def cam_maps(method: str, probe: LinearProbe, tokens: torch.Tensor, targets: torch.Tensor | None = None,
              batch_size: int = 32, rivals: torch.Tensor | None = None) -> np.ndarray:
-    """Grad-CAM, Layer-CAM or Eigen-CAM of the probe for classes `targets` [B], from cached tokens [B, T, D].
+    """Grad-CAM, Layer-CAM, Finer-CAM or Eigen-CAM of the probe for classes `targets` [B], from cached tokens [B, T, D].
 
     The target is the class score s[c] (contrast 'rank'), or with `rivals` (bool [B, C], `class_rivals`: contrast
-    'siblings') the class against its siblings (`SiblingContrastTarget`). Maps [B, h, w] on the patch grid, as
-    pytorch-grad-cam makes them: ReLU, then min-max normalised per image. Eigen-CAM is class-agnostic (first
+    'siblings') the class against its siblings (`SiblingContrastTarget`); Finer-CAM's is the class against its
+    rivals nearest in score (`FinerTarget`), every class being a rival without `rivals`. Maps [B, h, w] on the patch
+    grid, as pytorch-grad-cam makes them: ReLU, then min-max normalised per image. Eigen-CAM is class-agnostic (first
     principal component of the layer's activations, sign fixed).
     """
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -360,6 +399,9 @@ def cam_maps(method: str, probe: LinearProbe, tokens: torch.Tensor, targets: tor
     cam.compute_input_gradient = True  # the backbone is frozen: gradients reach the layer through the tokens
     if targets is None:
         chosen = None
+    elif method == "finer_cam":
+        rivals = class_rivals(None, targets, len(probe.class_names)) if rivals is None else rivals
+        chosen = [FinerTarget(t, r) for t, r in zip(targets.tolist(), rivals.cpu())]
     elif rivals is None:
         chosen = [ClassifierOutputTarget(int(t)) for t in targets]
     else:

@@ -5,8 +5,9 @@ Methods (the registry `taxotrait.methods.METHODS`):
 
 - ``prompt_cam_traits``: Prompt-CAM, the class prompt's last-block attention averaged over the class's trait heads;
 - ``prompt_cam_all``: the same averaged over every head;
-- ``grad_cam``, ``layer_cam``, ``eigen_cam`` (pytorch-grad-cam) and ``rollout`` (attention rollout): the baselines,
-  on a linear probe trained on the same frozen backbone (`taxotrait.baselines`).
+- ``grad_cam``, ``layer_cam``, ``finer_cam``, ``eigen_cam`` (pytorch-grad-cam; Finer-CAM: Zhang et al., CVPR 2025,
+  the class against its most similar classes) and ``rollout`` (attention rollout): the baselines, on a linear probe
+  trained on the same frozen backbone (`taxotrait.baselines`).
 
 Which class a map explains: localization scores the true class's map; faithfulness the predicted class's (its
 model's prediction: Prompt-CAM's for Prompt-CAM, the probe's for the baselines), whose probability it follows. For
@@ -243,7 +244,8 @@ LOCALIZATION_TITLES = {
 CONTRAST_NOTES = {
     "siblings": "contrast siblings: every method explains the decision among the true class's siblings (Prompt-CAM "
                 "trained with the sibling softmax; the probe trained with the same loss; Grad-CAM and Layer-CAM of "
-                "s[c] minus the siblings' log-sum-exp; deletion and insertion follow the probability among the "
+                "s[c] minus the siblings' log-sum-exp, Finer-CAM of s[c] minus the nearest siblings' scores "
+                "weighted by their softmax; deletion and insertion follow the probability among the "
                 "siblings)",
     "rank": "contrast rank: every method explains the decision among every class of the rank (the paper's set-up)"}
 

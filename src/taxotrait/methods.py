@@ -128,6 +128,12 @@ def layer_cam(x: MapInputs) -> np.ndarray:
     return _class_cam("layer_cam", x)
 
 
+@method("finer_cam", "Finer-CAM", "linear_probe")
+def finer_cam(x: MapInputs) -> np.ndarray:
+    """Grad-CAM of the class against its rivals nearest in score (Zhang et al., CVPR 2025; `baselines.FinerTarget`)."""
+    return _class_cam("finer_cam", x)
+
+
 @method("eigen_cam", "Eigen-CAM", "linear_probe")
 def eigen_cam(x: MapInputs) -> np.ndarray:
     """Class-agnostic: the first principal component of the probe's last-block activations."""

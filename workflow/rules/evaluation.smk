@@ -1,6 +1,7 @@
 # Evaluation of the explanations (config `evaluation`, taxotrait.evaluation): faithfulness (insertion, deletion)
-# against Grad-CAM, Layer-CAM, Eigen-CAM and attention rollout on a linear probe, localization against the ground
-# truth (masks or CUB-style part keypoints) and, on the demo, counterfactual traits; every score with its interval.
+# against Grad-CAM, Layer-CAM, Finer-CAM, Eigen-CAM and attention rollout on a linear probe, localization against the
+# ground truth (masks or CUB-style part keypoints) and, on the demo, counterfactual traits; every score with its
+# interval.
 from taxotrait import report as reporting
 
 rule train_probes:
