@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CORES ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-cluster slurm-packages demo bench bench-demo bench-scale gpu-wheels gpu-check clean
+.PHONY: install test test-cluster slurm-packages demo bench bench-demo bench-scale bench-fashion gpu-wheels gpu-check clean
 
 install: $(STAMP)
 
@@ -59,6 +59,11 @@ bench-demo: install
 SCALE_SPECIES ?= 1000 10000
 bench-scale: install
 	$(BIN)/python bench/scale.py --cores $(CORES) --species $(SCALE_SPECIES) --out bench/RESULTS.md
+
+# The key on real images without ground truth (issue 28): FashionMNIST (Debian's dataset-fashion-mnist) as a
+# category -> item taxonomy through the default workflow, appended to bench/RESULTS.md (bench/fashion_mnist.py).
+bench-fashion: install
+	$(BIN)/python bench/fashion_mnist.py --cores $(CORES) --out bench/RESULTS.md
 
 # The prepared check for a lent CUDA machine (bench/gpu_check.py). Here, with network: `make gpu-wheels` puts the
 # wheels that machine lacks (snakemake, jsonschema, grad-cam, ...; Python 3.12) into the git-ignored .gpu-wheels/.

@@ -38,14 +38,15 @@ def images():
 def heads_table(rows, columns, **fixed):
     """A heads.parquet table (`taxotrait.extract.HEADS_COLUMNS`) of `rows` with these `columns`; the other columns are
     `fixed` or, where not given: rank species, contrast rank, each taxon its own prompt, removal in head order, scores
-    1.0 before and 0.5 after removal, margins over a fixed rival at 1.0."""
+    1.0 before and 0.5 after removal, margins over a fixed rival at 1.0, the drop alone that of the removal."""
     from taxotrait.extract import HEADS_COLUMNS
 
     frame = pd.DataFrame(rows, columns=columns).assign(**fixed)
     defaults = {"rank": "species", "contrast": "rank", "spread": 0.1, "prompt": lambda f: f["taxon"],
                 "removal_step": lambda f: f["head"], "score_before_removal": 1.0, "score_after_removal": 0.5,
                 "margin_before_removal": lambda f: f["score_before_removal"] - 1.0,
-                "margin_after_removal": lambda f: f["score_after_removal"] - 1.0}
+                "margin_after_removal": lambda f: f["score_after_removal"] - 1.0,
+                "score_drop_alone": lambda f: f["score_before_removal"] - f["score_after_removal"]}
     for column, value in defaults.items():
         if column not in frame:
             frame[column] = value(frame) if callable(value) else value

@@ -1,6 +1,6 @@
 """bench/bench_engine.py's sibling-cost rows (issue 15; also run by `make gpu-check`): their tree, and their code path
 at tiny sizes; bench/frozen_forward.py at a tiny size; bench/scale.py's data set and its table and verdicts (issue
-25)."""
+25); bench/fashion_mnist.py's data set (issue 28)."""
 
 import os
 import random
@@ -156,3 +156,38 @@ def test_the_scale_bench_tabulates_benchmarks_and_gives_each_goal_its_verdict(tm
     assert "at 1,000 species: 5.0 MB in 30 s: met" in text
     assert "at 10,000 species: not built (a failure above)" in text
     assert f"- **FAILED** at 10,000 species: rule train (log: {failed_log}): MemoryError: out of memory" in text
+
+
+def test_the_fashion_mnist_bench_writes_an_image_tree_and_a_taxonomy(tmp_path, monkeypatch):
+    """bench/fashion_mnist.py on IDX files written here as Debian's package lays them out (gzipped, big-endian
+    header): every item's images in its split folders, pixel for pixel, and the category -> item table."""
+    import gzip
+
+    import numpy as np
+    import pandas as pd
+    import yaml
+    from PIL import Image
+
+    import fashion_mnist
+
+    rng = np.random.default_rng(0)
+    for name, count in (("train", 60), ("t10k", 30)):
+        labels = np.arange(count, dtype=np.uint8) % 10
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        header = np.array([0x801, count], dtype=">u4").tobytes()
+        (tmp_path / f"{name}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.tobytes()))
+        header = np.array([0x803, count, 28, 28], dtype=">u4").tobytes()
+        (tmp_path / f"{name}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
+        if name == "train":
+            train_images = images
+    monkeypatch.setattr(fashion_mnist, "SOURCE", tmp_path)
+    config = yaml.safe_load(fashion_mnist.write_dataset(tmp_path / "work", (4, 1, 2), False).read_text())
+    assert config["ranks"] == ["category", "item"] and config["evaluation"] == {"enabled": False}
+    root = Path(config["data"]["images"])
+    for split, count in (("train", 4), ("val", 1), ("test", 2)):
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(fashion_mnist.ITEMS)
+        assert all(len(list((root / split / item).glob("*.png"))) == count for item in fashion_mnist.ITEMS)
+    # the second T-shirt of the training file (label 0: rows 0, 10, ...) is train/T-shirt_top/1.png
+    np.testing.assert_array_equal(np.asarray(Image.open(root / "train" / "T-shirt_top" / "1.png")), train_images[10])
+    taxonomy = pd.read_csv(config["data"]["taxonomy"])
+    assert sorted(taxonomy["item"]) == sorted(fashion_mnist.ITEMS) and taxonomy["category"].nunique() == 3

@@ -14,7 +14,7 @@ from taxotrait.attention_store import AttentionFile
 from taxotrait.data import AugmentConfig, ImageTransform, load_image
 from taxotrait.extract import extract_attention, mask_heads, sibling_classes
 from taxotrait.model import PromptCAM
-from taxotrait.traits import hierarchy_traits, key_table, rank_traits
+from taxotrait.traits import hierarchy_traits, key_entries, key_table, rank_traits
 
 RANKS = ["genus", "species"]
 # odd characters on purpose: file names must be sanitised
@@ -54,7 +54,7 @@ def build_model(names, seed=5):
 
 @pytest.fixture(scope="module")
 def products(tmp_path_factory):
-    """attention.h5 per rank, traits.parquet per rank, hierarchy_traits.parquet and manifest.parquet."""
+    """attention.h5, traits.parquet and key entries per rank, hierarchy_traits.parquet and manifest.parquet."""
     root = tmp_path_factory.mktemp("figures")
     paths = write_images(root, N_IMAGES)
     manifest = pd.DataFrame({"image_id": [f"test/x/img_{i:02d}" for i in range(N_IMAGES)], "path": paths,
@@ -65,7 +65,7 @@ def products(tmp_path_factory):
     parents_of = {"genus": [""] * len(genus_names), "species": [TAXONOMY[s] for s in species_names]}
     transform = ImageTransform(32, ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), AugmentConfig(36, False, False))
     images = torch.stack([transform(load_image(p)) for p in paths])
-    out = {"manifest": root / "manifest.parquet", "attention": {}, "traits": {}, "root": root}
+    out = {"manifest": root / "manifest.parquet", "attention": {}, "traits": {}, "key_entries": {}, "root": root}
     heads_by_rank = []
     for rank in RANKS:
         model = build_model(names_of[rank])
@@ -81,6 +81,8 @@ def products(tmp_path_factory):
         out["attention"][rank] = path
         out["traits"][rank] = root / rank / "traits.parquet"
         rank_traits(heads).to_parquet(out["traits"][rank], index=False)
+        out["key_entries"][rank] = root / rank / "key.parquet"
+        key_entries(heads).to_parquet(out["key_entries"][rank], index=False)
     manifest.to_parquet(out["manifest"], index=False)
     out["hierarchy"] = root / "hierarchy_traits.parquet"
     hierarchy_traits(heads_by_rank, manifest, RANKS).to_parquet(out["hierarchy"], index=False)
@@ -314,7 +316,7 @@ def test_key_figure_draws_every_taxon_at_its_place_in_the_tree(products, tmp_pat
         kids = [position[("species", s)] for s, g in TAXONOMY.items() if g == genus]
         assert position[("genus", genus)] == pytest.approx(np.mean(kids)) and max(kids) - min(kids) == 1
     classes.to_parquet(tmp_path / "classes.parquet")
-    key_table([pd.read_parquet(products["traits"][r]) for r in RANKS], classes, RANKS).to_parquet(
+    key_table([pd.read_parquet(products["key_entries"][r]) for r in RANKS], classes, RANKS).to_parquet(
         tmp_path / "key.parquet")
     written = figures.key_figures(tmp_path / "key.parquet", tmp_path / "classes.parquet", products["attention"],
                                   products["manifest"], tmp_path / "key", RANKS, 36, report_pages=1)

@@ -247,7 +247,7 @@ def test_non_ascii_names_and_spaces_end_to_end_without_a_val_split(tmp_path, mon
         assert "test/Pica pica é/photo 1 ñ" in set(h5["image_id"].asstr()[:])
     masking.mask_heads("species", inputs, {"heads": folder / "heads.parquet"}, config)
     trait_steps.traits({"heads": folder / "heads.parquet", "manifest": tables["manifest"]},
-                       {"traits": folder / "traits.parquet"}, config)
+                       {"traits": folder / "traits.parquet", "key_entries": folder / "key.parquet"}, config)
     traits = pd.read_parquet(folder / "traits.parquet")
     assert set(traits["taxon"]) == set(SPECIES)  # every species classified right on some image
     figure_steps.figures("species", {"attention": folder / "attention.h5", "traits": folder / "traits.parquet",
@@ -276,7 +276,8 @@ def test_non_ascii_names_and_spaces_end_to_end_without_a_val_split(tmp_path, mon
             lambda: evaluate.evaluate(inputs, {"metrics": [failed / f"{rank}.parquet" for rank in RANKS]}, config),
             lambda: masking.mask_heads("species", inputs, {"heads": failed / "heads.parquet"}, config),
             lambda: trait_steps.traits({"heads": folder / "heads.parquet", "manifest": tables["manifest"]},
-                                       {"traits": failed / "traits.parquet"}, config),
+                                       {"traits": failed / "traits.parquet",
+                                        "key_entries": failed / "key.parquet"}, config),
         ):
             with pytest.raises(OSError, match="disk full"):
                 step()

@@ -117,7 +117,8 @@ def test_named_traits_from_nested_masks(tmp_path):
         ("i2", "S", 0, True, body_xy, body_xy), ("i2", "S", 1, True, 0.01, 0.01),
     ])
     named = name_heads(heads, manifest, 240, 224)
-    assert named["part"].tolist() == ["species", "order", "species", "", "order", BACKGROUND]
+    # every head of the image's own prompt is named, a trait head or not (the key places traits there)
+    assert named["part"].tolist() == ["species", "order", "species", BACKGROUND, "order", BACKGROUND]
     traits = rank_traits(named).set_index("head")
     assert traits.loc[0, "part"] == "species" and traits.loc[0, "part_share"] == pytest.approx(2 / 3)
     assert traits.loc[1, "part_share"] == pytest.approx(0.5)  # order once, background once: tie -> by name

@@ -40,3 +40,5 @@ def test_greedy_keeps_the_score_highest():
                            for h in range(4)], 1)
     assert torch.allclose(result.score_after[:, 0], singles.max(1).values)
     assert torch.equal(result.removal_order[:, 0], singles.argmax(1))
+    # what each head adds to the score: the score with it alone blurred, taken from the full score
+    assert torch.allclose(result.drop_alone[:, :4], result.score[:, None] - singles)

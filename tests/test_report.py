@@ -63,12 +63,14 @@ def test_summary_page_shows_the_tables_and_the_settings():
     own = [(rank, mask, "exclusive", 0.9 if mask == rank else 0.05) for rank in RANKS for mask in RANKS]
     pointing = pd.DataFrame(own, columns=["rank", "mask", "region", "tolerance_hit_rate"]).assign(
         hit_rate=0.5, random_rate=0.1, tolerance_random_rate=0.2, centre_rate=lambda t: t["tolerance_hit_rate"])
-    markdown = summary_text(test, pointing, RANKS)
+    key_on_trait = pd.DataFrame({"rank": RANKS, "n_taxa": [2, 4, 8, 16], "on_trait": [2, 4, 8, 9]})
+    markdown = summary_text(test, pointing, RANKS, key_on_trait)
     config = {"dataset": "demo", "ranks": RANKS, "train": {"epochs": 15, "lr": 0.03},
               "data": {"synthetic": {"n_train": 80}, "images": None}, "rank_overrides": {}}
     page = Tables(report.page_html(markdown, config, ("dataset", "ranks", "data", "train", "rank_overrides")))
-    accuracy, *pointing_tables, single, data, train, overrides = page.tables
+    accuracy, *pointing_tables, key, single, data, train, overrides = page.tables
     assert len(pointing_tables) == 3 and pointing_tables[-1][1] == ["order", "0.90", "0.05", "0.05", "0.05"]
+    assert key[-1] == ["species", "9", "16"]
     assert accuracy[0] == ["rank", "contrast", "top-1 (top-down)", "top-1 among siblings", "top-1 flat", "top-5 flat",
                            "images"]
     assert accuracy[1:] == [[r, "rank", f"{d:.3f}", "1.000", f"{t:.3f}", "1.000", "320"]
@@ -77,8 +79,9 @@ def test_summary_page_shows_the_tables_and_the_settings():
     assert data[1:] == [["synthetic.n_train", "80"], ["images", "null"]] and train[1:] == [["epochs", "15"],
                                                                                            ["lr", "0.03"]]
     assert overrides[1:] == [["(none)", ""]]
-    # flat top-1 >= 0.90 per rank (contrast rank): species missed; then per rank the own trait's pointing game
-    assert page.items == ["met", "met", "met", "missed"] + ["met"] * 8
+    # flat top-1 >= 0.90 per rank (contrast rank): species missed; then per rank the own trait's pointing game;
+    # then the key's entries on the own trait: species missed (9 of 16)
+    assert page.items == ["met", "met", "met", "missed"] + ["met"] * 8 + ["met", "met", "met", "missed"]
 
 
 def test_figure_labels_travel_in_the_png(tmp_path):

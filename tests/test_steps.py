@@ -64,13 +64,13 @@ def key_files(tmp_path):
     classes = pd.DataFrame({"rank": ["order", "order"], "class_index": [0, 1], "taxon": ["A", "B"], "parent": ""})
     classes.to_parquet(tmp_path / "classes.parquet")
     from conftest import heads_table
-    from taxotrait.traits import rank_traits
+    from taxotrait.traits import key_entries
 
     rows = [(f"{taxon}{i}", "order", taxon, head, True, 0.5, 0.5) for taxon, head in (("A", 1), ("B", 2))
             for i in range(2)]
     heads = heads_table(rows, ["image_id", "rank", "taxon", "head", "is_trait_head", "peak_x", "peak_y"])
-    rank_traits(heads).to_parquet(tmp_path / "traits.parquet")
-    return ({"traits": [tmp_path / "traits.parquet"], "classes": tmp_path / "classes.parquet"},
+    key_entries(heads).to_parquet(tmp_path / "entries.parquet")
+    return ({"key_entries": [tmp_path / "entries.parquet"], "classes": tmp_path / "classes.parquet"},
             {"table": tmp_path / "key.parquet", "markdown": tmp_path / "key.md", "html": tmp_path / "key.html"})
 
 

@@ -149,17 +149,22 @@ def test_the_taxotrait_command_describes_a_taxon_of_the_run(results, tmp_path):
     species = hierarchy["species"].iloc[0]
     out = subprocess.run([str(Path(sys.executable).with_name("taxotrait")), "describe", str(results), species, "-n", "1"],
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    from taxotrait.traits import describe_traits, load_key, load_traits
+    from taxotrait.traits import describe_traits, key_cell, load_key, load_traits
 
     traits = load_traits(results, "species")
     assert out[0] == f"species {describe_traits(traits[traits['taxon'] == species], species, 1)}"
     key = load_key(results)
-    node = key.loc[key["taxon"] == species, "node"].iloc[0]
-    sibling = next(t for t in key.loc[key["node"] == node, "taxon"].unique() if t != species)
-    assert out[1] == f"key: at the fork {node}, told from {sibling} by the heads above"
+    classes = pd.read_parquet(results / "classes.parquet").set_index("taxon")
+    node = classes.loc[species, "parent"]
+    sibling = next(t for t in classes.index[classes["parent"] == node] if t != species)
+    best = key[(key["taxon"] == species) & (key["entry"] == 1)]
+    if len(best):  # the fork and its best entry (-n 1); none where no entry's interval clears 0
+        assert out[1:3] == [f"key: at the fork {node}, told from {sibling} by",
+                            f"  {key_cell(next(best.itertuples(index=False)))}"]
     ancestors = hierarchy[hierarchy["species"] == species]
-    assert [line.split()[0] for line in out[2:]] == list(dict.fromkeys(ancestors["rank"]))  # coarse to fine
-    assert [line.split()[1] for line in out[2:]] == [f"{taxon}:" for taxon in ancestors.drop_duplicates("rank")["taxon"]]
+    lines = out[1 + 2 * len(best):]
+    assert [line.split()[0] for line in lines] == list(dict.fromkeys(ancestors["rank"]))  # coarse to fine
+    assert [line.split()[1] for line in lines] == [f"{taxon}:" for taxon in ancestors.drop_duplicates("rank")["taxon"]]
     unknown = subprocess.run([str(Path(sys.executable).with_name("taxotrait")), "describe", str(results), "Nemo"],
                              capture_output=True, text=True)
     assert unknown.returncode == 1 and f"'Nemo': no traits in {results}" in unknown.stderr
@@ -194,23 +199,34 @@ def test_hierarchy_and_summary(results):
 
 
 def test_key(results):
-    """key.parquet: the traits of every fork; key.md: one couplet per fork; the key figure."""
+    """key.parquet: the entries of every fork, couplets; key.md: one section per fork; the key figure."""
     from taxotrait.traits import ROOT, load_key
 
     key = load_key(results)
     assert list(key.columns[:3]) == ["node_rank", "node", "n_children"]
-    assert list(key.columns[3:]) == list(pd.read_parquet(results / "order" / "traits.parquet").columns)
+    entries = pd.concat([pd.read_parquet(results / rank / "key.parquet") for rank in RANKS], ignore_index=True)
+    pd.testing.assert_frame_equal(key.iloc[:, 3:], entries)
+    assert (key["separation_low"] > 0).all() and set(key["evidence"]) <= {"present", "absent"}
+    assert (key["evidence"] == "present").eq(key["prompt"] == key["taxon"]).all()
+    # a two-child fork's best entries are one couplet: the same head, present in one child and absent in the other
+    for _, fork in key[key["entry"] == 1].groupby("node"):
+        if len(fork) == 2:
+            assert fork[["prompt", "head"]].drop_duplicates().shape[0] == 1
+            assert sorted(fork["evidence"]) == ["absent", "present"]
     classes = pd.read_parquet(results / "classes.parquet")
     parent_of = dict(zip(classes["taxon"], classes["parent"]))
     assert all(node == (parent_of[taxon] or ROOT) for node, taxon in zip(key["node"], key["taxon"]))
-    assert (key["n_children"] == 2).all() and set(key["node_rank"]) == {"", *RANKS[:-1]}
+    # every fork has two children; the tiny run's 2 test images per species leave the finer forks without a
+    # separation whose interval clears 0 (key.md says so), the root's does
+    assert (key["n_children"] == 2).all() and "" in set(key["node_rank"]) <= {"", *RANKS[:-1]}
     # a sibling's prompt only ever comes from the same fork
     assert all(parent_of[prompt] == parent_of[taxon] for prompt, taxon in zip(key["prompt"], key["taxon"]))
     assert len(load_key(results, ROOT)) == (key["rank"] == "order").sum()
     text = (results / "key.md").read_text()
     forks = classes.groupby(["rank", "parent"]).ngroups
-    assert text.count("\n## ") == forks and "## (root) → Ordo_A vs Ordo_B (order)" in text
-    assert "## Familia_A1 → Genus_A1a vs Genus_A1b (genus)" in text and "of images" in text
+    assert text.count("\n## ") == forks + 1 and "## (root) → Ordo_A vs Ordo_B (order)" in text
+    assert "\n## Entries on the planted traits" in text  # the demo's masks name the ranks' traits
+    assert "## Familia_A1 → Genus_A1a vs Genus_A1b (genus)" in text and " without (separation " in text
     (page,) = (results / "figures" / "key").glob("*.png")  # the tiny tree fits one page
     figure = np.asarray(Image.open(page).convert("RGB"), dtype=np.float64)
     assert figure.std() > 10 and figure.shape[1] > figure.shape[0]  # a wide tree, not blank

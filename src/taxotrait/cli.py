@@ -29,11 +29,12 @@ def describe(results: Path, taxon: str, n: int) -> str:
     lines = [f"{own['rank'].iloc[0]} {trait_tables.describe_traits(own, taxon, n)}"]
     if (results / "key.parquet").is_file():
         key = trait_tables.load_key(results)
-        couplet = key[key["taxon"] == taxon]
+        couplet = key[key["taxon"] == taxon].sort_values("entry")
         if len(couplet):
             node = couplet["node"].iloc[0]
             siblings = [c for c in dict.fromkeys(key.loc[key["node"] == node, "taxon"]) if c != taxon]
-            lines.append(f"key: at the fork {node}, told from {', '.join(siblings)} by the heads above")
+            lines.append(f"key: at the fork {node}, told from {', '.join(siblings)} by")
+            lines += [f"  {trait_tables.key_cell(row)}" for row in couplet.head(n).itertuples(index=False)]
     if (results / "hierarchy_traits.parquet").is_file():
         coarse_to_fine = trait_tables.load_hierarchy(results, taxon)
         for rank, rows in coarse_to_fine.groupby("rank", sort=False):

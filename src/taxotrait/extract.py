@@ -120,6 +120,7 @@ HEADS_COLUMNS = {
     "score_before_removal": "float64", "score_after_removal": "float64", "is_trait_head": "bool",
     "peak_x": "float64", "peak_y": "float64", "spread": "float64", "prompt": "string",
     "margin_before_removal": "float64", "margin_after_removal": "float64", "contrast": "string",
+    "score_drop_alone": "float64",
 }
 
 
@@ -181,6 +182,7 @@ def heads_frame(image_ids, rank, class_names, result, contrast: str) -> pd.DataF
         "margin_before_removal": margin_before.gather(1, step).flatten().double().cpu().numpy(),
         "margin_after_removal": result.margin_after.gather(1, step).flatten().double().cpu().numpy(),
         "contrast": contrast,
+        "score_drop_alone": result.drop_alone.flatten().double().cpu().numpy(),
     })
     frame = frame[result.present.flatten().cpu().numpy()]
     return frame.astype(HEADS_COLUMNS).reset_index(drop=True)

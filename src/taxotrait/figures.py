@@ -729,7 +729,7 @@ def key_page_title(page: KeyPage, n_pages: int) -> str:
     """The title of a key page: what it holds and where its taxa's parent is drawn."""
     head = f"Key, page {page.number} of {n_pages}"
     if page.context == ROOT:
-        where = ": at each fork, each child's top trait head on one of its images"
+        where = ": at each fork, each child's best key entry (present, or absent: on the sibling's image)"
     else:
         where = f": below {page.context[0]} {page.context[1]} (page {page.context_page})"
     part, parts = page.part
@@ -781,20 +781,25 @@ def key_page_figure(page: KeyPage, panels: dict[Node, KeyPanel], crop: Crop, tit
     return fig
 
 
-def key_panel(node: Node, attention: AttentionFile, rows: np.ndarray, trait: dict | None,
-              images: ImageSource) -> KeyPanel:
-    """The panel of `node` (`KeyPanel`): its first correctly classified image (`rows`) under its top trait head
-    `trait` (a key.parquet row; None for a monotypic taxon)."""
+def key_panel(node: Node, attention: AttentionFile, rows_of: dict[int, np.ndarray], entry: dict | None,
+              images: ImageSource, monotypic: bool = False) -> KeyPanel:
+    """The panel of `node` (`KeyPanel`) under its best key entry `entry` (a key.parquet row; None for a `monotypic`
+    taxon or one without entry): a present trait on the taxon's first correctly classified image (`rows_of`: such
+    rows by class index), an absent one where it is, on the first such image of the sibling whose prompt it is
+    (marked as absent in this taxon)."""
     taxon = node[1]
+    owner = taxon if entry is None else str(entry["prompt"])
+    rows = rows_of.get(attention.index_of.get(owner, -1), NO_ROWS)
     if not len(rows):
         return KeyPanel(_short(taxon, 18), note="no correctly\nclassified image")
     path = images.path(attention.image_ids[rows[0]])
-    if trait is None:
-        return KeyPanel(f"{_short(taxon, 18)}\n(monotypic)", path)
-    whose = "" if trait["prompt"] == taxon else f" of {_short(str(trait['prompt']), 12)}"
-    where = f" · {trait['part']}" if isinstance(trait["part"], str) and trait["part"] else ""
-    heat = attention.head_maps(rows[0], [trait["prompt"]], [int(trait["head"])])[0]
-    return KeyPanel(f"{_short(taxon, 18)}\nh{int(trait['head'])}{whose}{where} {trait['frequency']:.0%}", path, heat)
+    if entry is None:
+        return KeyPanel(f"{_short(taxon, 18)}\n({'monotypic' if monotypic else 'no entry'})", path)
+    where = f" · {entry['part']}" if isinstance(entry["part"], str) and entry["part"] else ""
+    heat = attention.head_maps(rows[0], [owner], [int(entry["head"])])[0]
+    if owner == taxon:
+        return KeyPanel(f"{_short(taxon, 18)}\nh{int(entry['head'])}{where} present", path, heat)
+    return KeyPanel(f"{_short(taxon, 18)}: lacks\nh{int(entry['head'])}{where} of {_short(owner, 12)}", path, heat)
 
 
 @dataclass(frozen=True)
@@ -824,19 +829,20 @@ def key_figures(key_parquet, classes_parquet, attention_h5_by_rank: dict, manife
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks = [r for r in ranks if r in attention_h5_by_rank]
     classes = pd.read_parquet(classes_parquet)
-    pages = key_pages(taxon_tree(classes, ranks))
+    tree = taxon_tree(classes, ranks)
+    monotypic = {kids[0] for kids in tree.values() if len(kids) == 1}
+    pages = key_pages(tree)
     key = pd.read_parquet(key_parquet)
-    best = _top(key, len(key)).drop_duplicates(["rank", "taxon"])  # each taxon's top trait head
-    trait_of = {(str(r), str(t)): row for r, t, row in zip(best["rank"], best["taxon"], best.to_dict("records"))}
+    best = key[key["entry"] == 1]  # each taxon's best entry
+    entry_of = {(str(r), str(t)): row for r, t, row in zip(best["rank"], best["taxon"], best.to_dict("records"))}
     manifest = pd.read_parquet(manifest_parquet)
     digits = len(str(len(pages)))
 
     def jobs(files: dict[str, AttentionFile], images: ImageSource) -> Iterator[KeyPageJob]:
         rows_of = {rank: correct_rows_by_class(file) for rank, file in files.items()}
         for page in pages:
-            panels = {node: key_panel(node, files[node[0]],
-                                      rows_of[node[0]].get(files[node[0]].index_of.get(node[1], -1), NO_ROWS),
-                                      trait_of.get(node), images) for node in page.taxa}
+            panels = {node: key_panel(node, files[node[0]], rows_of[node[0]], entry_of.get(node), images,
+                                      node in monotypic) for node in page.taxa}
             above = page.context if page.context != ROOT else (ALL_RANKS, ALL_TAXA)
             name = f"key_{page.number:0{digits}d}_{safe_name(page.context[1] or 'top')}"
             yield KeyPageJob(out_dir / f"{name}.png", page, panels, key_page_title(page, len(pages)), images.crop,

@@ -32,8 +32,10 @@ class MaskingResult:
     classes whose heads are candidates too; -1 where an image has fewer). removal_order [B, K*H]: the candidate
     removed at each step (absent slots' candidates last). margin_after [B, K*H]: the margin after each step;
     score_before / score_after [B, K*H]: the removed head's own prompt score before and after its step.
-    removal_step [B, K*H]: the step of each candidate. is_trait [B, K*H]: the trait heads. margin [B]: the margin
-    with no head blurred. score [B]: s[c] with no head blurred. runner_up [B]: the best rival's score. maps
+    removal_step [B, K*H]: the step of each candidate. is_trait [B, K*H]: the trait heads. drop_alone [B, K*H]: how
+    much blurring the candidate alone (no other head blurred) lowers its own prompt's score: what the head adds to
+    its prompt's score on the image, the strength with which it fires there. margin [B]: the margin with no head
+    blurred. score [B]: s[c] with no head blurred. runner_up [B]: the best rival's score. maps
     [B, K, H, h, w]: the slots' attention over the patch grid.
     """
 
@@ -45,6 +47,7 @@ class MaskingResult:
     score_after: torch.Tensor
     removal_step: torch.Tensor
     is_trait: torch.Tensor
+    drop_alone: torch.Tensor
     margin: torch.Tensor
     score: torch.Tensor
     runner_up: torch.Tensor
@@ -150,6 +153,8 @@ def greedy_head_masking(
         mixed = torch.where(blur[..., None], blurred[:, None, None], kept[:, :, None])  # [B, K, cand, H, d]
         scores = model.scores_from_head_outputs(flat_queries, mixed.flatten(1, 2).transpose(1, 2))
         scores = scores.view(num_images, num_slots, num_heads)  # each candidate's new score of its own slot
+        if step == 0:
+            drop_alone = (current[:, :, None] - scores).flatten(1)
         # the best other slot when slot k changes: slot 0 against slots 1.., slot k >= 1 against the others
         sibling = current.clone()
         sibling[:, 0] = float("-inf")
@@ -181,6 +186,7 @@ def greedy_head_masking(
         score_after=score_after,
         removal_step=removal_step,
         is_trait=trait_heads(margin_after, removal_step, num_present, stopping, top_k),
+        drop_alone=drop_alone,
         margin=margin,
         score=rival_scores[batch, own],
         runner_up=rival_scores.masked_fill(~others, float("-inf")).max(1).values,

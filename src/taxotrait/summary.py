@@ -13,6 +13,7 @@ from .groundtruth import load_masks
 from .localization import EXCLUSIVE, PLANTED, POINTING_COLUMNS, pointing_game
 from .report import SUMMARY_SETTINGS, page_html
 from .io import empty_table, write_parquet
+from .traits import key_on_rank_traits
 
 log = logging.getLogger("taxotrait.summary")
 
@@ -21,7 +22,7 @@ def summarise(inputs: Mapping, outputs: Mapping, ranks: list[str], split: str, r
               page_settings: Mapping) -> None:
     """Write summary.md, its HTML page (summary.html, with `page_settings`: the run's settings
     `taxotrait.report.SUMMARY_SETTINGS`) and pointing_game.parquet from every rank's metrics (on `split`), heads and
-    attention files; the pointing game on the eval crop (`resize`, `img_size`)."""
+    attention files and the key; the pointing game on the eval crop (`resize`, `img_size`)."""
     manifest = pd.read_parquet(inputs["manifest"])
     metrics = pd.concat([pd.read_parquet(p) for p in inputs["metrics"]], ignore_index=True)
     test = metrics[(metrics["taxon"] == "__all__") & (metrics["split"] == split)]
@@ -32,20 +33,22 @@ def summarise(inputs: Mapping, outputs: Mapping, ranks: list[str], split: str, r
         heads = pd.concat([pd.read_parquet(path) for path in inputs["heads"]], ignore_index=True)
         pointing = pointing_game(heads, manifest, load_masks, grid, resize, img_size)
     write_parquet(pointing, outputs["pointing"])
-    text = summary_text(test, pointing, ranks)
+    text = summary_text(test, pointing, ranks, key_on_rank_traits(pd.read_parquet(inputs["key"]), ranks))
     Path(outputs["summary"]).write_text(text)
     Path(outputs["html"]).write_text(page_html(text, page_settings, SUMMARY_SETTINGS), encoding="utf-8")
     log.info("\n%s", text)
 
 
-def summary_text(test: pd.DataFrame, pointing: pd.DataFrame, ranks: list[str]) -> str:
+def summary_text(test: pd.DataFrame, pointing: pd.DataFrame, ranks: list[str],
+                 key_on_trait: pd.DataFrame | None = None) -> str:
     """Markdown: accuracy and pointing game per rank, and each demo target met or missed (by how much).
 
     Targets, only where the dataset has ground truth (planted trait masks: the pointing game has rows): the rank's
     prediction (top-down under contrast 'siblings', flat under 'rank') >= 0.90 top-1; where
     there are ground-truth masks, the top trait head's peak within the pointing game's tolerance of the rank's own
-    trait (exclusive region) on >= 0.80 of correctly classified images, and the region under the peak the rank's
-    own trait more often than any other single region."""
+    trait (exclusive region) on >= 0.80 of correctly classified images, the region under the peak the rank's
+    own trait more often than any other single region, and every taxon's best key entry on its rank's own trait
+    (`key_on_trait`: `taxotrait.traits.key_on_rank_traits`)."""
     lines = ["# taxotrait summary", "",
              "| rank | contrast | top-1 (top-down) | top-1 among siblings | top-1 flat | top-5 flat | images |",
              "|---|---|---|---|---|---|---|"]
@@ -83,6 +86,13 @@ def summary_text(test: pd.DataFrame, pointing: pd.DataFrame, ranks: list[str]) -
             if len(others):
                 targets.append((f"region under the peak: own trait more often than any other ({others.idxmax()} "
                                 f"{others.max():.3f})", rank, own["centre_rate"], others.max() + 1e-9))
+    if key_on_trait is not None and len(key_on_trait):
+        lines += ["", "The key: taxa whose best entry lies on their rank's own trait (`key.md`):", "",
+                  "| rank | on the own trait | taxa with an entry |", "|---|---|---|"]
+        for row in key_on_trait.itertuples(index=False):
+            lines.append(f"| {row.rank} | {row.on_trait} | {row.n_taxa} |")
+            targets.append((f"key: best entry on the {row.rank} trait for every taxon ({row.on_trait} of "
+                            f"{row.n_taxa})", row.rank, row.on_trait / row.n_taxa, 1.0))
     if not len(pointing):
         return "\n".join(lines + ["", "No targets: the dataset has no ground truth (trait masks) to score them on."]) + "\n"
     lines += ["", "## Targets", ""]

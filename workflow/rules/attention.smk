@@ -8,8 +8,6 @@ rule extract_attention:
         weights=backbone_weights(),
     output:
         attention=f"{RESULTS}/{{rank}}/attention.h5",
-    params:
-        settings=settings("backbone", "attention", "model.class_chunk", "train.device"),
     log:
         f"{LOGS}/extract_attention.{{rank}}.log",
     benchmark:
@@ -17,5 +15,7 @@ rule extract_attention:
     threads: 1
     resources:
         gpu=config["resources"]["gpu"],
+    params:
+        settings=settings("backbone", "attention", "model.class_chunk", "train.device"),
     script:
         "../scripts/extract_attention.py"

@@ -28,6 +28,7 @@ LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 SYNTHETIC = f"{RESULTS}/synthetic"
 
+
 wildcard_constraints:
     rank="|".join(RANKS),
 
@@ -48,8 +49,12 @@ def synthetic_threads():
     """Processes rendering the demo: one per 1,000 images (about 15 s of rendering each), at least two (the
     demo's); Snakemake caps them at --cores. The output does not depend on them."""
     synthetic = config["data"]["synthetic"]
-    species = (synthetic["n_orders"] * synthetic["families_per_order"] * synthetic["genera_per_family"]
-               * synthetic["species_per_genus"])
+    species = (
+        synthetic["n_orders"]
+        * synthetic["families_per_order"]
+        * synthetic["genera_per_family"]
+        * synthetic["species_per_genus"]
+    )
     images = species * (synthetic["n_train"] + synthetic["n_val"] + synthetic["n_test"])
     return max(2, images // 1000)
 
@@ -139,8 +144,15 @@ def all_outputs():
     """Every product of the workflow for the configured dataset and ranks."""
     per_rank = ["metrics.parquet", "attention.h5", "heads.parquet", "traits.parquet", "figures"]
     outputs = [f"{RESULTS}/{rank}/{name}" for rank in RANKS for name in per_rank]
-    outputs += [f"{RESULTS}/hierarchy_traits.parquet", f"{RESULTS}/figures/hierarchy", f"{RESULTS}/summary.md",
-                f"{RESULTS}/key.parquet", f"{RESULTS}/key.md", f"{RESULTS}/key.html", f"{RESULTS}/figures/key"]
+    outputs += [
+        f"{RESULTS}/hierarchy_traits.parquet",
+        f"{RESULTS}/figures/hierarchy",
+        f"{RESULTS}/summary.md",
+        f"{RESULTS}/key.parquet",
+        f"{RESULTS}/key.md",
+        f"{RESULTS}/key.html",
+        f"{RESULTS}/figures/key",
+    ]
     if config["evaluation"]["enabled"]:
         outputs += [f"{RESULTS}/faithfulness.parquet", f"{RESULTS}/localization.parquet", f"{RESULTS}/evaluation.md"]
     return outputs

@@ -6,12 +6,12 @@ if config["data"].get("synthetic"):
             manifest=f"{SYNTHETIC}/manifest.csv",
             taxonomy=f"{SYNTHETIC}/taxonomy.csv",
             traits=f"{SYNTHETIC}/traits.csv",
-        params:
-            settings=settings("data.synthetic"),
         log:
             f"{LOGS}/synthetic_data.log",
         benchmark:
             f"{BENCH}/synthetic_data.tsv"
         threads: synthetic_threads()
+        params:
+            settings=settings("data.synthetic"),
         script:
             "../scripts/synthetic_data.py"

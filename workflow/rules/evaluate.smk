@@ -11,8 +11,6 @@ rule evaluate:
         weights=backbone_weights(),
     output:
         metrics=expand(f"{RESULTS}/{{rank}}/metrics.parquet", rank=RANKS),
-    params:
-        settings=settings("ranks", "backbone", "model.class_chunk", "metrics.flat_images", "train.device"),
     log:
         f"{LOGS}/evaluate.log",
     benchmark:
@@ -20,5 +18,7 @@ rule evaluate:
     threads: 1
     resources:
         gpu=config["resources"]["gpu"],
+    params:
+        settings=settings("ranks", "backbone", "model.class_chunk", "metrics.flat_images", "train.device"),
     script:
         "../scripts/evaluate.py"

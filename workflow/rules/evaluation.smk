@@ -4,6 +4,7 @@
 # interval.
 from taxotrait import report as reporting
 
+
 rule train_probes:
     input:
         unpack(train_tokens),
@@ -13,9 +14,6 @@ rule train_probes:
         weights=backbone_weights(),
     output:
         probes=expand(f"{RESULTS}/{{rank}}/probe.pt", rank=RANKS),
-    params:
-        settings=settings("ranks", "backbone", "model", "contrast", "cache", "augment.resize", IMAGE_LIMIT,
-                          "evaluation.device", "evaluation.batch_size"),
     log:
         f"{LOGS}/train_probes.log",
     benchmark:
@@ -23,6 +21,18 @@ rule train_probes:
     threads: 1
     resources:
         gpu=config["resources"]["gpu"],
+    params:
+        settings=settings(
+            "ranks",
+            "backbone",
+            "model",
+            "contrast",
+            "cache",
+            "augment.resize",
+            IMAGE_LIMIT,
+            "evaluation.device",
+            "evaluation.batch_size",
+        ),
     script:
         "../scripts/train_probes.py"
 
@@ -38,9 +48,6 @@ rule saliency_maps:
         weights=backbone_weights(),
     output:
         saliency=f"{RESULTS}/{{rank}}/saliency.h5",
-    params:
-        settings=settings("ranks", "backbone", "augment.resize", "attention.split", "evaluation.images",
-                          "evaluation.device", "evaluation.batch_size", IMAGE_LIMIT),
     log:
         f"{LOGS}/saliency_maps.{{rank}}.log",
     benchmark:
@@ -48,6 +55,17 @@ rule saliency_maps:
     threads: 1
     resources:
         gpu=config["resources"]["gpu"],
+    params:
+        settings=settings(
+            "ranks",
+            "backbone",
+            "augment.resize",
+            "attention.split",
+            "evaluation.images",
+            "evaluation.device",
+            "evaluation.batch_size",
+            IMAGE_LIMIT,
+        ),
     script:
         "../scripts/saliency_maps.py"
 
@@ -67,10 +85,6 @@ rule faithfulness:
         table=f"{RESULTS}/{{rank}}/faithfulness.parquet",
         curves=f"{RESULTS}/{{rank}}/faithfulness_curves.parquet",
         counterfactual=f"{RESULTS}/{{rank}}/counterfactual.parquet",
-    params:
-        settings=settings("ranks", "backbone", "model.class_chunk", "augment.resize", "data.synthetic",
-                          "evaluation.faithfulness", "evaluation.localization", "evaluation.device",
-                          "evaluation.batch_size", IMAGE_LIMIT),
     log:
         f"{LOGS}/faithfulness.{{rank}}.log",
     benchmark:
@@ -78,6 +92,19 @@ rule faithfulness:
     threads: faithfulness_threads
     resources:
         gpu=config["resources"]["gpu"],
+    params:
+        settings=settings(
+            "ranks",
+            "backbone",
+            "model.class_chunk",
+            "augment.resize",
+            "data.synthetic",
+            "evaluation.faithfulness",
+            "evaluation.localization",
+            "evaluation.device",
+            "evaluation.batch_size",
+            IMAGE_LIMIT,
+        ),
     script:
         "../scripts/faithfulness.py"
 
@@ -92,13 +119,19 @@ rule localization:
     output:
         table=f"{RESULTS}/{{rank}}/localization.parquet",
         head_parts=f"{RESULTS}/{{rank}}/head_parts.parquet",
-    params:
-        settings=settings("backbone.img_size", "augment.resize", "attention.split", "evaluation.localization",
-                          "evaluation.parts", IMAGE_LIMIT),
     log:
         f"{LOGS}/localization.{{rank}}.log",
     benchmark:
         f"{BENCH}/localization.{{rank}}.tsv"
+    params:
+        settings=settings(
+            "backbone.img_size",
+            "augment.resize",
+            "attention.split",
+            "evaluation.localization",
+            "evaluation.parts",
+            IMAGE_LIMIT,
+        ),
     script:
         "../scripts/localization.py"
 
@@ -129,11 +162,11 @@ rule evaluation_summary:
             category=reporting.category("Evaluation"),
             labels=reporting.labels(kind="evaluation tables"),
         ),
-    params:
-        settings=settings(*reporting.EVALUATION_SETTINGS, "augment.resize", IMAGE_LIMIT),  # shown in evaluation.html
     log:
         f"{LOGS}/evaluation_summary.log",
     benchmark:
         f"{BENCH}/evaluation_summary.tsv"
+    params:
+        settings=settings(*reporting.EVALUATION_SETTINGS, "augment.resize", IMAGE_LIMIT),  # shown in evaluation.html
     script:
         "../scripts/evaluation_summary.py"

@@ -5,6 +5,7 @@ from taxotrait import report as reporting
 # Each folder keeps every figure; the report shows figures.report_galleries of them and the folder's index.html.
 FIGURE_THREADS = 8
 
+
 rule figures:
     input:
         attention=f"{RESULTS}/{{rank}}/attention.h5",
@@ -19,13 +20,13 @@ rule figures:
             subcategory=lambda wildcards: reporting.rank_subcategory(wildcards.rank, RANKS),
             labels=lambda wildcards, output: reporting.result_labels(output.figures, wildcards.name),
         ),
-    params:
-        settings=settings("figures", "augment.resize", IMAGE_LIMIT),
-    threads: FIGURE_THREADS
     log:
         f"{LOGS}/figures.{{rank}}.log",
     benchmark:
         f"{BENCH}/figures.{{rank}}.tsv"
+    threads: FIGURE_THREADS
+    params:
+        settings=settings("figures", "augment.resize", IMAGE_LIMIT),
     script:
         "../scripts/figures_rank.py"
 
@@ -43,12 +44,12 @@ rule hierarchy_figures:
             category=reporting.category("Coarse to fine"),
             labels=lambda wildcards, output: reporting.result_labels(output.figures, wildcards.name),
         ),
-    params:
-        settings=settings("ranks", "figures", "augment.resize", IMAGE_LIMIT),
-    threads: FIGURE_THREADS
     log:
         f"{LOGS}/hierarchy_figures.log",
     benchmark:
         f"{BENCH}/hierarchy_figures.tsv"
+    threads: FIGURE_THREADS
+    params:
+        settings=settings("ranks", "figures", "augment.resize", IMAGE_LIMIT),
     script:
         "../scripts/figures_hierarchy.py"

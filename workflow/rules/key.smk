@@ -1,9 +1,10 @@
 # The key: at every fork of the tree, the trait heads that tell each child from its siblings.
 from taxotrait import report as reporting
 
+
 rule key:
     input:
-        traits=expand(f"{RESULTS}/{{rank}}/traits.parquet", rank=RANKS),
+        key_entries=expand(f"{RESULTS}/{{rank}}/key.parquet", rank=RANKS),
         classes=f"{RESULTS}/classes.parquet",
     output:
         table=f"{RESULTS}/key.parquet",
@@ -14,12 +15,12 @@ rule key:
             category=reporting.category("Key"),
             labels=reporting.labels(kind="key"),
         ),
-    params:
-        settings=settings(*reporting.KEY_SETTINGS),  # shown in key.html
     log:
         f"{LOGS}/key.log",
     benchmark:
         f"{BENCH}/key.tsv"
+    params:
+        settings=settings(*reporting.KEY_SETTINGS),  # shown in key.html
     script:
         "../scripts/key.py"
 
@@ -38,12 +39,12 @@ rule key_figure:
             category=reporting.category("Key"),
             labels=lambda wildcards, output: reporting.result_labels(output.pages, wildcards.name),
         ),
-    params:
-        settings=settings("ranks", "augment.resize", "figures.report_galleries", IMAGE_LIMIT),
-    threads: FIGURE_THREADS  # figures.smk
     log:
         f"{LOGS}/key_figure.log",
     benchmark:
         f"{BENCH}/key_figure.tsv"
+    threads: FIGURE_THREADS  # figures.smk
+    params:
+        settings=settings("ranks", "augment.resize", "figures.report_galleries", IMAGE_LIMIT),
     script:
         "../scripts/key_figure.py"

@@ -9,9 +9,6 @@ rule mask_heads:
         weights=backbone_weights(),
     output:
         heads=f"{RESULTS}/{{rank}}/heads.parquet",
-    params:
-        settings=settings("backbone", "masking", "attention.split", "attention.batch_size", "model.class_chunk",
-                          "train.device"),
     log:
         f"{LOGS}/mask_heads.{{rank}}.log",
     benchmark:
@@ -19,5 +16,9 @@ rule mask_heads:
     threads: 1
     resources:
         gpu=config["resources"]["gpu"],
+    params:
+        settings=settings(
+            "backbone", "masking", "attention.split", "attention.batch_size", "model.class_chunk", "train.device"
+        ),
     script:
         "../scripts/mask_heads.py"

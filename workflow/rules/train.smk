@@ -9,8 +9,6 @@ rule train:
     output:
         model=f"{RESULTS}/{{rank}}/model.pt",
         log_table=f"{RESULTS}/{{rank}}/train_log.parquet",
-    params:
-        settings=train_settings,
     log:
         f"{LOGS}/train.{{rank}}.log",
     benchmark:
@@ -19,5 +17,7 @@ rule train:
     resources:
         gpu=config["resources"]["gpu"],
         processes=train_processes,
+    params:
+        settings=train_settings,
     script:
         "../scripts/train.py"

@@ -14,10 +14,10 @@ from ..traits import key_markdown, key_table
 
 
 def key(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
-    """Every rank's traits.parquet + classes.parquet -> key.parquet, key.md and key.html (the key beside the settings
+    """Every rank's key entries + classes.parquet -> key.parquet, key.md and key.html (the key beside the settings
     `taxotrait.report.KEY_SETTINGS`, which the rule passes)."""
     classes, ranks = pd.read_parquet(inputs["classes"]), list(settings["ranks"])
-    table = key_table([pd.read_parquet(p) for p in inputs["traits"]], classes, ranks)
+    table = key_table([pd.read_parquet(p) for p in inputs["key_entries"]], classes, ranks)
     write_parquet(table, outputs["table"])
     text = key_markdown(table, classes, ranks)
     for name, content in (("markdown", text), ("html", page_html(text, settings, KEY_SETTINGS))):

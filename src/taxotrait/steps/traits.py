@@ -8,7 +8,7 @@ import pandas as pd
 
 from ..io import write_parquet
 from ..traits import hierarchy_traits as hierarchy_table
-from ..traits import name_heads, rank_traits
+from ..traits import key_entries, name_heads, rank_traits
 
 
 def named_heads(path, manifest: pd.DataFrame, settings: Mapping) -> pd.DataFrame:
@@ -19,9 +19,10 @@ def named_heads(path, manifest: pd.DataFrame, settings: Mapping) -> pd.DataFrame
 
 
 def traits(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
-    """A rank's heads.parquet -> its traits.parquet (traits named as in `named_heads`)."""
+    """A rank's heads.parquet -> its traits.parquet and its key entries (traits named as in `named_heads`)."""
     heads = named_heads(inputs["heads"], pd.read_parquet(inputs["manifest"]), settings)
     write_parquet(rank_traits(heads), outputs["traits"])
+    write_parquet(key_entries(heads), outputs["key_entries"])
 
 
 def hierarchy_traits(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
