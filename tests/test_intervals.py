@@ -1,10 +1,11 @@
-"""Bootstrap intervals over images: coverage of a known distribution, seeding, the per-group table."""
+"""Bootstrap intervals over images: coverage of a known distribution, seeding, the per-group table; the normal
+interval of a difference of means."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from taxotrait.intervals import bootstrap_interval, clears, mean_with_intervals
+from taxotrait.intervals import bootstrap_interval, clears, difference_interval, mean_with_intervals
 
 
 def test_bootstrap_interval_covers_the_mean_of_a_known_distribution():
@@ -36,3 +37,13 @@ def test_mean_with_intervals_per_group_and_clears():
     a, b = (tuple(summary.loc[m, ["rate_low", "rate_high"]]) for m in "ab")
     assert clears(a, b) and not clears(b, a) and clears(b, a, higher_is_better=False)
     assert not clears((0.4, 0.6), (0.5, 0.7)) and not clears((0.4, 0.6), (0.5, 0.7), higher_is_better=False)
+
+
+def test_the_difference_interval_is_welchs_normal_one_at_the_confidence():
+    low, high = difference_interval(np.array([3.0, 1.0]), np.array([4.0, np.nan]), np.array([16, 1]),
+                                    np.array([1.0, 0.0]), np.array([9.0, 1.0]), np.array([9, 4]))
+    error = 1.959964 * np.sqrt(4 / 16 + 9 / 9)  # 95 %: z of the normal's 97.5th percentile
+    assert low[0] == pytest.approx(2 - error) and high[0] == pytest.approx(2 + error)
+    assert np.isnan(low[1]) and np.isnan(high[1])  # one value: no variance, no interval
+    narrow = difference_interval(3.0, 4.0, 16, 1.0, 9.0, 9, confidence=0.5)
+    assert narrow[0] > low[0] and narrow[1] < high[0]

@@ -261,7 +261,8 @@ def _backbone_with_weights(name: str, weights: str | os.PathLike, img_size: int,
     clip = OPEN_CLIP_BACKBONES.get(name)
     timm_name = clip.timm_name if clip else name
     state = None if str(weights) == "random" else read_state_dict(weights)
-    normalisation = CLIP_NORMALISATION if clip or (state is not None and is_open_clip(state)) else None
+    open_clip_file = state is not None and is_open_clip(state)
+    normalisation = CLIP_NORMALISATION if clip or open_clip_file else None
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)  # "random": the same weights in every process
@@ -271,7 +272,7 @@ def _backbone_with_weights(name: str, weights: str | os.PathLike, img_size: int,
         raise BackboneWeightsError(f"unknown or unsupported timm backbone '{timm_name}': {err}") from err
     if state is None:
         return model
-    layout = " (timm's names for the file's image-tower keys, visual.*)" if is_open_clip(state) else ""
+    layout = " (timm's names for the file's image-tower keys, visual.*)" if open_clip_file else ""
     state = checkpoint_filter_fn(state, model, antialias=antialias)
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.")) or k in model.state_dict()}
     missing, unexpected = model.load_state_dict(state, strict=False)

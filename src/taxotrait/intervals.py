@@ -2,10 +2,14 @@
 
 A score is a mean over images (an AUC, a hit, a share); its interval resamples the images with replacement
 (`RESAMPLES` times, seeded) and takes the percentile interval of the resampled means (`CONFIDENCE`: 95 %). Each
-table gives a score's interval as two columns beside it, ``<score>_low`` and ``<score>_high``.
+table gives a score's interval as two columns beside it, ``<score>_low`` and ``<score>_high``. Where one interval per
+group of many groups is needed at once (the key's separations), `difference_interval` gives the normal one of a
+difference of two means, vectorised.
 """
 
 from __future__ import annotations
+
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -27,6 +31,17 @@ def bootstrap_interval(values, resamples: int = RESAMPLES, confidence: float = C
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def difference_interval(mean_a, var_a, n_a, mean_b, var_b, n_b,
+                        confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """The normal interval (low, high) of mean_a - mean_b, two means of independent samples with unequal variances
+    (sample variances `var_*` of `n_*` values); arrays or columns alike; NaN where a variance is NaN (a sample of
+    one value)."""
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    difference = np.asarray(mean_a) - np.asarray(mean_b)
+    error = z * np.sqrt(np.asarray(var_a) / np.asarray(n_a) + np.asarray(var_b) / np.asarray(n_b))
+    return difference - error, difference + error
 
 
 def interval_columns(columns) -> list[str]:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .groundtruth import load_ground_truth
+from .intervals import difference_interval
 from .io import empty_table
 from .localization import head_peak_parts, modal_parts
 
@@ -98,11 +99,16 @@ def describe_traits(traits: pd.DataFrame, taxon: str, n: int | None = None) -> s
 def _trait_cell(row) -> str:
     """'head 3: species (92%)', 'head 2 of Species_B's prompt: ...' or, without ground truth, 'head 1: upper left
     of the image, spread 0.12 (92% of images)'."""
-    head = f"head {row.head}" + (f" of {row.prompt}'s prompt" if row.prompt != row.taxon else "")
+    head = _head_label(row)
     if isinstance(row.part, str) and row.part:
         return f"{head}: {row.part} ({row.part_share:.0%})"
     return f"{head}: {image_region(row.peak_x, row.peak_y)} of the image, spread {row.spread:.2f} " \
            f"({row.frequency:.0%} of images)"
+
+
+def _head_label(row) -> str:
+    """'head 3', or 'head 2 of Species_B's prompt' for a head of a sibling's prompt (a traits or key row)."""
+    return f"head {row.head}" + (f" of {row.prompt}'s prompt" if row.prompt != row.taxon else "")
 
 
 def rank_traits(heads: pd.DataFrame) -> pd.DataFrame:
@@ -154,7 +160,6 @@ KEY_ENTRY_COLUMNS = {
     "frequency": "float64", "peak_x": "float64", "peak_y": "float64", "spread": "float64", "part": "string",
     "part_share": "float64", "contrast": "string",
 }
-Z_95 = 1.959964  # the separation's normal 95 % interval
 
 
 def _drop_stats(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
@@ -186,23 +191,24 @@ def key_entries(heads: pd.DataFrame) -> pd.DataFrame:
     num_heads = int(heads["head"].max()) + 1
     images = heads.groupby("taxon", observed=True)["image_id"].nunique().rename("taxon_images")
     frequency = heads.groupby(["taxon", "prompt", "head"], observed=True)["is_trait_head"].sum().rename("n_trait")
-    own_rows = heads[heads["prompt"] == heads["taxon"]]
-    owner = _drop_stats(own_rows, ["prompt", "head"]).rename(columns={"n": "n_with", "mean": "with", "var": "var_with"})
     keys = ["prompt", "head"]
+    own_rows = heads[heads["prompt"] == heads["taxon"]]
+    owner = _drop_stats(own_rows, keys).rename(columns={"n": "n_with", "mean": "with", "var": "var_with"})
     placement = own_rows.groupby(keys, observed=True)[["peak_x", "peak_y", "spread"]].mean().reset_index()
     named = modal_parts(own_rows[[*keys, "image_id", "part"]], keys)[[*keys, "part", "share"]]
     owner = owner.merge(placement, on=keys).merge(named.rename(columns={"share": "part_share"}), on=keys, how="left")
     cross = heads[heads["prompt"] != heads["taxon"]]
     # present: the taxon's own heads against its prompt on the siblings' images
-    without_own = _drop_stats(cross, ["prompt", "head"]).assign(taxon=lambda t: t["prompt"])
+    without_own = _drop_stats(cross, keys).assign(taxon=lambda t: t["prompt"])
     # absent: a sibling's heads against that prompt on the taxon's images
     without_sibling = _drop_stats(cross, ["taxon", "prompt", "head"])
     sides = pd.concat([without_own.assign(evidence="present"), without_sibling.assign(evidence="absent")],
                       ignore_index=True).rename(columns={"n": "n_without", "mean": "without", "var": "var_without"})
     entries = sides.merge(owner, on=keys)
     entries["separation"] = entries["with"] - entries["without"]
-    error = Z_95 * np.sqrt(entries["var_with"] / entries["n_with"] + entries["var_without"] / entries["n_without"])
-    entries["separation_low"], entries["separation_high"] = entries["separation"] - error, entries["separation"] + error
+    entries["separation_low"], entries["separation_high"] = difference_interval(
+        entries["with"], entries["var_with"], entries["n_with"], entries["without"], entries["var_without"],
+        entries["n_without"])
     entries = entries[entries["separation_low"] > 0]
     measured = set(sides["taxon"])
     unmeasured = owner[~owner["prompt"].isin(measured)].assign(taxon=lambda t: t["prompt"], evidence="present",
@@ -287,13 +293,12 @@ def key_cell(row) -> str:
     """One key entry in words: 'present: head 3, species region (95 %); fires 0.84 with, 0.05 without (separation
     0.79 [0.61, 0.97])', or 'absent: head 2 of Species_B's prompt, species region on Species_B's images (95 %); ...'
     (the peak and spread in place of the region without ground truth; no separation where none was measured)."""
-    whose = "" if row.prompt == row.taxon else f" of {row.prompt}'s prompt"
     on = "" if row.prompt == row.taxon else f" on {row.prompt}'s images"
     where = (f"{row.part} region{on} ({row.part_share:.0%})" if isinstance(row.part, str) and row.part
              else f"peak at x {row.peak_x:.2f}, y {row.peak_y:.2f}{on}, spread {row.spread:.2f}")
     if pd.isna(row.separation):
-        return f"{row.evidence}: head {row.head}{whose}, {where}, a trait head on {row.frequency:.0%} of images"
-    return (f"{row.evidence}: head {row.head}{whose}, {where}; fires {row.strength_with:.2f} with, "
+        return f"{row.evidence}: {_head_label(row)}, {where}, a trait head on {row.frequency:.0%} of images"
+    return (f"{row.evidence}: {_head_label(row)}, {where}; fires {row.strength_with:.2f} with, "
             f"{row.strength_without:.2f} without (separation {row.separation:.2f} "
             f"[{row.separation_low:.2f}, {row.separation_high:.2f}])")
 
