@@ -1,9 +1,12 @@
 """Dataset preparation: tree and manifest layouts, taxonomy checks, rejects, class tables."""
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from taxotrait import dataset
 from taxotrait.dataset import (
     DatasetError, class_names, labels, prepare_dataset, read_manifest, read_taxonomy, scan_image_tree,
 )
@@ -135,3 +138,67 @@ def test_a_job_uses_its_threads_at_most_the_cpus_it_is_given(monkeypatch):
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)  # e.g. SLURM's cpus_per_gpu
     assert [job_cpus(threads) for threads in (8, 2, 1, 0)] == [3, 2, 1, 1]
+
+
+def chunked_manifest(tmp_path, n_species=5, per_split=3):
+    """A manifest CSV of `n_species` species with train and test images, one of them corrupt."""
+    root = write_tree(tmp_path / "images", species=[f"Sp {i}" for i in range(n_species)], per_split=per_split)
+    (root / "test" / "Sp 3" / "img é 1.png").write_bytes(b"\x89PNG broken")
+    rows = [f"images/{split}/Sp {i}/img é {k}.png,{split},Ordo {i // 2 % 2},Genus {i // 2},Sp {i},note {k}"
+            for i in range(n_species) for split in ("train", "test") for k in range(per_split)]
+    (tmp_path / "m.csv").write_text("path,split,order,genus,species,note\n" + "\n".join(rows) + "\n")
+    return tmp_path / "m.csv"
+
+
+def prepared_in_chunks(tmp_path, manifest, monkeypatch, chunk_rows, name):
+    """prepare_tables on `manifest` read `chunk_rows` rows at a time, with row groups of `chunk_rows` + 1 rows."""
+    monkeypatch.setattr(dataset, "CHUNK_ROWS", chunk_rows + 1)
+    outputs = {table: tmp_path / name / f"{table}.parquet" for table in ("manifest", "classes", "rejects")}
+    dataset.prepare_tables(dataset.iter_manifest(manifest, chunk_rows), None, RANKS, str(manifest), outputs,
+                           max_reject_fraction=0.1, progress=False)
+    assert not list((tmp_path / name).glob(".*")), "a temporary file is left beside the tables"
+    return outputs
+
+
+def test_prepare_in_chunks_writes_the_tables_of_the_whole_listing(tmp_path, monkeypatch):
+    """The streamed prepare step (listing spooled, images checked and tables written a chunk at a time) gives the
+    tables of the listing read whole, in row groups of bounded size."""
+    manifest = chunked_manifest(tmp_path)
+    whole = prepare_dataset(read_manifest(manifest), None, RANKS, str(manifest), max_reject_fraction=0.1,
+                            progress=False)
+    outputs = prepared_in_chunks(tmp_path, manifest, monkeypatch, 2, "chunks")
+    assert pq.ParquetFile(outputs["manifest"]).metadata.num_row_groups == 10  # 29 images, 3 rows per group
+    for table, expected in zip(outputs.values(), whole):
+        pd.testing.assert_frame_equal(pd.read_parquet(table), expected)
+    assert whole[0]["note"].iloc[0] == "note 0" and len(whole[0]) == 29
+    assert whole[2]["path"].str.endswith("test/Sp 3/img é 1.png").tolist() == [True]
+    classes = whole[1]
+    assert classes.loc[classes["rank"] == "species", "n_test"].tolist() == [3, 3, 3, 2, 3]
+
+
+def test_duplicates_found_across_chunks_and_hash_collisions_ignored(tmp_path, monkeypatch):
+    manifest = chunked_manifest(tmp_path)
+    lines = manifest.read_text().splitlines()
+    (tmp_path / "dup.csv").write_text("\n".join([*lines, lines[2]]) + "\n")  # row 3 again, 30 rows later
+    with pytest.raises(DatasetError, match=r"img é 1.png' is listed more than once \(rows \[3, 32\]"):
+        prepared_in_chunks(tmp_path, tmp_path / "dup.csv", monkeypatch, 4, "dup")
+    whole = prepared_in_chunks(tmp_path, manifest, monkeypatch, 4, "whole")
+    monkeypatch.setattr(dataset, "_hash", lambda values: np.zeros(len(values), np.uint64))  # every hash the same
+    colliding = prepared_in_chunks(tmp_path, manifest, monkeypatch, 4, "colliding")
+    for table in whole:
+        pd.testing.assert_frame_equal(pd.read_parquet(colliding[table]), pd.read_parquet(whole[table]))
+
+
+def test_table_read_in_chunks_keeps_late_unnamed_columns_and_finds_late_encoding(tmp_path, caplog):
+    """A column without a header kept when a row far down fills it; a Windows-1252 byte past the first block of the
+    encoding check named by its line."""
+    rows = [f"Sp {i},Genus of a rather long name {i},," for i in range(40_000)]  # 1.8 MB: blocks are 1 MB
+    rows[35_000] = "Sp 35000,,late,"
+    rows[30_000] = "Sp caf\xe9,,,"
+    (tmp_path / "t.csv").write_bytes(("species,genus,,\n" + "\n".join(rows) + "\n").encode("cp1252"))
+    with caplog.at_level("WARNING"):
+        chunks = list(dataset.iter_table(tmp_path / "t.csv", chunk_rows=7_000))
+    assert "line 30002 reads 'Sp café,,,'" in caplog.text
+    table = pd.concat(chunks)
+    assert len(chunks) == 6 and list(table.columns) == ["species", "genus", "Unnamed: 2"]
+    assert table.loc[35_000, "Unnamed: 2"] == "late" and table.loc[30_000, "species"] == "Sp café"

@@ -10,14 +10,16 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
-import io
 import logging
 import os
 import stat
 import unicodedata
+import tempfile
 import warnings
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .errors import DatasetError
-from .io import write_parquet
+from .io import ParquetChunks, atomic_outputs, empty_table
 
 log = logging.getLogger("taxotrait.dataset")
 
@@ -42,7 +44,8 @@ MIN_IMAGE_SIDE = 8  # pixels; smaller images are rejected, larger ones are resiz
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent images are composited onto white, as an image viewer shows them
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 'I' (32-bit integer) is read as 16-bit too
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
-CHECK_CHUNK = 64  # images per task, at most, of the worker processes that check images (`check_images`)
+CHECK_CHUNK = 64  # images per task, at most, of the worker processes that check images (`image_checks`)
+CHUNK_ROWS = 32_768  # rows of the prepare step at a time: CSV rows read, images checked, Parquet row groups
 
 
 class ImageError(ValueError):
@@ -147,55 +150,106 @@ def taxon_name(name: str) -> str:
     return unicodedata.normalize("NFC", name).strip()
 
 
-def _decode(data: bytes, path: Path) -> str:
-    """The text of a table file: UTF-8 (with or without the byte-order mark Excel writes), UTF-16 with a byte-order
-    mark, else Windows-1252 (what Excel saves as "CSV" on Windows; a warning says so)."""
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        try:
-            text = data.decode("cp1252")
-        except UnicodeDecodeError:
-            raise DatasetError(f"{path}: not UTF-8 text (byte {data[err.start]:#04x} on line {line}): save it as "
-                               "UTF-8 (in Excel: CSV UTF-8)") from None
+def _table_encoding(path: Path) -> str:
+    """The encoding of a table file, read in blocks of whole lines (memory bounded whatever its size): UTF-8 (with
+    or without the byte-order mark Excel writes), UTF-16 with a byte-order mark, else Windows-1252 (what Excel saves
+    as "CSV" on Windows; a warning says so). An Excel workbook, or a file that is neither, is a DatasetError."""
+    with open(path, "rb") as file:
+        head = file.read(4)
+        if head.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):
+            raise DatasetError(f"{path}: an Excel workbook, not a CSV text file: save it from Excel as 'CSV UTF-8'")
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return "utf-16"
+        file.seek(0)
+        lines, first_error = 0, None
+        for block in _line_blocks(file):
+            if first_error is None:
+                try:
+                    block.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    line = block[: err.start].count(b"\n")
+                    first_error = block[err.start], lines + line + 1, block.split(b"\n")[line]
+            if first_error is not None:
+                try:
+                    block.decode("cp1252")
+                except UnicodeDecodeError:
+                    raise DatasetError(f"{path}: not UTF-8 text (byte {first_error[0]:#04x} on line "
+                                       f"{first_error[1]}): save it as UTF-8 (in Excel: CSV UTF-8)") from None
+            lines += block.count(b"\n")
+    if not first_error:
+        return "utf-8-sig"
     log.warning("%s is not UTF-8: read as Windows-1252 (Excel's CSV on Windows), line %d reads %r; save it as UTF-8 "
-                "if that is wrong", path, line, text.splitlines()[line - 1])
-    return text
+                "if that is wrong", path, first_error[1], first_error[2].decode("cp1252").rstrip("\r"))
+    return "cp1252"
+
+
+def _line_blocks(file, size: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes of a binary file in blocks of about `size` bytes that end at a line end (no character is split)."""
+    rest = b""
+    for block in iter(lambda: file.read(size), b""):
+        lines, newline, rest = (rest + block).rpartition(b"\n")
+        if newline:
+            yield lines + newline
+    if rest:
+        yield rest
+
+
+def _csv_error(path: Path, encoding: str, separator: str, error: Exception) -> DatasetError:
+    """The error of a CSV table that pandas cannot parse: the first row with more fields than the header (read
+    again with `csv`, line by line), else pandas' message."""
+    with open(path, encoding=encoding, newline="") as file:
+        rows = csv.reader(file, delimiter=separator)
+        width = len(next(row for row in rows if row))
+        for row in rows:
+            if len(row) > width:
+                return DatasetError(f"{path}: not a valid CSV table: line {rows.line_num} has more fields than the "
+                                    f"header's {width} (a {separator!r} in a value must be quoted)")
+    return DatasetError(f"{path}: not a valid CSV table: {error}")
+
+
+def iter_table(path: str | os.PathLike, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """A CSV table (taxonomy or manifest) as strings, in chunks of at most `chunk_rows` rows (memory bounded by a
+    chunk, whatever the file's length; at least one chunk, maybe empty), as spreadsheets save it: UTF-8 or
+    Windows-1252 (`_table_encoding`), comma-, semicolon- or tab-separated (the header's most frequent of the three),
+    outer spaces of column names, empty rows and empty unnamed columns dropped; each chunk's index counts the file's
+    rows. An Excel workbook, an empty or malformed file is a DatasetError naming the file."""
+    path = Path(path)
+    encoding = _table_encoding(path)
+    with open(path, encoding=encoding, newline="") as file:
+        header = next((line.strip("\r\n").lstrip() for line in file if line.strip()), None)
+    if header is None:
+        raise DatasetError(f"{path}: empty file")
+    separator = max([",", ";", "\t"], key=header.count)
+
+    def chunks(**columns) -> Iterator[pd.DataFrame]:
+        reader = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, index_col=False,
+                             encoding=encoding, chunksize=chunk_rows, **columns)
+        with reader:
+            while True:
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("error", pd.errors.ParserWarning)  # a row longer than the header
+                        chunk = next(reader)
+                except StopIteration:
+                    return
+                except (pd.errors.ParserWarning, pd.errors.ParserError) as err:
+                    raise _csv_error(path, encoding, separator, err) from None
+                yield chunk
+
+    names = [str(c).strip() for c in pd.read_csv(path, sep=separator, dtype=str, index_col=False, encoding=encoding,
+                                                 nrows=0).columns]
+    unnamed = [i for i, name in enumerate(names) if name.startswith("Unnamed: ")]
+    filled = {names[i] for chunk in (chunks(usecols=unnamed) if unnamed else ()) for i, column in
+              zip(unnamed, chunk.columns) if (chunk[column] != "").any()}
+    for table in chunks():
+        table.columns = names
+        table = table.drop(columns=[names[i] for i in unnamed if names[i] not in filled])
+        yield table[(table != "").any(axis=1)]
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """A CSV table (taxonomy or manifest) as strings, as spreadsheets save it: UTF-8 or Windows-1252 (`_decode`),
-    comma-, semicolon- or tab-separated (the header's most frequent of the three), outer spaces of column names,
-    empty rows and empty unnamed columns dropped. An Excel workbook, an empty or malformed file is a DatasetError
-    naming the file."""
-    path = Path(path)
-    data = path.read_bytes()
-    if data.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):
-        raise DatasetError(f"{path}: an Excel workbook, not a CSV text file: save it from Excel as 'CSV UTF-8'")
-    text = _decode(data, path)
-    if not text.strip():
-        raise DatasetError(f"{path}: empty file")
-    header = text.lstrip().splitlines()[0]
-    separator = max([",", ";", "\t"], key=header.count)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", pd.errors.ParserWarning)  # a row longer than the header: data lost
-            table = pd.read_csv(io.StringIO(text), sep=separator, dtype=str, keep_default_na=False, index_col=False)
-    except pd.errors.ParserWarning:
-        width = len(next(csv.reader([header], delimiter=separator)))
-        rows = csv.reader(io.StringIO(text), delimiter=separator)
-        line = next(n for n, row in enumerate(rows, 1) if len(row) > width)
-        raise DatasetError(f"{path}: not a valid CSV table: line {line} has more fields than the header's "
-                           f"{width} (a {separator!r} in a value must be quoted)") from None
-    except pd.errors.ParserError as err:
-        raise DatasetError(f"{path}: not a valid CSV table: {err}") from None
-    table.columns = [str(c).strip() for c in table.columns]
-    unnamed = [c for c in table.columns if c.startswith("Unnamed: ") and (table[c] == "").all()]
-    table = table.drop(columns=unnamed)
-    return table[(table != "").any(axis=1)]  # the index still counts the file's rows
+    """A CSV table (`iter_table`) whole."""
+    return pd.concat(list(iter_table(path)))
 
 
 def read_taxonomy(path: str | os.PathLike, ranks: list[str]) -> pd.DataFrame:
@@ -293,37 +347,50 @@ def _tree_folders(root: Path) -> Iterator[tuple[str, str, Path]]:
             yield top.name, (entry.name if os.path.isdir(entry.path) else ""), Path(entry.path)
 
 
-def scan_image_tree(root: str | os.PathLike) -> pd.DataFrame:
+def iter_image_tree(root: str | os.PathLike, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
     """Images laid out as ``<root>/<split>/<species>/<image>``, in sub-folders of a species folder too
-    (``<species>/2024/<image>``): columns path, split, species (`taxon_name` of the folder name), image_id (the path
-    under the root, without suffix) and skip_reason: '' for an image (a file of a format PIL opens, or one of
-    UNREADABLE_IMAGE_SUFFIXES, which read_image rejects), else why the file is not taken: not an image file, outside
-    a species folder, an empty species folder. Hidden and system files (SYSTEM_NAMES) are left out."""
+    (``<species>/2024/<image>``), in tables of whole species folders and at least `chunk_rows` rows (the last may be
+    smaller; memory bounded by a chunk and the largest folder): columns path, split, species (`taxon_name` of the
+    folder name), image_id (the path under the root, without suffix) and skip_reason: '' for an image (a file of a
+    format PIL opens, or one of UNREADABLE_IMAGE_SUFFIXES, which read_image rejects), else why the file is not taken:
+    not an image file, outside a species folder, an empty species folder. Hidden and system files (SYSTEM_NAMES) are
+    left out. The index counts the files across tables."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder not found: {root}")
     suffixes = image_suffixes() | UNREADABLE_IMAGE_SUFFIXES
-    rows = []
+    columns = ["path", "split", "species", "image_id", "skip_reason"]
+    rows, listed, found, other = [], 0, False, None
     for split, species, path in _tree_folders(root):
-        if not species:
+        if species:
+            files = _species_files(root, path)
+            reasons = ["" if file.suffix.lower() in suffixes else
+                       f"{SKIPPED}not an image file ({file.suffix.lower() or 'no suffix'})" for file in files]
+            files, reasons = (files, reasons) if files else ([path], [f"{SKIPPED}empty folder"])
+        else:
             where = "a species folder (<split>/<species>/<image>)" if split else "the split folders"
-            rows.append((path, split, species, f"{SKIPPED}outside {where}"))
-            continue
-        files = _species_files(root, path)
-        rows += [(file, split, species, "" if file.suffix.lower() in suffixes else
-                  f"{SKIPPED}not an image file ({file.suffix.lower() or 'no suffix'})") for file in files]
-        if not files:
-            rows.append((path, split, species, f"{SKIPPED}empty folder"))
-    if not any(reason == "" for *_, reason in rows):
+            files, reasons = [path], [f"{SKIPPED}outside {where}"]
+        relative = [unicodedata.normalize("NFC", file.relative_to(root).as_posix()) for file in files]
+        ids = [str(Path(r).with_suffix("")) for r in relative]
+        repeated = Counter(ids)  # a.jpg and a.png: their ids keep the suffix
+        ids = [r if repeated[i] > 1 else i for r, i in zip(relative, ids)]
+        name = taxon_name(species)
+        rows += [(str(file), split, name, i, reason) for file, i, reason in zip(files, ids, reasons)]
+        found = found or "" in reasons
+        other = other or next(((file, r) for file, r in zip(files, reasons) if r), None)
+        if len(rows) >= chunk_rows:
+            yield pd.DataFrame(rows, columns=columns, index=pd.RangeIndex(listed, listed + len(rows)))
+            listed, rows = listed + len(rows), []
+    if not found:
         raise DatasetError(f"{root}: no images found under <split>/<species>/"
-                           + (f" ({len(rows)} other files, e.g. {rows[0][0]}: {rows[0][3]})" if rows else ""))
-    table = pd.DataFrame([(str(path), split, taxon_name(species), reason) for path, split, species, reason in rows],
-                         columns=["path", "split", "species", "skip_reason"])
-    relative = [unicodedata.normalize("NFC", Path(p).relative_to(root).as_posix()) for p in table["path"]]
-    table.insert(3, "image_id", [str(Path(r).with_suffix("")) for r in relative])
-    same = table["image_id"].duplicated(keep=False)  # a.jpg and a.png: their ids keep the suffix
-    table.loc[same, "image_id"] = [r for r, s in zip(relative, same) if s]
-    return table
+                           + (f" ({listed + len(rows)} other files, e.g. {other[0]}: {other[1]})" if other else ""))
+    if rows:
+        yield pd.DataFrame(rows, columns=columns, index=pd.RangeIndex(listed, listed + len(rows)))
+
+
+def scan_image_tree(root: str | os.PathLike) -> pd.DataFrame:
+    """`iter_image_tree` as one table."""
+    return pd.concat(list(iter_image_tree(root)))
 
 
 def image_tree_fingerprint(root: str | os.PathLike) -> str:
@@ -352,27 +419,32 @@ def species_folders(root: str | os.PathLike) -> set[str]:
     return {taxon_name(species) for _, species, _ in _tree_folders(Path(root)) if species}
 
 
-def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
-    """A CSV manifest (`read_table`) with columns path, split and species (or the rank columns); relative paths (in
-    `path` and any `*_path` column) are relative to the manifest's folder."""
+def iter_manifest(path: str | os.PathLike, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """A CSV manifest (`iter_table`, in chunks of `chunk_rows` rows) with columns path, split and species (or the
+    rank columns); relative paths (in `path` and any `*_path` column) are relative to the manifest's folder."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"manifest not found: {path}")
-    table = read_table(path)
-    for column in ("path", "split"):
-        if column not in table.columns:
-            raise DatasetError(f"{path}: required column {column!r} missing; columns are {list(table.columns)}")
-    bad_split = table.index[~table["split"].isin(SPLITS)]
-    if len(bad_split):
-        row = bad_split[0]
-        raise DatasetError(f"{path}: row {row + 2} has split {table.loc[row, 'split']!r}; allowed: {SPLITS}")
-    for column in [c for c in table.columns if c == "path" or c.endswith("_path")]:
-        for row, value in table[column].items():
-            if value and not os.path.isabs(value) and os.path.normpath(value).split(os.sep)[0] == os.pardir:
-                raise DatasetError(f"{path}: row {row + 2} {column} {value!r} leaves the manifest's folder "
-                                   f"{path.parent}; relative paths must stay inside it (use an absolute path)")
-        table[column] = [p if not p or os.path.isabs(p) else str(path.parent / p) for p in table[column]]
-    return table.reset_index(drop=True)
+    for table in iter_table(path, chunk_rows):
+        for column in ("path", "split"):
+            if column not in table.columns:
+                raise DatasetError(f"{path}: required column {column!r} missing; columns are {list(table.columns)}")
+        bad_split = table.index[~table["split"].isin(SPLITS)]
+        if len(bad_split):
+            row = bad_split[0]
+            raise DatasetError(f"{path}: row {row + 2} has split {table.loc[row, 'split']!r}; allowed: {SPLITS}")
+        for column in [c for c in table.columns if c == "path" or c.endswith("_path")]:
+            for row, value in table[column].items():
+                if value and not os.path.isabs(value) and os.path.normpath(value).split(os.sep)[0] == os.pardir:
+                    raise DatasetError(f"{path}: row {row + 2} {column} {value!r} leaves the manifest's folder "
+                                       f"{path.parent}; relative paths must stay inside it (use an absolute path)")
+            table[column] = [p if not p or os.path.isabs(p) else str(path.parent / p) for p in table[column]]
+        yield table
+
+
+def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    """`iter_manifest` as one table."""
+    return pd.concat(list(iter_manifest(path)))
 
 
 def check_image(path: str) -> str | None:
@@ -385,16 +457,228 @@ def check_image(path: str) -> str | None:
     return None
 
 
-def check_images(paths: list[str], workers: int = 1, progress: bool = True) -> list[str | None]:
-    """`check_image` of every path, in order; with `workers` > 1 in as many processes, in chunks of CHECK_CHUNK
-    images at most (the same reasons: the decompression-bomb limit goes with them, `PixelLimit`)."""
-    paths = list(paths)
-    bar = {"total": len(paths), "desc": "checking images", "disable": not progress}
-    if workers <= 1:
-        return [check_image(p) for p in tqdm(paths, **bar)]
-    chunk = max(1, min(CHECK_CHUNK, len(paths) // (4 * workers)))
-    with ProcessPoolExecutor(workers, initializer=PixelLimit()) as pool:
-        return list(tqdm(pool.map(check_image, paths, chunksize=chunk), **bar))
+@contextmanager
+def image_checks(workers: int = 1, total: int | None = None, progress: bool = True) -> Iterator:
+    """A function of a Series of paths -> the Series of their `check_image` reasons (None: usable), decoding in
+    `workers` processes (in tasks of CHECK_CHUNK images at most; the decompression-bomb limit goes with them,
+    `PixelLimit`), with one progress bar of `total` images over every call."""
+    with ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=total, desc="checking images", unit=" images", disable=not progress))
+        pool = stack.enter_context(ProcessPoolExecutor(workers, initializer=PixelLimit())) if workers > 1 else None
+
+        def check(paths: pd.Series) -> pd.Series:
+            chunk = max(1, min(CHECK_CHUNK, len(paths) // (4 * workers)))
+            reasons = []
+            for reason in pool.map(check_image, paths, chunksize=chunk) if pool else map(check_image, paths):
+                reasons.append(reason)
+                bar.update()
+            return pd.Series(reasons, index=paths.index, dtype=object)
+
+        yield check
+
+
+REJECT_COLUMNS = {"path": "str", "image_id": "str", "reason": "str"}  # rejects.parquet
+
+
+class Tally:
+    """What became of each species' files in the prepare step: images taken per split, rejected and skipped files,
+    and the training files lost (rejected or skipped) with the first of them."""
+
+    def __init__(self, species: str):
+        self.species, self.counts, self.first_lost = species, Counter(), {}
+
+    def add(self, rows: pd.DataFrame, outcome: str) -> None:
+        """Count `rows` (columns species, split, and path and reason unless taken) as 'taken', 'rejected' or
+        'skipped' (files of no species are not counted)."""
+        rows = rows[rows[self.species] != ""]
+        keys = rows["split"] if outcome == "taken" else pd.Series(outcome, index=rows.index)
+        self.counts.update(rows.groupby([rows[self.species], keys]).size().to_dict())
+        if outcome != "taken":
+            lost = rows[rows["split"] == "train"]
+            self.counts.update({(name, "lost"): n for name, n in lost[self.species].value_counts().items()})
+            for name, path, reason in lost.drop_duplicates(self.species)[[self.species, "path", "reason"]].values:
+                self.first_lost.setdefault(name, f"{path}: {reason}")
+
+    def table(self) -> pd.DataFrame:
+        """Species x (train, val, test, rejected, skipped, lost) counts, sorted by species."""
+        columns = [*SPLITS, "rejected", "skipped", "lost"]
+        counts = pd.Series(self.counts, dtype="int64")
+        if counts.empty:
+            return pd.DataFrame(columns=columns, dtype="int64")
+        return counts.unstack(fill_value=0).reindex(columns=columns, fill_value=0).sort_index()
+
+    def log(self) -> None:
+        """One log line per species: images taken per split, rejected and skipped (the reasons are in rejects)."""
+        for name, row in self.table().iterrows():
+            log.info("%s: %d images taken (%s), %d rejected, %d skipped", name, row[list(SPLITS)].sum(),
+                     ", ".join(f"{split} {row[split]}" for split in SPLITS), row["rejected"], row["skipped"])
+
+    def check_training_images(self, source: str) -> None:
+        """Every species of the dataset (its images, rejected and skipped files included) needs a usable training
+        image, and there must be two species at least; a DatasetError names the species and what became of its
+        files."""
+        table = self.table()
+        untrained = table.index[table["train"] == 0]
+        if len(untrained):
+            name, row = untrained[0], table.loc[untrained[0]]
+            kept = {split: int(row[split]) for split in SPLITS if row[split]}
+            because = f"; its {row['lost']} training files: e.g. {self.first_lost[name]}" if row["lost"] else ""
+            also = f" ({len(untrained) - 1} more: {list(untrained[1:4])})" if len(untrained) > 1 else ""
+            raise DatasetError(f"{source}: {self.species} {name!r} has no training images (usable: "
+                               f"{kept or 'none'}{because}){also}")
+        if len(table) < 2:
+            raise DatasetError(f"{source}: a single {self.species} ({table.index[0]!r}): nothing to tell apart; "
+                               f"taxotrait needs two {self.species} at least")
+
+
+def _duplicates(spool: Path, hashes: list[np.ndarray], column: str, key=None) -> pd.DataFrame:
+    """The spooled rows of the first value of `column` (compared after `key`) listed more than once, in listing
+    order; none when every value is listed once. `hashes`: 64-bit hashes of the compared values, in listing order
+    (only rows whose hash repeats are read back and compared)."""
+    hashes = np.concatenate(hashes)
+    order = np.argsort(hashes, kind="stable")
+    repeated = hashes[order][1:] == hashes[order][:-1]
+    candidate = np.zeros(len(hashes), bool)
+    candidate[order[1:][repeated]] = candidate[order[:-1][repeated]] = True
+    rows, start = [], 0
+    for chunk in ParquetChunks.chunks(spool, CHUNK_ROWS) if repeated.any() else ():
+        rows.append(chunk[candidate[start: start + len(chunk)]])
+        start += len(chunk)
+    if not rows:
+        return pd.DataFrame()
+    rows = pd.concat(rows, ignore_index=True)
+    values = rows[column].map(key) if key else rows[column]
+    same = values.duplicated(keep=False)
+    return rows[values == values[same].iloc[0]] if same.any() else pd.DataFrame()
+
+
+def _hash(values: pd.Series) -> np.ndarray:
+    return pd.util.hash_array(values.to_numpy(dtype=object))
+
+
+def _list_images(chunks: Iterable[pd.DataFrame], taxonomy: pd.DataFrame | None, ranks: list[str], source: str,
+                 spool: Path, rejects: ParquetChunks, tally: Tally, progress: bool,
+                 leaves_of: str | None) -> tuple[pd.DataFrame, int]:
+    """The prepare step's first pass: every listed image checked against the taxonomy (derived from the rank columns
+    when None) and for duplicate paths and ids, its row (with `_row`, its row in the listing) written to `spool`;
+    skipped files go to `rejects`. Returns the taxonomy and the number of images."""
+    species = ranks[-1]
+    listing, path_hashes, id_hashes, rank_rows, present, unknown = ParquetChunks(spool, CHUNK_ROWS), [], [], set(), \
+        set(), set()
+    derived, bar = True, tqdm(desc="listing images", unit=" files", disable=not progress)
+    for chunk in chunks:
+        bar.update(len(chunk))
+        if species not in chunk.columns:
+            raise DatasetError(f"{source}: no {species!r} column")
+        reasons = chunk["skip_reason"].fillna("") if "skip_reason" in chunk else pd.Series("", index=chunk.index)
+        skipped = chunk[reasons != ""].assign(reason=reasons[reasons != ""])
+        if len(skipped):
+            rejects.append(skipped[list(REJECT_COLUMNS)])
+            tally.add(skipped, "skipped")
+        images = chunk[reasons == ""].drop(columns="skip_reason", errors="ignore").assign(_row=lambda t: t.index)
+        if images.empty:
+            continue
+        images = images.assign(**{rank: images[rank].map(taxon_name) for rank in ranks if rank in images.columns})
+        present.update(images[species])
+        if taxonomy is None:
+            missing = [rank for rank in ranks if rank not in images.columns]
+            if missing:
+                raise DatasetError(f"{source}: no taxonomy table given and rank column(s) {missing} missing")
+            rank_rows.update(images[ranks].itertuples(index=False, name=None))
+        else:
+            given = [rank for rank in ranks[:-1] if rank in images.columns]
+            images = images.drop(columns=given).merge(taxonomy, on=species, how="left", validate="many_to_one")
+            unknown.update(images.loc[images[ranks[0]].isna(), species])
+        derived = "image_id" not in images.columns
+        if derived:
+            images["image_id"] = [image_id_from_path(p) for p in images["path"]]
+        path_hashes.append(_hash(images["path"].map(os.path.normpath)))
+        id_hashes.append(_hash(images["image_id"]))
+        listing.append(images)
+    bar.close()
+    if taxonomy is None and rank_rows:
+        taxonomy = pd.DataFrame(sorted(rank_rows), columns=ranks)
+        check_tree(taxonomy, ranks, source)
+    if leaves_of:
+        from .taxonomy import check_leaves
+
+        check_leaves(taxonomy, pd.Series(sorted(present), dtype=str), leaves_of)
+    if unknown:
+        known = taxonomy[species].tolist()
+        examples = [repr(name) + "".join(f" (the taxonomy has {close!r})" for close in
+                                         difflib.get_close_matches(name, known, n=1, cutoff=0.8))
+                    for name in sorted(unknown)[:5]]
+        raise DatasetError(f"{source}: {len(unknown)} {species} without a taxonomy row, e.g. {', '.join(examples)}")
+    if taxonomy is not None and (unused := sorted(set(taxonomy[species]) - present)):
+        log.info("the taxonomy lists %d %s without images (not used), e.g. %s", len(unused), species, unused[:3])
+    if not path_hashes:
+        raise DatasetError(f"{source}: no images listed")
+    listing.close(pd.DataFrame())
+    same = _duplicates(spool, path_hashes, "path", os.path.normpath)
+    if len(same):
+        raise DatasetError(f"{source}: image {os.path.normpath(same['path'].iloc[0])!r} is listed more than once "
+                           f"(rows {[int(i) + 2 for i in same['_row']]}, line numbers of a manifest)")
+    same = _duplicates(spool, id_hashes, "image_id")
+    if len(same):
+        hint = " (ids are made from split/species/name of the path: add an image_id column)" if derived else ""
+        raise DatasetError(f"{source}: duplicate image_id {same['image_id'].iloc[0]!r} ({list(same['path'].iloc[:2])})"
+                           f"{hint}")
+    return taxonomy, sum(map(len, path_hashes))
+
+
+def prepare_tables(
+    chunks: Iterable[pd.DataFrame],
+    taxonomy: pd.DataFrame | None,
+    ranks: list[str],
+    source: str,
+    outputs: Mapping,
+    max_reject_fraction: float = 0.01,
+    progress: bool = True,
+    workers: int = 1,
+    leaves_of: str | None = None,
+) -> Tally:
+    """Validate images against the taxonomy and write outputs['manifest'], ['classes'] and ['rejects'] (Parquet, all
+    or none). Returns the Tally of what became of each species' files.
+
+    `chunks`: the listing, in tables with path and split plus either the species column or every rank column (other
+    columns are kept; `iter_image_tree`, `iter_manifest`). Rows with a `skip_reason` go to the rejects table as they
+    are, not counted as rejected images. Taxon names are compared after `taxon_name`; `leaves_of`: the tree file the
+    taxonomy came from, each of whose leaves must have images. Two passes, memory bounded by CHUNK_ROWS rows whatever
+    the number of images (plus 16 bytes per image for the duplicate checks): the listing is checked and spooled to a
+    temporary file beside the manifest, then its images are decoded in `workers` processes (`image_checks`). Logs,
+    per species, how many images were taken, rejected and skipped; more rejects than `max_reject_fraction`, a species
+    without usable training images or a dataset of one species is a DatasetError.
+    """
+    species, tally = ranks[-1], Tally(ranks[-1])
+    folder = Path(outputs["manifest"]).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".prepare-") as tmp, atomic_outputs(outputs) as files:
+        rejects, spool = ParquetChunks(files["rejects"], CHUNK_ROWS), Path(tmp) / "listing.parquet"
+        taxonomy, n_images = _list_images(chunks, taxonomy, ranks, source, spool, rejects, tally, progress, leaves_of)
+        manifest, n_bad, examples = ParquetChunks(files["manifest"], CHUNK_ROWS), 0, []
+        with image_checks(workers, n_images, progress) as check:
+            for chunk in ParquetChunks.chunks(spool, CHUNK_ROWS):
+                reasons = check(chunk["path"])
+                bad = reasons.notna()
+                rejected = chunk[bad].assign(reason=reasons[bad])
+                rejects.append(rejected[list(REJECT_COLUMNS)])
+                tally.add(rejected, "rejected")
+                tally.add(chunk[~bad], "taken")
+                extra = [c for c in chunk.columns if c not in ("image_id", "path", "split", "_row", *ranks)]
+                manifest.append(chunk.loc[~bad, ["image_id", "path", "split", *ranks, *extra]])
+                n_bad += int(bad.sum())
+                examples += [f"{p}: {r}" for p, r in zip(rejected["path"], rejected["reason"])][: 3 - len(examples)]
+        tally.log()
+        if n_bad / n_images > max_reject_fraction:
+            raise DatasetError(f"{source}: {n_bad} of {n_images} images rejected, more than the allowed "
+                               f"{max_reject_fraction:.1%} (data.max_reject_fraction), e.g. {'; '.join(examples)}")
+        if n_bad == n_images:
+            raise DatasetError(f"{source}: none of the {n_images} images can be used, e.g. {examples[0]}")
+        tally.check_training_images(source)
+        manifest.close(pd.DataFrame())
+        rejects.close(empty_table(REJECT_COLUMNS))
+        class_table(tally.table()[list(SPLITS)], taxonomy, ranks, source).to_parquet(files["classes"], index=False)
+    return tally
 
 
 def prepare_dataset(
@@ -406,108 +690,12 @@ def prepare_dataset(
     progress: bool = True,
     workers: int = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Validate images against the taxonomy: (manifest, classes, rejects) tables; the images are decoded in `workers`
-    processes (`check_images`).
-
-    `images` has path and split plus either the species column or every rank column; other columns are kept. Rows
-    with a `skip_reason` (`scan_image_tree`) go to the rejects table as they are, not counted as rejected images.
-    Taxon names are compared after `taxon_name`. Logs, per species, how many images were taken, rejected and
-    skipped; a species without usable training images or a dataset of one species is a DatasetError.
-    """
-    species = ranks[-1]
-    if species not in images.columns:
-        raise DatasetError(f"{source}: no {species!r} column")
-    reasons = images.get("skip_reason", pd.Series("", index=images.index)).fillna("")
-    skipped = images[reasons != ""].assign(reason=reasons[reasons != ""])
-    images = images[reasons == ""].drop(columns="skip_reason", errors="ignore").copy()
-    for rank in [r for r in ranks if r in images.columns]:
-        images[rank] = images[rank].map(taxon_name)
-    if taxonomy is None:
-        missing = [rank for rank in ranks if rank not in images.columns]
-        if missing:
-            raise DatasetError(f"{source}: no taxonomy table given and rank column(s) {missing} missing")
-        taxonomy = images[ranks].drop_duplicates().reset_index(drop=True)
-        check_tree(taxonomy, ranks, source)
-    else:
-        given = [rank for rank in ranks[:-1] if rank in images.columns]
-        images = images.drop(columns=given).merge(taxonomy, on=species, how="left", validate="many_to_one")
-        unknown = sorted(images[images[ranks[0]].isna()][species].unique())
-        if unknown:
-            known = taxonomy[species].tolist()
-            examples = [repr(name) + "".join(f" (the taxonomy has {close!r})" for close in
-                                             difflib.get_close_matches(name, known, n=1, cutoff=0.8))
-                        for name in unknown[:5]]
-            raise DatasetError(f"{source}: {len(unknown)} {species} without a taxonomy row, e.g. {', '.join(examples)}")
-        unused = sorted(set(taxonomy[species]) - set(images[species]))
-        if unused:
-            log.info("the taxonomy lists %d %s without images (not used), e.g. %s", len(unused), species, unused[:3])
-    if images.empty:
-        raise DatasetError(f"{source}: no images listed")
-    same_file = images["path"].map(os.path.normpath)
-    duplicated = same_file[same_file.duplicated(keep=False)]
-    if len(duplicated):
-        rows = [int(i) + 2 for i in duplicated.index[duplicated == duplicated.iloc[0]]]
-        raise DatasetError(f"{source}: image {duplicated.iloc[0]!r} is listed more than once (rows {rows}, line "
-                           "numbers of a manifest)")
-    derived = "image_id" not in images.columns
-    if derived:
-        images["image_id"] = [image_id_from_path(p) for p in images["path"]]
-    duplicated = images[images["image_id"].duplicated(keep=False)]
-    if len(duplicated):
-        hint = " (ids are made from split/species/name of the path: add an image_id column)" if derived else ""
-        raise DatasetError(f"{source}: duplicate image_id {duplicated['image_id'].iloc[0]!r} "
-                           f"({list(duplicated['path'].iloc[:2])}){hint}")
-
-    reasons = pd.Series(check_images(images["path"], workers, progress), index=images.index, dtype=object)
-    bad = reasons.notna()
-    rejects = pd.concat([images[bad].assign(reason=reasons[bad]), skipped], ignore_index=True)[
-        ["path", "image_id", "reason", "split", species]]
-    log_per_species(images[~bad], rejects, species)
-    if bad.mean() > max_reject_fraction:
-        examples = "; ".join(f"{p}: {r}" for p, r in zip(images.loc[bad, "path"][:3], reasons[bad][:3]))
-        raise DatasetError(f"{source}: {int(bad.sum())} of {len(images)} images rejected, more than the allowed "
-                           f"{max_reject_fraction:.1%} (data.max_reject_fraction), e.g. {examples}")
-    manifest = images[~bad].reset_index(drop=True)
-    if manifest.empty:
-        raise DatasetError(f"{source}: none of the {len(images)} images can be used, e.g. "
-                           f"{rejects['path'].iloc[0]}: {rejects['reason'].iloc[0]}")
-    check_training_images(manifest, rejects, species, source)
-    extra = [c for c in manifest.columns if c not in ("image_id", "path", "split", *ranks)]
-    manifest = manifest[["image_id", "path", "split", *ranks, *extra]]
-    classes = class_table(manifest, ranks, source)
-    return manifest, classes, rejects[["path", "image_id", "reason"]].astype(str)
-
-
-def log_per_species(taken: pd.DataFrame, rejects: pd.DataFrame, species: str) -> None:
-    """One log line per species: images taken per split, rejected and skipped (the reasons are in rejects)."""
-    skipped = rejects["reason"].str.startswith(SKIPPED)
-    counts = pd.concat([pd.crosstab(taken[species], taken["split"]).reindex(columns=list(SPLITS), fill_value=0),
-                        rejects[~skipped][species].value_counts().rename("rejected"),
-                        rejects[skipped & (rejects[species] != "")][species].value_counts().rename("skipped")],
-                       axis=1).fillna(0).astype(int)
-    for name, row in counts.sort_index().iterrows():
-        log.info("%s: %d images taken (%s), %d rejected, %d skipped", name, row[list(SPLITS)].sum(),
-                 ", ".join(f"{split} {row[split]}" for split in SPLITS), row["rejected"], row["skipped"])
-
-
-def check_training_images(manifest: pd.DataFrame, rejects: pd.DataFrame, species: str, source: str) -> None:
-    """Every species of the dataset (its images, rejected and skipped files included) needs a usable training
-    image, and there must be two species at least; a DatasetError names the species and what became of its files."""
-    trained = set(manifest.loc[manifest["split"] == "train", species])
-    listed = (set(manifest[species]) | set(rejects[species])) - {""}
-    untrained = sorted(listed - trained)
-    if untrained:
-        name = untrained[0]
-        lost = rejects[(rejects[species] == name) & (rejects["split"] == "train")]
-        kept = manifest.loc[manifest[species] == name, "split"].value_counts().to_dict()
-        because = f"; its {len(lost)} training files: e.g. {lost['path'].iloc[0]}: {lost['reason'].iloc[0]}" \
-            if len(lost) else ""
-        also = f" ({len(untrained) - 1} more: {untrained[1:4]})" if len(untrained) > 1 else ""
-        raise DatasetError(f"{source}: {species} {name!r} has no training images (usable: {kept or 'none'}{because})"
-                           f"{also}")
-    if len(trained) < 2:
-        raise DatasetError(f"{source}: a single {species} ({sorted(trained)[0]!r}): nothing to tell apart; taxotrait "
-                           f"needs two {species} at least")
+    """`prepare_tables` of one table of images (e.g. `scan_image_tree`, `read_manifest`): the (manifest, classes,
+    rejects) tables."""
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = {name: Path(tmp) / f"{name}.parquet" for name in ("manifest", "classes", "rejects")}
+        prepare_tables([images], taxonomy, ranks, source, outputs, max_reject_fraction, progress, workers)
+        return tuple(pd.read_parquet(path) for path in outputs.values())
 
 
 def image_id_from_path(path: str) -> str:
@@ -516,27 +704,26 @@ def image_id_from_path(path: str) -> str:
     return "/".join(parts[-3:])
 
 
-def class_table(manifest: pd.DataFrame, ranks: list[str], source: str) -> pd.DataFrame:
-    """One row per (rank, taxon): class_index (sorted names), parent and image counts per split; a warning names a
-    rank with a single taxon."""
+def class_table(counts: pd.DataFrame, taxonomy: pd.DataFrame, ranks: list[str], source: str) -> pd.DataFrame:
+    """One row per (rank, taxon) of the species with images (`counts`: species x split images taken): class_index
+    (sorted names), parent and image counts per split; a warning names a rank with a single taxon."""
+    counts = counts[counts.sum(axis=1) > 0]
+    taxa = taxonomy.set_index(ranks[-1])[ranks[:-1]].reindex(counts.index).join(counts).reset_index(names=ranks[-1])
     tables = []
     for depth, rank in enumerate(ranks):
-        counts = pd.crosstab(manifest[rank], manifest["split"]).reindex(columns=list(SPLITS), fill_value=0)
-        if len(counts) == 1 and rank != ranks[-1]:
+        groups = taxa.groupby(rank)
+        totals = groups[list(SPLITS)].sum()
+        if len(totals) == 1 and rank != ranks[-1]:
             log.warning("%s: %s has a single taxon (%r): nothing to contrast at this rank", source, rank,
-                        counts.index[0])
-        parents = manifest.groupby(rank)[ranks[depth - 1]].first() if depth else pd.Series("", index=counts.index)
-        table = pd.DataFrame({
+                        totals.index[0])
+        tables.append(pd.DataFrame({
             "rank": rank,
-            "class_index": range(len(counts)),
-            "taxon": counts.index.astype(str),
-            "parent": parents.reindex(counts.index).values,
-            **{f"n_{split}": counts[split].values.astype("int64") for split in SPLITS},
-        })
-        tables.append(table)
-    classes = pd.concat(tables, ignore_index=True)
-    classes["class_index"] = classes["class_index"].astype("int64")
-    return classes
+            "class_index": np.arange(len(totals), dtype="int64"),
+            "taxon": totals.index.astype(str),
+            "parent": groups[ranks[depth - 1]].first().values if depth else "",
+            **{f"n_{split}": totals[split].values.astype("int64") for split in SPLITS},
+        }))
+    return pd.concat(tables, ignore_index=True)
 
 
 def class_names(classes: pd.DataFrame, rank: str) -> list[str]:
@@ -557,25 +744,24 @@ def labels(manifest: pd.DataFrame, classes: pd.DataFrame, rank: str) -> pd.Serie
 
 def prepare_files(inputs: dict, outputs: dict, data: dict, ranks: list[str], workers: int = 1) -> None:
     """Image tree or manifest + taxonomy (`data`: the config's data section) -> manifest, classes and rejects tables
-    of `ranks`, the images decoded in `workers` processes."""
+    of `ranks` (`prepare_tables`: memory bounded whatever the number of images), the images decoded in `workers`
+    processes."""
     if data.get("images"):
-        images, source = scan_image_tree(data["images"]), data["images"]
-        images = images.rename(columns={"species": ranks[-1]})
+        chunks = (table.rename(columns={"species": ranks[-1]}) for table in iter_image_tree(data["images"]))
+        source = data["images"]
     else:
-        images, source = read_manifest(inputs["manifest"]), inputs["manifest"]
+        chunks, source = iter_manifest(inputs["manifest"]), inputs["manifest"]
     taxonomy = read_taxonomy(inputs["taxonomy"], ranks) if inputs.get("taxonomy") else None
     if inputs.get("tree"):
-        from .taxonomy import check_leaves, tree_taxonomy
+        from .taxonomy import tree_taxonomy
 
         taxonomy = tree_taxonomy(inputs["tree"], ranks)
-        check_leaves(taxonomy, images[ranks[-1]], str(inputs["tree"]))
-    manifest, classes, rejects = prepare_dataset(images, taxonomy, ranks, source, data["max_reject_fraction"],
-                                                 workers=workers)
-    for table, key in ((manifest, "manifest"), (classes, "classes"), (rejects, "rejects")):
-        write_parquet(table, outputs[key])
-    skipped = rejects["reason"].str.startswith(SKIPPED)
-    log.info("%d images, %d rejected, %d other files skipped; classes per rank: %s", len(manifest),
-             int((~skipped).sum()), int(skipped.sum()), classes.groupby("rank", sort=False).size().to_dict())
+    tally = prepare_tables(chunks, taxonomy, ranks, source, outputs, data["max_reject_fraction"], workers=workers,
+                           leaves_of=str(inputs["tree"]) if inputs.get("tree") else None)
+    counts = tally.table().sum()
+    classes = pd.read_parquet(outputs["classes"], columns=["rank"])
+    log.info("%d images, %d rejected, %d other files skipped; classes per rank: %s", counts[list(SPLITS)].sum(),
+             counts["rejected"], counts["skipped"], classes.groupby("rank", sort=False).size().to_dict())
 
 
 def taxa_per_rank(data: dict, ranks: list[str]) -> dict[str, int]:
@@ -586,7 +772,9 @@ def taxa_per_rank(data: dict, ranks: list[str]) -> dict[str, int]:
     if data.get("images"):
         table, present = None, species_folders(data["images"])
     else:
-        table = read_manifest(data["manifest"])
+        columns = [rank for rank in ranks if not data.get("taxonomy")]
+        table = pd.concat([chunk[[c for c in columns if c in chunk]].drop_duplicates()
+                           for chunk in iter_manifest(data["manifest"])]).drop_duplicates()
         present = set(table[species].map(taxon_name)) if species in table else set()
     if data.get("taxonomy"):
         table = read_taxonomy(data["taxonomy"], ranks)
@@ -600,10 +788,10 @@ def taxa_per_rank(data: dict, ranks: list[str]) -> dict[str, int]:
 
 def dataset_fingerprint(data: dict) -> str:
     """A digest of the user's images as listed (`image_tree_fingerprint`, or the size and modification time of every
-    file a manifest names): a params value of the prepare rule, so that new, removed or replaced images re-run it.
-    Empty for the synthetic demo, whose images the workflow makes."""
+    file a manifest names, read in chunks): a params value of the prepare rule, so that new, removed or replaced
+    images re-run it. Empty for the synthetic demo, whose images the workflow makes."""
     if data.get("images"):
         return image_tree_fingerprint(data["images"])
     if not data.get("manifest"):
         return ""
-    return listing_digest(read_manifest(data["manifest"])["path"])
+    return listing_digest(path for chunk in iter_manifest(data["manifest"]) for path in chunk["path"])

@@ -46,3 +46,52 @@ def atomic_outputs(outputs: Mapping) -> Iterator[dict]:
     to their real names once the block succeeded, none is left when it fails."""
     with ExitStack() as stack:
         yield {name: stack.enter_context(atomic_write(path)) for name, path in outputs.items()}
+
+
+class ParquetChunks:
+    """A Parquet table written chunk by chunk: `append` DataFrames with the same columns, `close` when done. Chunks
+    are gathered into row groups of `rows` rows, so memory stays bounded by a row group whatever the table's length;
+    `chunks` reads a finished file back one row group at a time. Write to a temporary name (`atomic_write`) when
+    readers must never see a partial table."""
+
+    def __init__(self, path: str | os.PathLike, rows: int):
+        self.path, self.rows = Path(path), rows
+        self.buffer, self.buffered, self.writer = [], 0, None
+
+    def append(self, frame) -> None:
+        """Add the rows of `frame` (none: nothing happens)."""
+        if len(frame):
+            self.buffer.append(frame)
+            self.buffered += len(frame)
+            if self.buffered >= self.rows:
+                self._flush()
+
+    def _flush(self) -> None:
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = self.writer.schema if self.writer else None
+        table = pa.Table.from_pandas(pd.concat(self.buffer, ignore_index=True), schema=schema, preserve_index=False)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table, row_group_size=self.rows)
+        self.buffer, self.buffered = [], 0
+
+    def close(self, empty) -> None:
+        """Write what is buffered and finish the file; a table without rows is written as `empty` (a DataFrame with
+        the columns and dtypes, `empty_table`)."""
+        if self.buffer:
+            self._flush()
+        if self.writer is None:
+            empty.to_parquet(self.path, index=False)
+        else:
+            self.writer.close()
+
+    @staticmethod
+    def chunks(path: str | os.PathLike, rows: int) -> Iterator:
+        """The table at `path` as DataFrames of at most `rows` rows, in order."""
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
+            yield batch.to_pandas()
