@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """The prepare step's memory against the number of images (issue 25): `taxotrait.dataset.prepare_files` on an image
-tree and on a CSV manifest of N images, each in a fresh process, its peak memory (the main process, and the largest
-of its decoding workers) and wall time, and how the peak grows per image.
+tree and on a CSV manifest of N images of a fixed number of species, each in a fresh process, its peak memory and
+wall time, and how the peak grows per image.
 
     python bench/prepare_memory.py --out bench/RESULTS.md                      # 20,000, 200,000 and 1,000,000 images
     python bench/prepare_memory.py --images 2000 20000 --compare 79201dc      # also the code of an older commit
 
-The data set (`write_dataset`, under `<work>/images_<N>`, removed first): N / 4 species (2 train, 1 val and 1 test
-image each) in genera of 10, families of 10 genera and orders of 10 families, as `images/<split>/<species>/<n>.png`
-plus taxonomy.csv, and manifest.csv listing the same files. The images are hard links to eight small PNGs (the
-step decodes every one of them; the disk holds eight). `--compare REV` runs the same measurements with the package of
+The data set (`write_dataset`, under `<work>/images_<N>`, removed first): `--species` species (N / species images
+each: a quarter for val, a quarter for test, the rest for train) in genera of 10, families of 10 genera and orders of
+10 families, as `images/<split>/<species>/<n>.png` plus taxonomy.csv, and manifest.csv listing the same files. The
+images are hard links to 64 small PNGs (the step decodes every one of them; the disk holds 64). `--compare REV` runs the same measurements with the package of
 commit REV (`git archive`), e.g. the last one before the streamed prepare step.
 """
 
@@ -32,7 +32,6 @@ from bench_engine import heading, publish  # bench/, the script's folder, is on 
 
 REPO = Path(__file__).resolve().parents[1]
 RANKS = ["order", "family", "genus", "species"]
-SPLITS = {"train": 2, "val": 1, "test": 1}  # images per species
 # The main process's peak resident memory is VmHWM (ru_maxrss would count the forking parent's from before exec).
 MEASURE = """
 import json, re, sys, time
@@ -46,14 +45,15 @@ print(json.dumps({{"seconds": time.perf_counter() - start, "peak_mb": peak / 102
 """.format(ranks=RANKS)
 
 
-def write_dataset(folder: Path, images: int) -> None:
-    """N images (hard links to eight PNGs) of N / 4 species as an image tree, taxonomy.csv and manifest.csv."""
+def write_dataset(folder: Path, images: int, species: int) -> None:
+    """`images` images (hard links to 64 PNGs) of `species` species as an image tree, taxonomy.csv and
+    manifest.csv."""
     shutil.rmtree(folder, ignore_errors=True)
     sources = folder / "sources"
     sources.mkdir(parents=True)
     rng = np.random.default_rng(0)
     originals = []
-    for i in range(8):
+    for i in range(64):
         originals.append(sources / f"{i}.png")
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(originals[-1])
     with open(folder / "taxonomy.csv", "w", newline="") as taxonomy, \
@@ -61,13 +61,14 @@ def write_dataset(folder: Path, images: int) -> None:
         taxa, listing = csv.writer(taxonomy), csv.writer(manifest)
         taxa.writerow(RANKS)
         listing.writerow(["path", "split", "species"])
-        for s in range(images // sum(SPLITS.values())):
+        each = images // species
+        for s in range(species):
             taxa.writerow([f"Order {s // 1000}", f"Family {s // 100}", f"Genus {s // 10}", f"Species {s}"])
-            for split, count in SPLITS.items():
-                species = folder / "images" / split / f"Species {s}"
-                species.mkdir(parents=True)
+            for split, count in (("train", each - 2 * (each // 4)), ("val", each // 4), ("test", each // 4)):
+                folder_of = folder / "images" / split / f"Species {s}"
+                folder_of.mkdir(parents=True)
                 for n in range(count):
-                    os.link(originals[(s + n) % 8], species / f"{n}.png")
+                    os.link(originals[(s + n) % 64], folder_of / f"{n}.png")
                     listing.writerow([f"images/{split}/Species {s}/{n}.png", split, f"Species {s}"])
 
 
@@ -96,6 +97,7 @@ def package_of(revision: str, into: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, nargs="+", default=[20_000, 200_000, 1_000_000])
+    parser.add_argument("--species", type=int, default=5_000, help="species, whatever the number of images")
     parser.add_argument("--workers", type=int, default=2, help="decoding processes (the rule's threads)")
     parser.add_argument("--compare", metavar="REV", help="also measure the package of this commit")
     parser.add_argument("--work", type=Path, default=REPO / "build" / "prepare-memory")
@@ -109,15 +111,16 @@ def main() -> None:
         rows = {}
         for images in sorted(args.images):
             folder = args.work / f"images_{images}"
-            write_dataset(folder, images)
+            write_dataset(folder, images, args.species)
             for layout in ("tree", "manifest"):
                 for code, src in codes.items():
                     rows[code, layout, images] = measure(folder, layout, src, args.workers)
                     print(code, layout, images, rows[code, layout, images], flush=True)
             shutil.rmtree(folder)
     lines = heading("Prepare memory", "prepare_memory.py") + [
-        f"- data: N images of N / 4 species (2 train, 1 val, 1 test), genera of 10 species, families of 10 genera,"
-        f" orders of 10 families; 32 px PNG (hard links to eight files); the image tree with taxonomy.csv, and a"
+        f"- data: N images of {args.species:,} species (N / {args.species:,} each: a quarter val, a quarter test),"
+        f" genera of 10 species, families of 10 genera, orders of 10 families; 32 px PNG (hard links to 64 files);"
+        f" the image tree with taxonomy.csv, and a"
         f" manifest.csv of the same files; {args.workers} decoding workers",
         "- cells: wall s · peak MB of the step's process (VmHWM; its decoding workers hold one task of images each);"
         " growth: that peak from the smallest to the largest N, per added image",

@@ -202,3 +202,19 @@ def test_table_read_in_chunks_keeps_late_unnamed_columns_and_finds_late_encoding
     table = pd.concat(chunks)
     assert len(chunks) == 6 and list(table.columns) == ["species", "genus", "Unnamed: 2"]
     assert table.loc[35_000, "Unnamed: 2"] == "late" and table.loc[30_000, "species"] == "Sp café"
+
+
+def test_taxa_per_rank_reads_each_route_in_chunks(tmp_path):
+    """Counted before any job runs, from the manifest in chunks: with rank columns, with a taxonomy table, and from
+    an image tree's folders; the same counts."""
+    manifest = chunked_manifest(tmp_path)
+    (tmp_path / "taxonomy.csv").write_text("order,genus,species\n" + "".join(
+        f"Ordo {i // 2 % 2},Genus {i // 2},Sp {i}\n" for i in range(6)))  # Sp 5 has no images
+    species_only = tmp_path / "species_only.csv"
+    pd.read_csv(manifest)[["path", "split", "species"]].to_csv(species_only, index=False)
+    expected = {"order": 2, "genus": 3, "species": 5}
+    assert dataset.taxa_per_rank({"manifest": str(manifest)}, RANKS) == expected
+    assert dataset.taxa_per_rank({"manifest": str(species_only), "taxonomy": str(tmp_path / "taxonomy.csv")},
+                                 RANKS) == expected
+    assert dataset.taxa_per_rank({"images": str(tmp_path / "images"), "taxonomy": str(tmp_path / "taxonomy.csv")},
+                                 RANKS) == expected

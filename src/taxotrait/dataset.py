@@ -649,7 +649,7 @@ def prepare_tables(
     per species, how many images were taken, rejected and skipped; more rejects than `max_reject_fraction`, a species
     without usable training images or a dataset of one species is a DatasetError.
     """
-    species, tally = ranks[-1], Tally(ranks[-1])
+    tally = Tally(ranks[-1])
     folder = Path(outputs["manifest"]).parent
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".prepare-") as tmp, atomic_outputs(outputs) as files:
@@ -772,7 +772,7 @@ def taxa_per_rank(data: dict, ranks: list[str]) -> dict[str, int]:
     if data.get("images"):
         table, present = None, species_folders(data["images"])
     else:
-        columns = [rank for rank in ranks if not data.get("taxonomy")]
+        columns = [species] if data.get("taxonomy") or data.get("tree") else ranks
         table = pd.concat([chunk[[c for c in columns if c in chunk]].drop_duplicates()
                            for chunk in iter_manifest(data["manifest"])]).drop_duplicates()
         present = set(table[species].map(taxon_name)) if species in table else set()
