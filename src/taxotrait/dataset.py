@@ -742,6 +742,33 @@ def labels(manifest: pd.DataFrame, classes: pd.DataFrame, rank: str) -> pd.Serie
     return manifest[rank].map(index).astype("int64")
 
 
+def read_manifest_table(path: str | os.PathLike, columns: list[str] | None = None,
+                        splits: list[str] | tuple[str, ...] | None = None) -> pd.DataFrame:
+    """The manifest.parquet at `path`, only its `columns` (all when None) and the rows of `splits` (split names; all
+    rows when None), in the file's order, indexed 0..n-1. Read batch by batch, each batch filtered as it comes: the
+    rows left out are never held all at once (half the peak of `pd.read_parquet`'s filters). A requested column the
+    file lacks (e.g. a manifest written by an older version) is a DatasetError."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as file:
+        schema = file.schema_arrow
+        kept = schema.names if columns is None else list(columns)
+        read = list(dict.fromkeys([*kept, *(["split"] if splits is not None else [])]))
+        missing = [c for c in read if c not in schema.names]
+        if missing:
+            raise DatasetError(f"{path}: no column {', '.join(map(repr, missing))} (a manifest written by an older "
+                               "version? run the prepare rule again)")
+        batches = file.iter_batches(columns=read)
+        if splits is not None:
+            chosen = pa.array(list(splits), pa.string())
+            batches = (batch.filter(pc.is_in(batch["split"], value_set=chosen)) for batch in batches)
+        table = pa.Table.from_batches((batch.select(kept) for batch in batches),
+                                      pa.schema([schema.field(c) for c in kept], metadata=schema.metadata))
+    return table.to_pandas().reset_index(drop=True)
+
+
 def prepare_files(inputs: dict, outputs: dict, data: dict, ranks: list[str], workers: int = 1) -> None:
     """Image tree or manifest + taxonomy (`data`: the config's data section) -> manifest, classes and rejects tables
     of `ranks` (`prepare_tables`: memory bounded whatever the number of images), the images decoded in `workers`

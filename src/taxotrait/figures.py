@@ -38,8 +38,9 @@ from tqdm import tqdm
 
 from .attention_store import AttentionFile
 from .data import AugmentConfig, ImageTransform, load_image
+from .dataset import read_manifest_table
 from .faithfulness import upsample
-from .io import atomic_write
+from .io import atomic_write, parquet_columns
 from .report import ALL_RANKS, ALL_TAXA, INDEX, evenly_spaced, labels, png_labels, publish_figures
 
 log = logging.getLogger("taxotrait.figures")
@@ -305,6 +306,9 @@ class Crop:
         return eval_crop(path, self.img_size, self.resize)
 
 
+IMAGE_COLUMNS = ["image_id", "path"]  # what ImageSource reads of the manifest
+
+
 class ImageSource:
     """Eval crops of manifest images by image_id (the last `cache_size` kept: memory stays bounded)."""
 
@@ -487,7 +491,7 @@ def rank_figures(rank: str, attention_h5, traits_parquet, manifest_parquet, out_
     out_dir.mkdir(parents=True, exist_ok=True)
     traits = pd.read_parquet(traits_parquet)
     traits = traits[traits["rank"] == rank] if "rank" in traits.columns else traits
-    manifest = pd.read_parquet(manifest_parquet)
+    manifest = read_manifest_table(manifest_parquet, IMAGE_COLUMNS)
     with FigurePool(workers) as pool, AttentionFile(attention_h5) as attention:
         images = ImageSource(manifest, attention.img_size, settings.resize, str(manifest_parquet))
         galleries = _drawn(gallery_jobs(rank, attention, traits, images, settings, out_dir), draw_gallery, pool,
@@ -570,8 +574,9 @@ def hierarchy_figures(attention_h5_by_rank: dict, hierarchy_parquet, manifest_pa
     species_rank = ranks[-1]
     ranks = [r for r in ranks if r in attention_h5_by_rank]
     table = pd.read_parquet(hierarchy_parquet)
-    manifest = pd.read_parquet(manifest_parquet)
-    if "split" in manifest.columns:  # test images first
+    split_column = ["split"] if "split" in parquet_columns(manifest_parquet) else []
+    manifest = read_manifest_table(manifest_parquet, [*IMAGE_COLUMNS, species_rank, *split_column])
+    if split_column:  # test images first
         manifest = manifest.iloc[np.argsort((manifest["split"] != "test").to_numpy(), kind="stable")]
     ids_of = manifest.groupby(manifest[species_rank].astype(str), sort=False)["image_id"].agg(list)
 
@@ -835,7 +840,7 @@ def key_figures(key_parquet, classes_parquet, attention_h5_by_rank: dict, manife
     key = pd.read_parquet(key_parquet)
     best = key[key["entry"] == 1]  # each taxon's best entry
     entry_of = {(str(r), str(t)): row for r, t, row in zip(best["rank"], best["taxon"], best.to_dict("records"))}
-    manifest = pd.read_parquet(manifest_parquet)
+    manifest = read_manifest_table(manifest_parquet, IMAGE_COLUMNS)
     digits = len(str(len(pages)))
 
     def jobs(files: dict[str, AttentionFile], images: ImageSource) -> Iterator[KeyPageJob]:

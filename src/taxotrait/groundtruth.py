@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .io import parquet_columns
+
 # ---------------------------------------------------------------- the eval crop (resize, then centre crop)
 def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
     """(width, height) of an image whose shorter side is resized to `resize` (as torchvision's Resize(int))."""
@@ -203,6 +205,13 @@ def match_part_images(manifest: pd.DataFrame, keypoints: pd.DataFrame, images: p
         return pd.Series(keys, index=manifest.index, dtype="string")
     known = set(keypoints["image_key"])
     return manifest["image_id"].astype(str).where(manifest["image_id"].astype(str).isin(known), "").astype("string")
+
+
+def ground_truth_columns(manifest_path: str | os.PathLike, parts: str | os.PathLike | None = None) -> list[str]:
+    """The columns of the manifest.parquet at `manifest_path` that `load_ground_truth` reads: image_id, mask_path
+    where the manifest has it and, with part annotations (`parts`), path."""
+    masks = ["mask_path"] if "mask_path" in parquet_columns(manifest_path) else []
+    return ["image_id", *masks, *(["path"] if parts else [])]
 
 
 def load_ground_truth(manifest: pd.DataFrame, resize: int, img_size: int,

@@ -1,4 +1,4 @@
-"""Atomic writes of output files and tables: readers and reruns never see a partial file."""
+"""Atomic writes of output files and tables: readers and reruns never see a partial file; the columns of a table."""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ def write_parquet(frame, path: str | os.PathLike) -> None:
     """A pandas DataFrame to a Parquet file, without its index, atomically (`atomic_write`)."""
     with atomic_write(path) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def parquet_columns(path: str | os.PathLike) -> list[str]:
+    """The column names of the Parquet file at `path`, from its schema (no data read)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path).names
 
 
 def empty_table(columns: dict):

@@ -9,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 
 from .attention_store import AttentionFile
+from .dataset import read_manifest_table
 from .groundtruth import load_masks
 from .localization import EXCLUSIVE, PLANTED, POINTING_COLUMNS, pointing_game
 from .report import SUMMARY_SETTINGS, page_html
-from .io import empty_table, write_parquet
+from .io import empty_table, parquet_columns, write_parquet
 from .traits import key_on_rank_traits
 
 log = logging.getLogger("taxotrait.summary")
@@ -23,15 +24,15 @@ def summarise(inputs: Mapping, outputs: Mapping, ranks: list[str], split: str, r
     """Write summary.md, its HTML page (summary.html, with `page_settings`: the run's settings
     `taxotrait.report.SUMMARY_SETTINGS`) and pointing_game.parquet from every rank's metrics (on `split`), heads and
     attention files and the key; the pointing game on the eval crop (`resize`, `img_size`)."""
-    manifest = pd.read_parquet(inputs["manifest"])
     metrics = pd.concat([pd.read_parquet(p) for p in inputs["metrics"]], ignore_index=True)
     test = metrics[(metrics["taxon"] == "__all__") & (metrics["split"] == split)]
     pointing = empty_table(POINTING_COLUMNS)
-    if "mask_path" in manifest.columns:
+    if "mask_path" in parquet_columns(inputs["manifest"]):
         with AttentionFile(inputs["attention"][0]) as attention:  # one backbone: every rank's patch grid
             grid = attention.grid
         heads = pd.concat([pd.read_parquet(path) for path in inputs["heads"]], ignore_index=True)
-        pointing = pointing_game(heads, manifest, load_masks, grid, resize, img_size)
+        masks = read_manifest_table(inputs["manifest"], ["image_id", "mask_path"])
+        pointing = pointing_game(heads, masks, load_masks, grid, resize, img_size)
     write_parquet(pointing, outputs["pointing"])
     text = summary_text(test, pointing, ranks, key_on_rank_traits(pd.read_parquet(inputs["key"]), ranks))
     Path(outputs["summary"]).write_text(text)

@@ -14,7 +14,7 @@ from ..backbone import create_backbone
 from ..checkpoint import load_checkpoint
 from ..data import AugmentConfig, ImageDataset, ImageTransform
 from ..token_cache import TokenCache, TokenDataset
-from ..dataset import class_names, class_parents, labels
+from ..dataset import class_names, class_parents, labels, read_manifest_table
 from ..devices import resolve_device
 from ..errors import ConfigError
 from ..model import PromptCAM, PromptConfig
@@ -86,12 +86,13 @@ def train_data(inputs: Mapping, settings: Mapping, model: PromptCAM, manifest: p
 def eval_batches(inputs: Mapping, settings: Mapping, rank: str):
     """(a factory of (ids, tokens, labels) batches, number of images, classes table) of `attention.split`, in batches
     of `attention.batch_size`."""
-    manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
-    split = settings["attention"]["split"]
-    data, rows = token_data(inputs["eval_tokens"], manifest, classes, rank, split)
+    split, classes = settings["attention"]["split"], pd.read_parquet(inputs["classes"])
+    rows = read_manifest_table(inputs["manifest"], ["image_id", "path", rank], [split])
     if rows.empty:
+        present = read_manifest_table(inputs["manifest"], ["split"])["split"]
         raise ConfigError(f"attention.split: the dataset has no {split} images ({inputs['manifest']}); set "
-                          f"attention.split to a split that has images ({', '.join(sorted(set(manifest['split'])))})")
+                          f"attention.split to a split that has images ({', '.join(sorted(set(present)))})")
+    data, _ = token_data(inputs["eval_tokens"], rows, classes, rank, None)
     ids, size = rows["image_id"].tolist(), settings["attention"]["batch_size"]
 
     def batches():

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..dataset import class_names, class_parents, labels
+from ..dataset import class_names, class_parents, labels, read_manifest_table
 from ..devices import mixed_precision, model_device
 from ..evaluation import stratified_order
 from ..model import families, family_members
@@ -47,12 +47,14 @@ def evaluate(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
     `model.class_chunk`, else CLASS_CHUNK), keeping only per-class counts: the cost grows with the images times the
     siblings, plus the flat sample times the classes. Settings: `ranks`, `backbone`, `model.class_chunk`,
     `metrics.flat_images`, `train.device`."""
-    manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
     paths, targets, all_ranks = list(inputs["models"]), list(outputs["metrics"]), list(settings["ranks"])
     ranks = all_ranks[: len(paths)]
     if len(paths) > len(all_ranks) or len(targets) != len(paths):
         raise ValueError(f"evaluate: {len(paths)} models and {len(targets)} metrics tables for the ranks "
                          f"{all_ranks} (one of each per rank, coarse to fine)")
+    scored = dict.fromkeys([*ranks, all_ranks[-1]])  # the ranks' labels and the finest rank (the flat sample's)
+    manifest = read_manifest_table(inputs["manifest"], ["path", "split", *scored], ["val", "test"])
+    classes = pd.read_parquet(inputs["classes"])
     device = model_step_device(settings)
     models = [trained_model(path, settings, device) for path in paths]
     parents = [None] + [torch.as_tensor(parent_index(class_parents(classes, rank), class_names(classes, above),

@@ -30,7 +30,7 @@ from ..backbone import data_normalisation, weights_digest
 from ..baselines import LinearProbe, fit_linear_probe, load_probe, probe_feature_file, rival_accuracy, save_probe
 from ..config import SYNTHETIC_BRANCHING, faithfulness_ranks
 from ..data import AugmentConfig, ImageDataset, ImageTransform, load_image
-from ..dataset import class_names, class_parents, labels
+from ..dataset import class_names, class_parents, labels, read_manifest_table
 from ..devices import frozen_forward, mixed_precision, resolve_device, resolve_precision
 from ..evaluation import (
     COUNTERFACTUAL_COLUMNS, CURVE_COLUMNS, FAITHFULNESS_COLUMNS, HEAD_PART_COLUMNS, LOCALIZATION_COLUMNS,
@@ -40,7 +40,7 @@ from ..evaluation import (
 from ..extract import map_statistics
 from ..faithfulness import endpoint_probabilities, insertion_deletion
 from ..figures import save_figure
-from ..groundtruth import crop_mask, exclusive_masks, load_ground_truth, near_mask
+from ..groundtruth import crop_mask, exclusive_masks, ground_truth_columns, load_ground_truth, near_mask
 from ..intervals import bootstrap_interval, mean_with_intervals
 from ..io import atomic_write, empty_table, write_parquet
 from ..localization import top_trait_heads
@@ -77,7 +77,8 @@ def train_probes(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
     `cache.train_tokens` false the training images' features come from the images (eval transform, one view)."""
     s = settings["evaluation"]
     device = device_of(s)
-    manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
+    manifest = read_manifest_table(inputs["manifest"], ["path", "split", *settings["ranks"]])
+    classes = pd.read_parquet(inputs["classes"])
     first_block = new_model(settings, ["probe"]).first_prompted_block
     probe = LinearProbe(backbone_of(settings), ["probe"], first_block).to(device)
     eval_cache = TokenCache.open(inputs["eval_tokens"])
@@ -139,7 +140,8 @@ def saliency_maps(rank: str, inputs: Mapping, outputs: Mapping, settings: Mappin
     model = trained_model(inputs["model"], settings, device)
     probe, meta = load_probe(inputs["probe"], model.backbone, model.backbone_digest)
     probe = probe.to(device)
-    manifest = pd.read_parquet(inputs["manifest"]).set_index("image_id", drop=False)
+    manifest = read_manifest_table(inputs["manifest"], ["image_id", "path", settings["ranks"][-1]],
+                                   [settings["attention"]["split"]]).set_index("image_id", drop=False)
     with AttentionFile(inputs["attention"]) as stored:
         ids, label, prediction = stored.image_ids, stored.labels, stored.predictions
         names, grid, num_heads = stored.class_names, stored.grid, stored.heads
@@ -194,7 +196,7 @@ def insertion_deletion_tables(rank: str, inputs: Mapping, outputs: Mapping, sett
     model = trained_model(inputs["model"], settings, device)
     probe, _ = load_probe(inputs["probe"], model.backbone, model.backbone_digest)
     probe = probe.to(device)
-    manifest = pd.read_parquet(inputs["manifest"]).set_index("image_id", drop=False)
+    manifest = read_manifest_table(inputs["manifest"], ["image_id", "path"]).set_index("image_id", drop=False)
     images = load_eval_images(manifest.loc[sal["image_id"][:n], "path"], settings, device)
     pixels_per_step = int(f["pixels_per_step"] or settings["backbone"]["img_size"])
     chunk = settings["model"]["class_chunk"]
@@ -244,8 +246,9 @@ def localization(rank: str, inputs: Mapping, outputs: Mapping, settings: Mapping
     loc = s["localization"]
     img_size = settings["backbone"]["img_size"]
     tolerance = float(loc["tolerance"]) * img_size / 224
-    manifest = pd.read_parquet(inputs["manifest"])
-    split = manifest[manifest["split"] == settings["attention"]["split"]]
+    manifest_path = inputs["manifest"]
+    split = read_manifest_table(manifest_path, ground_truth_columns(manifest_path, s["parts"]),
+                                [settings["attention"]["split"]])
     truth = load_ground_truth(split, settings["augment"]["resize"], img_size, s["parts"])
     if not truth:
         log.info("%s: no ground truth (no mask_path column, no evaluation.parts): nothing to localize", rank)
@@ -292,8 +295,8 @@ def counterfactual_table(rank: str, inputs: Mapping, outputs: Mapping, settings:
         synthetic["species_per_genus"])}
     siblings = synthetic[dict(SYNTHETIC_BRANCHING)[rank]]
     by_indices = {tuple(getattr(sp, f"{r}_idx") for r in SYNTHETIC_RANKS): sp for sp in taxonomy.values()}
-    manifest = pd.read_parquet(inputs["manifest"]).set_index("image_id", drop=False)
-    rows = manifest.loc[sal["image_id"]]
+    manifest = read_manifest_table(inputs["manifest"], ["image_id", "path", settings["ranks"][-1]])
+    rows = manifest.set_index("image_id", drop=False).loc[sal["image_id"]]
     img_size, resize = settings["backbone"]["img_size"], settings["augment"]["resize"]
     transform = eval_transform(settings)
     images, trait_masks, sibling_class = [], [], []
@@ -377,7 +380,8 @@ def evaluation_summary(inputs: Mapping, outputs: Mapping, settings: Mapping) -> 
                     report_labels=report_labels(kind="localization"))
     else:
         log.info("no ground truth (mask_path, evaluation.parts): no localization figure")
-    save_figure(examples_figure(inputs["saliency"][-1], pd.read_parquet(inputs["manifest"]), settings["backbone"]["img_size"],
+    manifest = read_manifest_table(inputs["manifest"], ["image_id", "path"], [settings["attention"]["split"]])
+    save_figure(examples_figure(inputs["saliency"][-1], manifest, settings["backbone"]["img_size"],
                                 settings["augment"]["resize"]),
                 figures / "example_maps.png", report_labels=report_labels(settings["ranks"][-1], kind="example maps"))
     text = summary_markdown(faithfulness, localization, settings["ranks"], counterfactual)

@@ -12,6 +12,7 @@ import torch
 
 from ..checkpoint import atomic_save, checkpoint_payload
 from ..data import derived_seed
+from ..dataset import read_manifest_table
 from ..devices import model_device
 from ..distributed import DataParallel, launch
 from ..io import write_parquet
@@ -45,7 +46,8 @@ def train(rank: str, inputs: Mapping, outputs: Mapping, settings: Mapping, proce
         launch("taxotrait.steps.train:train", count,
                {"rank": rank, "settings": plain, "threads": max(1, threads // count), **files}, log_file=log_file)
         return
-    manifest, classes = pd.read_parquet(inputs["manifest"]), pd.read_parquet(inputs["classes"])
+    manifest = read_manifest_table(inputs["manifest"], ["path", "split", rank], ["train", "val"])
+    classes = pd.read_parquet(inputs["classes"])
     config = train_config(settings["train"], settings["model"]["class_chunk"])
     if not settings["cache"]["train_tokens"]:
         config = replace(config, num_workers=max(0, threads - 1))

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import pandas as pd
 
+from ..dataset import read_manifest_table
+from ..groundtruth import ground_truth_columns
 from ..io import write_parquet
 from ..traits import hierarchy_traits as hierarchy_table
 from ..traits import key_entries, name_heads, rank_traits
@@ -20,13 +22,17 @@ def named_heads(path, manifest: pd.DataFrame, settings: Mapping) -> pd.DataFrame
 
 def traits(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
     """A rank's heads.parquet -> its traits.parquet and its key entries (traits named as in `named_heads`)."""
-    heads = named_heads(inputs["heads"], pd.read_parquet(inputs["manifest"]), settings)
+    manifest_path = inputs["manifest"]
+    manifest = read_manifest_table(manifest_path, ground_truth_columns(manifest_path, settings["evaluation"]["parts"]))
+    heads = named_heads(inputs["heads"], manifest, settings)
     write_parquet(rank_traits(heads), outputs["traits"])
     write_parquet(key_entries(heads), outputs["key_entries"])
 
 
 def hierarchy_traits(inputs: Mapping, outputs: Mapping, settings: Mapping) -> None:
     """Every rank's heads.parquet (in the order of `ranks`) + the manifest -> hierarchy_traits.parquet."""
-    manifest = pd.read_parquet(inputs["manifest"])
+    manifest_path, ranks = inputs["manifest"], list(settings["ranks"])
+    truth_columns = ground_truth_columns(manifest_path, settings["evaluation"]["parts"])
+    manifest = read_manifest_table(manifest_path, [*truth_columns, ranks[-1]])
     heads = [named_heads(path, manifest, settings) for path in inputs["heads"]]
-    write_parquet(hierarchy_table(heads, manifest, list(settings["ranks"])), outputs["hierarchy"])
+    write_parquet(hierarchy_table(heads, manifest, ranks), outputs["hierarchy"])
