@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CORES ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-cluster slurm-packages demo bench bench-demo bench-scale bench-fashion gpu-wheels gpu-check clean
+.PHONY: install test test-cluster slurm-packages demo bench bench-demo bench-scale bench-prepare bench-fashion gpu-wheels gpu-check clean
 
 install: $(STAMP)
 
@@ -59,6 +59,11 @@ bench-demo: install
 SCALE_SPECIES ?= 1000 10000
 bench-scale: install
 	$(BIN)/python bench/scale.py --cores $(CORES) --species $(SCALE_SPECIES) --out bench/RESULTS.md
+
+# The prepare step's peak memory against the number of images (issue 25): 20,000 to 1,000,000 images of 5,000
+# species, image tree and manifest, appended to bench/RESULTS.md (bench/prepare_memory.py; data in build/).
+bench-prepare: install
+	$(BIN)/python bench/prepare_memory.py --workers $(CORES) --out bench/RESULTS.md
 
 # The key on real images without ground truth (issue 28): FashionMNIST (Debian's dataset-fashion-mnist) as a
 # category -> item taxonomy through the default workflow, appended to bench/RESULTS.md (bench/fashion_mnist.py).

@@ -104,7 +104,8 @@ def main() -> None:
     parser.add_argument("--out", help="append the section to this file (bench/RESULTS.md)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        codes = {"this commit": REPO / "src"}
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        codes = {head.stdout.strip() or "this checkout": REPO / "src"}
         if args.compare:
             codes[args.compare] = package_of(args.compare, Path(tmp))
         imports = {code: measure(args.work, "", src, args.workers)["peak_mb"] for code, src in codes.items()}

@@ -1,6 +1,6 @@
 """bench/bench_engine.py's sibling-cost rows (issue 15; also run by `make gpu-check`): their tree, and their code path
 at tiny sizes; bench/frozen_forward.py at a tiny size; bench/scale.py's data set and its table and verdicts (issue
-25); bench/fashion_mnist.py's data set (issue 28)."""
+25); bench/fashion_mnist.py's data set (issue 28); bench/prepare_memory.py's data set and measurement (issue 25)."""
 
 import os
 import random
@@ -191,3 +191,23 @@ def test_the_fashion_mnist_bench_writes_an_image_tree_and_a_taxonomy(tmp_path, m
     np.testing.assert_array_equal(np.asarray(Image.open(root / "train" / "T-shirt_top" / "1.png")), train_images[10])
     taxonomy = pd.read_csv(config["data"]["taxonomy"])
     assert sorted(taxonomy["item"]) == sorted(fashion_mnist.ITEMS) and taxonomy["category"].nunique() == 3
+
+
+def test_the_prepare_memory_bench_measures_both_layouts_of_its_data_set(tmp_path):
+    """bench/prepare_memory.py's data set (a fixed number of species, hard-linked images) as an image tree and as a
+    manifest: the prepare step takes the same images from both, and a fresh process reports its peak memory."""
+    import pandas as pd
+
+    import prepare_memory
+
+    prepare_memory.write_dataset(tmp_path, 48, 6)
+    assert len(list((tmp_path / "images").rglob("*.png"))) == 48 and (tmp_path / "sources" / "63.png").exists()
+    imports = prepare_memory.measure(tmp_path, "", REPO / "src", 1)
+    tables = {}
+    for layout in ("tree", "manifest"):
+        result = prepare_memory.measure(tmp_path, layout, REPO / "src", 2)
+        assert result["peak_mb"] > imports["peak_mb"] > 50 and result["seconds"] > 0
+        tables[layout] = pd.read_parquet(tmp_path / layout / "manifest.parquet")
+    assert tables["tree"]["split"].value_counts().to_dict() == {"train": 24, "val": 12, "test": 12}
+    assert sorted(tables["tree"]["path"]) == sorted(tables["manifest"]["path"])
+    assert tables["tree"]["genus"].nunique() == 1 and tables["tree"]["species"].nunique() == 6
