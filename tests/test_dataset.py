@@ -218,3 +218,14 @@ def test_taxa_per_rank_reads_each_route_in_chunks(tmp_path):
                                  RANKS) == expected
     assert dataset.taxa_per_rank({"images": str(tmp_path / "images"), "taxonomy": str(tmp_path / "taxonomy.csv")},
                                  RANKS) == expected
+
+
+def test_tree_fingerprint_digests_every_file_the_scan_lists(tmp_path):
+    """The planning-time digest of an image tree (folder entries, one stat each) is the digest of the paths the
+    prepare step's scan lists, non-images and empty folders included."""
+    root = write_tree(tmp_path / "images")
+    (root / "train" / "Sp a1" / "notes.txt").write_text("x")
+    (root / "test" / "Sp b2").mkdir()
+    listed = scan_image_tree(root)["path"]
+    assert len(listed) == 14 and dataset.image_tree_fingerprint(root) == dataset.listing_digest(listed)
+    assert dataset.image_tree_fingerprint(root) != dataset.listing_digest(listed[:-1])

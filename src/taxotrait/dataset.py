@@ -315,20 +315,28 @@ def _folder_id(path) -> tuple[int, int]:
     return status.st_dev, status.st_ino
 
 
-def _files(folder: Path, above: frozenset) -> Iterator[Path]:
+def _is_folder(entry: os.DirEntry) -> bool:
+    """Whether a folder entry is a folder or a link to one (read from the listing: no system call but for links); a
+    broken or looping link is not."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _files(folder, above: frozenset) -> Iterator[os.DirEntry]:
     """Every file under `folder`, in sub-folders and linked folders too; a symbolic link back to a folder above it
     (a loop) is not followed, with a warning. `above`: the ids of the folders above and including `folder`."""
     for entry in _entries(folder):
-        path = Path(entry.path)
-        if not os.path.isdir(path):  # a file, or a broken or looping link: read_image says which
-            yield path
-        elif (folder_id := _folder_id(path)) in above:
-            log.warning("%s: a symbolic link to a folder above it (a loop): not followed", path)
+        if not _is_folder(entry):  # a file, or a broken or looping link: read_image says which
+            yield entry
+        elif (folder_id := _folder_id(entry.path)) in above:
+            log.warning("%s: a symbolic link to a folder above it (a loop): not followed", entry.path)
         else:
-            yield from _files(path, above | {folder_id})
+            yield from _files(entry.path, above | {folder_id})
 
 
-def _species_files(root: Path, folder: Path) -> list[Path]:
+def _species_files(root: Path, folder: Path) -> list[os.DirEntry]:
     """The files of a species folder (`_files`; the root, split and species folders are above)."""
     return list(_files(folder, frozenset(map(_folder_id, (root, folder.parent, folder)))))
 
@@ -338,13 +346,13 @@ def _tree_folders(root: Path) -> Iterator[tuple[str, str, Path]]:
     path) or (split, '', path). Folders under the root must be split names."""
     for top in _entries(root):
         top_path = Path(top.path)
-        if not os.path.isdir(top_path):
+        if not _is_folder(top):
             yield "", "", top_path
             continue
         if top.name not in SPLITS:
             raise DatasetError(f"{top_path}: split folders must be named {SPLITS}")
         for entry in _entries(top_path):
-            yield top.name, (entry.name if os.path.isdir(entry.path) else ""), Path(entry.path)
+            yield top.name, (entry.name if _is_folder(entry) else ""), Path(entry.path)
 
 
 def iter_image_tree(root: str | os.PathLike, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
@@ -363,7 +371,7 @@ def iter_image_tree(root: str | os.PathLike, chunk_rows: int = CHUNK_ROWS) -> It
     rows, listed, found, other = [], 0, False, None
     for split, species, path in _tree_folders(root):
         if species:
-            files = _species_files(root, path)
+            files = [Path(entry.path) for entry in _species_files(root, path)]
             reasons = ["" if file.suffix.lower() in suffixes else
                        f"{SKIPPED}not an image file ({file.suffix.lower() or 'no suffix'})" for file in files]
             files, reasons = (files, reasons) if files else ([path], [f"{SKIPPED}empty folder"])
@@ -402,14 +410,15 @@ def image_tree_fingerprint(root: str | os.PathLike) -> str:
 
 
 def listing_digest(paths) -> str:
-    """SHA-256 of every path with its size and modification time (no file is read; a missing one counts too)."""
+    """SHA-256 of every path (a path, or a folder listing's entry: one system call fewer) with its size and
+    modification time (no file is read; a missing one counts too)."""
     digest = hashlib.sha256()
     for path in paths:
         try:
-            status = os.stat(path)
-            entry = f"{path}\0{status.st_size}\0{status.st_mtime_ns}\n"
+            status = path.stat() if isinstance(path, os.DirEntry) else os.stat(path)
+            entry = f"{os.fspath(path)}\0{status.st_size}\0{status.st_mtime_ns}\n"
         except OSError as err:
-            entry = f"{path}\0{err.errno}\n"
+            entry = f"{os.fspath(path)}\0{err.errno}\n"
         digest.update(entry.encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
