@@ -229,3 +229,56 @@ def test_tree_fingerprint_digests_every_file_the_scan_lists(tmp_path):
     listed = scan_image_tree(root)["path"]
     assert len(listed) == 14 and dataset.image_tree_fingerprint(root) == dataset.listing_digest(listed)
     assert dataset.image_tree_fingerprint(root) != dataset.listing_digest(listed[:-1])
+
+
+def test_listing_edge_cases_keep_the_tables_consistent(tmp_path, caplog):
+    """An empty species is an error naming its row; a user's column keeps its name whatever it is; a species whose
+    training files are all lost is explained by its rejected image before its skipped files; every skipped file is
+    counted; loose files with the same stem keep their suffixes in their ids."""
+    manifest = chunked_manifest(tmp_path)
+    lines = manifest.read_text().splitlines()
+    (tmp_path / "empty.csv").write_text("\n".join([*lines[:4], lines[4].rsplit(",", 2)[0] + ",,x"]) + "\n")
+    with pytest.raises(DatasetError, match=r"empty.csv: empty species in row\(s\) \[5\]"):
+        prepare_dataset(read_manifest(tmp_path / "empty.csv"), None, RANKS, str(tmp_path / "empty.csv"),
+                        progress=False)
+    (tmp_path / "row.csv").write_text("\n".join(line + (",_row" if i == 0 else ",kept") for i, line in
+                                                enumerate(lines)) + "\n")
+    kept, _, _ = prepare_dataset(read_manifest(tmp_path / "row.csv"), None, RANKS, "row.csv", 0.1, progress=False)
+    assert kept["_row"].eq("kept").all()
+
+    root = write_tree(tmp_path / "tree", species=("Sp a1", "Sp a2", "Sp b1"))
+    (root / "train" / "Sp a1" / "img é 0.png").write_bytes(b"broken")
+    (root / "train" / "Sp a1" / "img é 1.png").unlink()
+    (root / "train" / "Sp a1" / "a.txt").write_text("notes")
+    for loose in ("a.md", "a.txt", "train/x.jpg", "train/x.png"):
+        (root / loose).write_text("loose")
+    outputs = {table: tmp_path / "out" / f"{table}.parquet" for table in ("manifest", "classes", "rejects")}
+    taxonomy = read_taxonomy_text(tmp_path)
+    with pytest.raises(DatasetError, match=r"'Sp a1' has no training images .*its 2 training files: e\.g\. "
+                                           r".*img é 0.png: not an image"):
+        dataset.prepare_tables(dataset.iter_image_tree(root), taxonomy, RANKS, "tree", outputs, 1.0, False)
+    write_tree(tmp_path / "ok").joinpath("a.md").write_text("loose")
+    (tmp_path / "ok" / "a.txt").write_text("loose")
+    tally = dataset.prepare_tables(dataset.iter_image_tree(tmp_path / "ok"), taxonomy, RANKS, "ok", outputs, 0.1,
+                                   False)
+    assert (tally.files["skipped"], tally.files["taken"], tally.files["rejected"]) == (2, 12, 0)
+    assert sorted(pd.read_parquet(outputs["rejects"])["image_id"]) == ["a.md", "a.txt"]
+
+
+def read_taxonomy_text(tmp_path):
+    (tmp_path / "taxonomy.csv").write_text(TAXONOMY)
+    return read_taxonomy(tmp_path / "taxonomy.csv", RANKS)
+
+
+def test_odd_table_files_are_named_errors_or_read_with_their_lines(tmp_path, caplog):
+    """A UTF-16 file cut short is an error naming the file; a Windows-1252 file with old Mac line ends (CR) is read,
+    the warning naming the line and quoting it alone."""
+    (tmp_path / "u16.csv").write_bytes("species,genus\nSp a,G\n".encode("utf-16")[:-1])
+    with pytest.raises(DatasetError, match=r"u16.csv: not valid UTF-16 text"):
+        dataset.read_table(tmp_path / "u16.csv")
+    rows = ["species,genus"] + [f"Sp {i},Genus {i}" for i in range(50)]
+    rows[30] = "Sp caf\xe9,Genus 29"
+    (tmp_path / "mac.csv").write_bytes("\r".join(rows).encode("cp1252") + b"\r")
+    with caplog.at_level("WARNING"):
+        table = dataset.read_table(tmp_path / "mac.csv")
+    assert "line 31 reads 'Sp café,Genus 29'" in caplog.text and len(table) == 50

@@ -7,11 +7,13 @@ columns), ``classes.parquet`` (rank, class_index, taxon, parent, n_train, n_val,
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import hashlib
 import logging
 import os
+import re
 import stat
 import unicodedata
 import tempfile
@@ -45,6 +47,7 @@ ALPHA_BACKGROUND = (255, 255, 255)  # transparent images are composited onto whi
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 'I' (32-bit integer) is read as 16-bit too
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 CHECK_CHUNK = 64  # images per task, at most, of the worker processes that check images (`image_checks`)
+LINE_END = re.compile(rb"\r\n|\r|\n")
 CHUNK_ROWS = 32_768  # rows of the prepare step at a time: CSV rows read, images checked, Parquet row groups
 
 
@@ -159,6 +162,15 @@ def _table_encoding(path: Path) -> str:
         if head.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):
             raise DatasetError(f"{path}: an Excel workbook, not a CSV text file: save it from Excel as 'CSV UTF-8'")
         if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            decoder = codecs.getincrementaldecoder("utf-16")()
+            file.seek(0)
+            try:
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    decoder.decode(block)
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as err:  # e.g. cut short
+                raise DatasetError(f"{path}: not valid UTF-16 text ({err.reason}): save it as UTF-8 (in Excel: CSV "
+                                   "UTF-8)") from None
             return "utf-16"
         file.seek(0)
         lines, first_error = 0, None
@@ -167,29 +179,37 @@ def _table_encoding(path: Path) -> str:
                 try:
                     block.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    line = block[: err.start].count(b"\n")
-                    first_error = block[err.start], lines + line + 1, block.split(b"\n")[line]
+                    line = _line_ends(block[: err.start])
+                    first_error = block[err.start], lines + line + 1, LINE_END.split(block)[line][:200]
             if first_error is not None:
                 try:
                     block.decode("cp1252")
                 except UnicodeDecodeError:
                     raise DatasetError(f"{path}: not UTF-8 text (byte {first_error[0]:#04x} on line "
                                        f"{first_error[1]}): save it as UTF-8 (in Excel: CSV UTF-8)") from None
-            lines += block.count(b"\n")
+            lines += _line_ends(block)
     if not first_error:
         return "utf-8-sig"
     log.warning("%s is not UTF-8: read as Windows-1252 (Excel's CSV on Windows), line %d reads %r; save it as UTF-8 "
-                "if that is wrong", path, first_error[1], first_error[2].decode("cp1252").rstrip("\r"))
+                "if that is wrong", path, first_error[1], first_error[2].decode("cp1252"))
     return "cp1252"
 
 
+def _line_ends(data: bytes) -> int:
+    """The line ends in `data`: LF, CR LF or CR (old Mac files)."""
+    return data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
+
+
 def _line_blocks(file, size: int = 1 << 20) -> Iterator[bytes]:
-    """The bytes of a binary file in blocks of about `size` bytes that end at a line end (no character is split)."""
+    """The bytes of a binary file in blocks of about `size` bytes that end at a line end, LF (CR LF) or else CR: no
+    character and no line end is split."""
     rest = b""
     for block in iter(lambda: file.read(size), b""):
-        lines, newline, rest = (rest + block).rpartition(b"\n")
-        if newline:
-            yield lines + newline
+        data = rest + block
+        end = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - 1)) + 1  # a last CR may start a CR LF
+        if end:
+            yield data[:end]
+        rest = data[end:]
     if rest:
         yield rest
 
@@ -367,8 +387,17 @@ def iter_image_tree(root: str | os.PathLike, chunk_rows: int = CHUNK_ROWS) -> It
     if not root.is_dir():
         raise DatasetError(f"image folder not found: {root}")
     suffixes = image_suffixes() | UNREADABLE_IMAGE_SUFFIXES
-    columns = ["path", "split", "species", "image_id", "skip_reason"]
     rows, listed, found, other = [], 0, False, None
+
+    def table() -> pd.DataFrame:
+        frame = pd.DataFrame(rows, columns=["path", "split", "species", "relative", "skip_reason"],
+                             index=pd.RangeIndex(listed, listed + len(rows)))
+        relative = frame.pop("relative")
+        frame.insert(3, "image_id", [str(Path(r).with_suffix("")) for r in relative])
+        same = frame["image_id"].duplicated(keep=False)  # a.jpg and a.png: their ids keep the suffix
+        frame.loc[same, "image_id"] = relative[same]
+        return frame
+
     for split, species, path in _tree_folders(root):
         if species:
             files = [Path(entry.path) for entry in _species_files(root, path)]
@@ -378,22 +407,19 @@ def iter_image_tree(root: str | os.PathLike, chunk_rows: int = CHUNK_ROWS) -> It
         else:
             where = "a species folder (<split>/<species>/<image>)" if split else "the split folders"
             files, reasons = [path], [f"{SKIPPED}outside {where}"]
-        relative = [unicodedata.normalize("NFC", file.relative_to(root).as_posix()) for file in files]
-        ids = [str(Path(r).with_suffix("")) for r in relative]
-        repeated = Counter(ids)  # a.jpg and a.png: their ids keep the suffix
-        ids = [r if repeated[i] > 1 else i for r, i in zip(relative, ids)]
         name = taxon_name(species)
-        rows += [(str(file), split, name, i, reason) for file, i, reason in zip(files, ids, reasons)]
+        rows += [(str(file), split, name, unicodedata.normalize("NFC", file.relative_to(root).as_posix()), reason)
+                 for file, reason in zip(files, reasons)]
         found = found or "" in reasons
         other = other or next(((file, r) for file, r in zip(files, reasons) if r), None)
-        if len(rows) >= chunk_rows:
-            yield pd.DataFrame(rows, columns=columns, index=pd.RangeIndex(listed, listed + len(rows)))
+        if species and len(rows) >= chunk_rows:  # chunks end after a species folder: its files' ids stay together
+            yield table()
             listed, rows = listed + len(rows), []
     if not found:
         raise DatasetError(f"{root}: no images found under <split>/<species>/"
                            + (f" ({listed + len(rows)} other files, e.g. {other[0]}: {other[1]})" if other else ""))
     if rows:
-        yield pd.DataFrame(rows, columns=columns, index=pd.RangeIndex(listed, listed + len(rows)))
+        yield table()
 
 
 def scan_image_tree(root: str | os.PathLike) -> pd.DataFrame:
@@ -487,6 +513,7 @@ def image_checks(workers: int = 1, total: int | None = None, progress: bool = Tr
 
 
 REJECT_COLUMNS = {"path": "str", "image_id": "str", "reason": "str"}  # rejects.parquet
+LISTING_ROW = "__taxotrait_listing_row__"  # the prepare step's own column: an image's row in the listing
 
 
 class Tally:
@@ -494,11 +521,13 @@ class Tally:
     and the training files lost (rejected or skipped) with the first of them."""
 
     def __init__(self, species: str):
-        self.species, self.counts, self.first_lost = species, Counter(), {}
+        self.species, self.counts, self.files = species, Counter(), Counter()
+        self.first_lost = {"rejected": {}, "skipped": {}}
 
     def add(self, rows: pd.DataFrame, outcome: str) -> None:
         """Count `rows` (columns species, split, and path and reason unless taken) as 'taken', 'rejected' or
-        'skipped' (files of no species are not counted)."""
+        'skipped' (`files` counts them all; per species, skipped files outside a species folder are not counted)."""
+        self.files[outcome] += len(rows)
         rows = rows[rows[self.species] != ""]
         keys = rows["split"] if outcome == "taken" else pd.Series(outcome, index=rows.index)
         self.counts.update(rows.groupby([rows[self.species], keys]).size().to_dict())
@@ -506,7 +535,7 @@ class Tally:
             lost = rows[rows["split"] == "train"]
             self.counts.update({(name, "lost"): n for name, n in lost[self.species].value_counts().items()})
             for name, path, reason in lost.drop_duplicates(self.species)[[self.species, "path", "reason"]].values:
-                self.first_lost.setdefault(name, f"{path}: {reason}")
+                self.first_lost[outcome].setdefault(name, f"{path}: {reason}")
 
     def table(self) -> pd.DataFrame:
         """Species x (train, val, test, rejected, skipped, lost) counts, sorted by species."""
@@ -531,7 +560,8 @@ class Tally:
         if len(untrained):
             name, row = untrained[0], table.loc[untrained[0]]
             kept = {split: int(row[split]) for split in SPLITS if row[split]}
-            because = f"; its {row['lost']} training files: e.g. {self.first_lost[name]}" if row["lost"] else ""
+            example = self.first_lost["rejected"].get(name) or self.first_lost["skipped"].get(name)
+            because = f"; its {row['lost']} training files: e.g. {example}" if row["lost"] else ""
             also = f" ({len(untrained) - 1} more: {list(untrained[1:4])})" if len(untrained) > 1 else ""
             raise DatasetError(f"{source}: {self.species} {name!r} has no training images (usable: "
                                f"{kept or 'none'}{because}){also}")
@@ -566,11 +596,11 @@ def _hash(values: pd.Series) -> np.ndarray:
 
 
 def _list_images(chunks: Iterable[pd.DataFrame], taxonomy: pd.DataFrame | None, ranks: list[str], source: str,
-                 spool: Path, rejects: ParquetChunks, tally: Tally, progress: bool,
+                 spool: Path, skipped_files: ParquetChunks, tally: Tally, progress: bool,
                  leaves_of: str | None) -> tuple[pd.DataFrame, int]:
     """The prepare step's first pass: every listed image checked against the taxonomy (derived from the rank columns
-    when None) and for duplicate paths and ids, its row (with `_row`, its row in the listing) written to `spool`;
-    skipped files go to `rejects`. Returns the taxonomy and the number of images."""
+    when None) and for duplicate paths and ids, its row (with LISTING_ROW, its row in the listing) written to `spool`;
+    skipped files go to `skipped_files`. Returns the taxonomy and the number of images."""
     species = ranks[-1]
     listing, path_hashes, id_hashes, rank_rows, present, unknown = ParquetChunks(spool, CHUNK_ROWS), [], [], set(), \
         set(), set()
@@ -579,20 +609,26 @@ def _list_images(chunks: Iterable[pd.DataFrame], taxonomy: pd.DataFrame | None, 
         bar.update(len(chunk))
         if species not in chunk.columns:
             raise DatasetError(f"{source}: no {species!r} column")
+        if taxonomy is None and (missing := [rank for rank in ranks if rank not in chunk.columns]):
+            raise DatasetError(f"{source}: no taxonomy table given and rank column(s) {missing} missing")
         reasons = chunk["skip_reason"].fillna("") if "skip_reason" in chunk else pd.Series("", index=chunk.index)
         skipped = chunk[reasons != ""].assign(reason=reasons[reasons != ""])
         if len(skipped):
-            rejects.append(skipped[list(REJECT_COLUMNS)])
+            skipped_files.append(skipped[list(REJECT_COLUMNS)])
             tally.add(skipped, "skipped")
-        images = chunk[reasons == ""].drop(columns="skip_reason", errors="ignore").assign(_row=lambda t: t.index)
+        if LISTING_ROW in chunk.columns:
+            raise DatasetError(f"{source}: the column name {LISTING_ROW!r} is taxotrait's own: rename that column")
+        images = chunk[reasons == ""].drop(columns="skip_reason", errors="ignore")
         if images.empty:
             continue
-        images = images.assign(**{rank: images[rank].map(taxon_name) for rank in ranks if rank in images.columns})
+        images = images.assign(**{rank: images[rank].map(taxon_name) for rank in ranks if rank in images.columns},
+                               **{LISTING_ROW: images.index})
+        for rank in [species] if taxonomy is not None else [r for r in ranks if r in images.columns]:
+            if (empty := images.index[images[rank] == ""]).size:
+                raise DatasetError(f"{source}: empty {rank} in row(s) {[int(i) + 2 for i in empty[:5]]} (line "
+                                   "numbers of a manifest)")
         present.update(images[species])
         if taxonomy is None:
-            missing = [rank for rank in ranks if rank not in images.columns]
-            if missing:
-                raise DatasetError(f"{source}: no taxonomy table given and rank column(s) {missing} missing")
             rank_rows.update(images[ranks].itertuples(index=False, name=None))
         else:
             given = [rank for rank in ranks[:-1] if rank in images.columns]
@@ -626,7 +662,7 @@ def _list_images(chunks: Iterable[pd.DataFrame], taxonomy: pd.DataFrame | None, 
     same = _duplicates(spool, path_hashes, "path", os.path.normpath)
     if len(same):
         raise DatasetError(f"{source}: image {os.path.normpath(same['path'].iloc[0])!r} is listed more than once "
-                           f"(rows {[int(i) + 2 for i in same['_row']]}, line numbers of a manifest)")
+                           f"(rows {[int(i) + 2 for i in same[LISTING_ROW]]}, line numbers of a manifest)")
     same = _duplicates(spool, id_hashes, "image_id")
     if len(same):
         hint = " (ids are made from split/species/name of the path: add an image_id column)" if derived else ""
@@ -662,18 +698,19 @@ def prepare_tables(
     folder = Path(outputs["manifest"]).parent
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".prepare-") as tmp, atomic_outputs(outputs) as files:
-        rejects, spool = ParquetChunks(files["rejects"], CHUNK_ROWS), Path(tmp) / "listing.parquet"
-        taxonomy, n_images = _list_images(chunks, taxonomy, ranks, source, spool, rejects, tally, progress, leaves_of)
+        spool, skipped = Path(tmp) / "listing.parquet", ParquetChunks(Path(tmp) / "skipped.parquet", CHUNK_ROWS)
+        taxonomy, n_images = _list_images(chunks, taxonomy, ranks, source, spool, skipped, tally, progress, leaves_of)
+        rejects = ParquetChunks(files["rejects"], CHUNK_ROWS)
         manifest, n_bad, examples = ParquetChunks(files["manifest"], CHUNK_ROWS), 0, []
         with image_checks(workers, n_images, progress) as check:
             for chunk in ParquetChunks.chunks(spool, CHUNK_ROWS):
                 reasons = check(chunk["path"])
                 bad = reasons.notna()
-                rejected = chunk[bad].assign(reason=reasons[bad])
+                rejected = chunk[bad].assign(reason=reasons[bad].astype("str"))
                 rejects.append(rejected[list(REJECT_COLUMNS)])
                 tally.add(rejected, "rejected")
                 tally.add(chunk[~bad], "taken")
-                extra = [c for c in chunk.columns if c not in ("image_id", "path", "split", "_row", *ranks)]
+                extra = [c for c in chunk.columns if c not in ("image_id", "path", "split", LISTING_ROW, *ranks)]
                 manifest.append(chunk.loc[~bad, ["image_id", "path", "split", *ranks, *extra]])
                 n_bad += int(bad.sum())
                 examples += [f"{p}: {r}" for p, r in zip(rejected["path"], rejected["reason"])][: 3 - len(examples)]
@@ -685,6 +722,9 @@ def prepare_tables(
             raise DatasetError(f"{source}: none of the {n_images} images can be used, e.g. {examples[0]}")
         tally.check_training_images(source)
         manifest.close(pd.DataFrame())
+        skipped.close(empty_table(REJECT_COLUMNS))
+        for chunk in ParquetChunks.chunks(skipped.path, CHUNK_ROWS):  # after the rejected images
+            rejects.append(chunk)
         rejects.close(empty_table(REJECT_COLUMNS))
         class_table(tally.table()[list(SPLITS)], taxonomy, ranks, source).to_parquet(files["classes"], index=False)
     return tally
@@ -794,10 +834,9 @@ def prepare_files(inputs: dict, outputs: dict, data: dict, ranks: list[str], wor
         taxonomy = tree_taxonomy(inputs["tree"], ranks)
     tally = prepare_tables(chunks, taxonomy, ranks, source, outputs, data["max_reject_fraction"], workers=workers,
                            leaves_of=str(inputs["tree"]) if inputs.get("tree") else None)
-    counts = tally.table().sum()
     classes = pd.read_parquet(outputs["classes"], columns=["rank"])
-    log.info("%d images, %d rejected, %d other files skipped; classes per rank: %s", counts[list(SPLITS)].sum(),
-             counts["rejected"], counts["skipped"], classes.groupby("rank", sort=False).size().to_dict())
+    log.info("%d images, %d rejected, %d other files skipped; classes per rank: %s", tally.files["taken"],
+             tally.files["rejected"], tally.files["skipped"], classes.groupby("rank", sort=False).size().to_dict())
 
 
 def taxa_per_rank(data: dict, ranks: list[str]) -> dict[str, int]:
