@@ -602,8 +602,8 @@ def _list_images(chunks: Iterable[pd.DataFrame], taxonomy: pd.DataFrame | None, 
     when None) and for duplicate paths and ids, its row (with LISTING_ROW, its row in the listing) written to `spool`;
     skipped files go to `skipped_files`. Returns the taxonomy and the number of images."""
     species = ranks[-1]
-    listing, path_hashes, id_hashes, rank_rows, present, unknown = ParquetChunks(spool, CHUNK_ROWS), [], [], set(), \
-        set(), set()
+    listing, path_hashes, id_hashes = ParquetChunks(spool, CHUNK_ROWS), [], []
+    rank_rows, present, unknown = set(), set(), set()  # taxa as listed, species with images, species not in taxonomy
     derived, bar = True, tqdm(desc="listing images", unit=" files", disable=not progress)
     for chunk in chunks:
         bar.update(len(chunk))
@@ -611,13 +611,13 @@ def _list_images(chunks: Iterable[pd.DataFrame], taxonomy: pd.DataFrame | None, 
             raise DatasetError(f"{source}: no {species!r} column")
         if taxonomy is None and (missing := [rank for rank in ranks if rank not in chunk.columns]):
             raise DatasetError(f"{source}: no taxonomy table given and rank column(s) {missing} missing")
+        if LISTING_ROW in chunk.columns:
+            raise DatasetError(f"{source}: the column name {LISTING_ROW!r} is taxotrait's own: rename that column")
         reasons = chunk["skip_reason"].fillna("") if "skip_reason" in chunk else pd.Series("", index=chunk.index)
         skipped = chunk[reasons != ""].assign(reason=reasons[reasons != ""])
         if len(skipped):
             skipped_files.append(skipped[list(REJECT_COLUMNS)])
             tally.add(skipped, "skipped")
-        if LISTING_ROW in chunk.columns:
-            raise DatasetError(f"{source}: the column name {LISTING_ROW!r} is taxotrait's own: rename that column")
         images = chunk[reasons == ""].drop(columns="skip_reason", errors="ignore")
         if images.empty:
             continue
